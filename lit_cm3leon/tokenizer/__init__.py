@@ -1,0 +1,1 @@
+"""Tokenizers: text BPE, image VQ, the shared vocabulary and the document codec."""
