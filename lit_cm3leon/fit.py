@@ -1,0 +1,107 @@
+"""Hydra entry point: ``python -m lit_cm3leon.fit experiment=<name> [overrides]``.
+
+Builds the datamodule, LightningModule, callbacks, loggers and trainer from the config tree,
+trains (resuming from the stage's ``last.ckpt`` when ``ckpt_path=auto``), then publishes the
+module's artifact under ``outputs/<stage>/`` with a ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lit_cm3leon.utils.config import validate_fit_config
+from lit_cm3leon.utils.manifest import write_manifest
+
+log = logging.getLogger("lit_cm3leon.fit")
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a callbacks/logger group that has a ``_target_``."""
+    from hydra.utils import instantiate
+
+    if not cfg:
+        return []
+    return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    if cfg.ckpt_path in (None, "null", ""):
+        return None
+    if cfg.ckpt_path == "auto":
+        last = Path(cfg.paths.ckpt_dir) / "last.ckpt"
+        return str(last) if last.is_file() else None
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (use ckpt_path=null to start fresh)")
+    return str(path)
+
+
+def _close_loggers(loggers: list[Any], status: str) -> None:
+    for lg in loggers:
+        try:
+            lg.finalize(status)
+            experiment = getattr(lg, "experiment", None)
+            if hasattr(experiment, "close"):
+                experiment.close()
+        except Exception:  # a broken logger must not hide the original error
+            log.exception("closing logger %s failed", type(lg).__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit one experiment and publish its artifact; returns the final logged metrics."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    validate_fit_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    log.info("datamodule <%s>", cfg.data._target_)
+    datamodule = instantiate(cfg.data)
+    log.info("module <%s>", cfg.module._target_)
+    module = instantiate(cfg.module)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    ckpt_path = _resolve_ckpt_path(cfg)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if cfg.get("test_after_fit"):
+            trainer.test(module, datamodule=datamodule)
+    except BaseException:
+        _close_loggers(loggers, "failed")
+        raise
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+    if cfg.publish and cfg.stage and trainer.is_global_zero and hasattr(module, "export"):
+        out_dir = Path(cfg.paths.output_dir) / cfg.stage
+        out_dir.mkdir(parents=True, exist_ok=True)
+        exported = module.export(out_dir) or {}
+        metrics.update({k: float(v) for k, v in exported.items() if isinstance(v, int | float)})
+        write_manifest(out_dir, stage=cfg.stage, cfg=cfg, metrics=metrics, step=trainer.global_step)
+        log.info("published %s", out_dir)
+    _close_loggers(loggers, "success")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="fit")
+def main(cfg: DictConfig) -> float | None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub tag fails at once, offline
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    metrics = train(cfg)
+    name = cfg.get("optimized_metric")
+    return metrics.get(name) if name else None
+
+
+if __name__ == "__main__":
+    main()
