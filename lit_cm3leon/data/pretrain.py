@@ -1,0 +1,231 @@
+"""Retrieval-augmented pretraining data: ``<bos> d1 <sep> d2 <sep> d3 <sep> q <eos>`` + CM3.
+
+Every training pair (caption, image codes) gets ``n_retrieved`` documents drawn from its
+retrieval candidates (the memory bank searched with the pair's image and with its caption,
+20% of the caption's words dropped; see :mod:`lit_cm3leon.retrieval.strategy`). Candidates are
+searched once per pair when the datamodule is set up and cached beside the run's outputs; the
+draw of documents, the modality order and the CM3 spans change at every visit.
+
+Items are indexed by a global sample counter ``i``: epoch ``i // N`` reshuffles the pairs, and
+every random choice of item ``i`` comes from ``default_rng([seed, i])``. So a run is the same
+whatever the number of workers, and resuming at step ``s`` only needs the sampler to start
+at ``s * batch_size`` (:class:`ResumableSampler`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lit_cm3leon.data.shards import TokenShards
+from lit_cm3leon.objective.cm3 import CM3Transform, loss_weights
+from lit_cm3leon.objective.sequence import build_sequence, fit_to_length, pair_document
+from lit_cm3leon.tokenizer.codec import DocumentCodec
+from lit_cm3leon.tokenizer.text import TextTokenizer
+from lit_cm3leon.tokenizer.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+
+class PairSequences(Dataset):
+    """Map-style view over a virtual stream of ``length`` retrieval-augmented sequences."""
+
+    def __init__(
+        self,
+        shards: TokenShards,
+        codec: DocumentCodec,
+        candidates: np.ndarray | None,
+        seq_len: int,
+        length: int,
+        seed: int = 0,
+        n_retrieved: int = 3,
+        p_fewer: float = 0.25,
+        image_first_prob: float = 0.5,
+        cm3: CM3Transform | None = None,
+        query_weight: float = 1.0,
+        shuffle: bool = True,
+        bank: TokenShards | None = None,
+    ) -> None:
+        self.shards, self.codec, self.vocab = shards, codec, codec.vocab
+        self.bank = bank if bank is not None else shards  # the rows candidates point at
+        self.candidates = candidates  # int64 [N, M] of rows in the bank (-1 = none), or None
+        self.seq_len, self.length, self.seed = seq_len, length, seed
+        self.n_retrieved, self.p_fewer, self.image_first_prob = n_retrieved, p_fewer, image_first_prob
+        self.cm3, self.query_weight, self.shuffle = cm3, query_weight, shuffle
+        self._perm_epoch, self._perm = -1, None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _row(self, i: int) -> int:
+        n = len(self.shards)
+        epoch, j = divmod(i, n)
+        if not self.shuffle:
+            return j
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, 7919, epoch]).permutation(n)
+            self._perm_epoch = epoch
+        return int(self._perm[j])
+
+    def doc_ids(self, shards: TokenShards, row: int, image_first: bool) -> list[int]:
+        doc = pair_document(shards.text(row), shards.codes[row], image_first=image_first)
+        return self.codec.encode(doc)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, int(i)])
+        row = self._row(int(i))
+        query = self.doc_ids(self.shards, row, image_first=rng.random() < self.image_first_prob)
+        retrieved: list[list[int]] = []
+        if self.candidates is not None and self.n_retrieved > 0:
+            pool = self.candidates[row]
+            pool = pool[pool >= 0]
+            k = self.n_retrieved
+            if rng.random() < self.p_fewer:  # also see 0..k-1 documents, as at inference
+                k = int(rng.integers(0, self.n_retrieved))
+            for r in rng.choice(pool, size=min(k, len(pool)), replace=False):
+                retrieved.append(self.doc_ids(self.bank, int(r), image_first=rng.random() < self.image_first_prob))
+        ids = build_sequence(query, retrieved, self.vocab)
+        ids = fit_to_length(ids, self.seq_len + 1, self.vocab)
+        weights = loss_weights(ids, self.vocab, query_weight=self.query_weight)
+        if self.cm3 is not None:
+            ids = self.cm3(ids, rng)
+            weights = loss_weights(ids, self.vocab, query_weight=self.query_weight)
+        return pad_item(ids, weights, self.seq_len, self.vocab.pad)
+
+
+def pad_item(ids, weights, seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to ``seq_len + 1`` ids; ``weights`` are per target (``seq_len``), 0 on pads."""
+    ids = np.asarray(ids, dtype=np.int64)[: seq_len + 1]
+    w = np.asarray(weights, dtype=np.float32)[1 : seq_len + 1]  # weight of predicting ids[t+1]
+    out_ids = np.full(seq_len + 1, pad_id, dtype=np.int64)
+    out_w = np.zeros(seq_len, dtype=np.float32)
+    out_ids[: len(ids)] = ids
+    out_w[: len(w)] = w
+    return {"ids": torch.from_numpy(out_ids), "weights": torch.from_numpy(out_w)}
+
+
+class ResumableSampler(Sampler[int]):
+    """Indices ``start, start+1, ...`` of this rank's slice; its state is the next index."""
+
+    def __init__(self, length: int, rank: int = 0, world: int = 1) -> None:
+        self.length, self.rank, self.world = length, rank, world
+        self.start = 0
+
+    def __iter__(self):
+        return iter(range(self.start * self.world + self.rank, self.length, self.world))
+
+    def __len__(self) -> int:
+        return max(0, (self.length - self.start * self.world - self.rank + self.world - 1) // self.world)
+
+
+def candidates_cache_key(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Pre-tokenized pairs + memory-bank retrieval -> CM3 sequences for the decoder."""
+
+    def __init__(
+        self,
+        tokens_dir: str,
+        heldout_tokens_dir: str,
+        text_tokenizer_dir: str,
+        index_dir: str | None,
+        retriever_dir: str | None,
+        cache_dir: str,
+        seq_len: int = 384,
+        image_tokens: int = 64,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        max_steps: int = 1000,
+        n_retrieved: int = 3,
+        p_fewer: float = 0.25,
+        image_first_prob: float = 0.5,
+        query_weight: float = 1.0,
+        val_size: int = 256,
+        val_retrieve_k: int = 2,
+        cm3: dict | None = None,
+        retrieval: dict | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_ds: PairSequences | None = None
+        self.val_ds: PairSequences | None = None
+        self._sampler: ResumableSampler | None = None
+
+    # --- setup ---------------------------------------------------------------------------
+    def _codec(self) -> DocumentCodec:
+        root = Path(self.hparams.text_tokenizer_dir)
+        return DocumentCodec(TextTokenizer.load(root), Vocab.load(root / "vocab.json"))
+
+    def _retriever(self):
+        from lit_cm3leon.retrieval.index import MemoryBank
+        from lit_cm3leon.retrieval.strategy import Retriever
+
+        hp = self.hparams
+        if not hp.index_dir or not hp.retriever_dir:
+            return None
+        from lit_cm3leon.retrieval.encoder import ClipEncoder
+
+        encoder = ClipEncoder.load(hp.retriever_dir)
+        bank = MemoryBank.open(hp.index_dir, encoder)
+        return Retriever(bank, encoder, **(hp.retrieval or {}))
+
+    def _train_candidates(self, shards: TokenShards, retriever) -> np.ndarray:
+        hp = self.hparams
+        key = candidates_cache_key(hp.tokens_dir, hp.index_dir, len(shards), hp.seed, hp.retrieval)
+        path = Path(hp.cache_dir) / f"train_candidates-{key}.npy"
+        if path.is_file():
+            return np.load(path, allow_pickle=False)
+        log.info("searching retrieval candidates for %d training pairs (once; cached at %s)", len(shards), path)
+        cands = retriever.training_candidates(shards, seed=hp.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, cands)
+        return cands
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_ds is not None:
+            return
+        hp = self.hparams
+        codec = self._codec()
+        train = TokenShards(hp.tokens_dir)
+        heldout = TokenShards(hp.heldout_tokens_dir)
+        retriever = self._retriever() if hp.n_retrieved > 0 or hp.val_retrieve_k > 0 else None
+        cands = self._train_candidates(train, retriever) if retriever and hp.n_retrieved > 0 else None
+        length = hp.max_steps * hp.batch_size * max(1, self.trainer.world_size if self.trainer else 1)
+        cm3 = CM3Transform(codec.vocab, **(hp.cm3 or {})) if hp.cm3 is not None else None
+        self.train_ds = PairSequences(
+            train, codec, cands, hp.seq_len, length, hp.seed, hp.n_retrieved, hp.p_fewer,
+            hp.image_first_prob, cm3, hp.query_weight,
+        )
+        val_cands = None
+        if retriever is not None and hp.val_retrieve_k > 0:
+            val_cands = retriever.inference_candidates(heldout, k=hp.val_retrieve_k)
+        n_val = min(hp.val_size, len(heldout))
+        self.val_ds = PairSequences(
+            heldout, codec, val_cands, hp.seq_len, n_val, hp.seed + 1, hp.val_retrieve_k,
+            p_fewer=0.0, image_first_prob=0.0, cm3=None, shuffle=False, bank=train,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
+        self._sampler = ResumableSampler(len(self.train_ds), rank, world)
+        if self.trainer is not None:
+            accumulate = self.trainer.accumulate_grad_batches
+            self._sampler.start = self.trainer.global_step * accumulate * self.hparams.batch_size
+        return DataLoader(
+            self.train_ds, batch_size=self.hparams.batch_size, sampler=self._sampler,
+            num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+            drop_last=True,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_ds, batch_size=self.hparams.batch_size, num_workers=0)

@@ -1,0 +1,87 @@
+"""Our decoder checkpoints: plain containers, loaded with ``weights_only=True``.
+
+``outputs/<stage>/model.pt`` holds ``{"format", "model_config", "vocab", "state_dict", "step"}``;
+loading it under another vocabulary or model size names what differs.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from lit_cm3leon.model import CM3LeonTransformer, ModelConfig, build_model
+from lit_cm3leon.tokenizer.vocab import Vocab
+
+FORMAT = "lit_cm3leon.decoder/1"
+FILENAME = "model.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message says why and what differs."""
+
+
+def save_decoder(path: str | Path, model: CM3LeonTransformer, vocab: Vocab, step: int = 0) -> Path:
+    path = Path(path)
+    if path.suffix != ".pt":
+        path = path / FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    record = {
+        "format": FORMAT,
+        "model_config": model.config.to_dict(),
+        "vocab": {**vocab.to_dict(), "hash": vocab.hash},
+        "state_dict": state,
+        "step": int(step),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(record, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint file with ``weights_only=True``; a pickle payload is refused unrun."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: expected outputs/<stage>/{FILENAME} written by "
+            "`python -m lit_cm3leon.fit experiment=pretrain` (or sft)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds pickled objects that a safe load refuses (nothing in it was run): {err}"
+        ) from None
+
+
+def load_decoder(
+    path: str | Path,
+    vocab: Vocab | None = None,
+    expect_config: ModelConfig | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[CM3LeonTransformer, Vocab, dict]:
+    """Rebuild the model from the file alone; check vocabulary and size when given."""
+    record = read_checkpoint(path)
+    if record.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a lit_cm3leon decoder checkpoint (format={record.get('format')!r})")
+    ckpt_vocab = Vocab.from_dict(record["vocab"])
+    if vocab is not None:
+        vocab.check_same(ckpt_vocab, what=f"checkpoint {path}")
+    config = ModelConfig.from_dict(record["model_config"])
+    if expect_config is not None:
+        diff = {
+            k: (getattr(config, k), getattr(expect_config, k))
+            for k in ("n_layer", "n_head", "d_model", "max_seq_len", "vocab_size")
+            if getattr(config, k) != getattr(expect_config, k)
+        }
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"checkpoint {path} is another model size ({detail})")
+    model = build_model(config)
+    model.load_state_dict(record["state_dict"])
+    return model.to(device).eval(), ckpt_vocab, record

@@ -1,0 +1,151 @@
+"""One LightningModule for CM3Leon pretraining and SFT.
+
+The network is the plain :class:`CM3LeonTransformer`; this module owns the loss (token-weighted
+next-token cross-entropy), the optimizer and schedule, the per-modality metrics and the export.
+The experiment config decides the data, the loss weights and the checkpoint to start from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lit_cm3leon.model import ModelConfig, build_model
+from lit_cm3leon.tokenizer.vocab import Vocab
+from lit_cm3leon.training.checkpoint import load_decoder, save_decoder
+
+
+def modality_masks(targets: torch.Tensor, vocab: Vocab) -> dict[str, torch.Tensor]:
+    """Bool masks [B, T] of target positions holding text and image-code ids."""
+    text = targets < vocab.n_text
+    image = (targets >= vocab.image_offset) & (targets < vocab.special_offset)
+    return {"text": text, "image": image}
+
+
+def weighted_token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy [B, T] and its weighted mean (weights 0 drop pads and prompts)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    return ce, (ce * weights).sum() / weights.sum().clamp_min(1e-8)
+
+
+class CM3LeonModule(L.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        vocab_path: str,
+        lr: float = 1e-3,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        decay: str = "cosine",
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        init_from: str | None = None,
+        peak_flops: float | None = None,
+        max_bad_steps: int = 5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.vocab = Vocab.load(vocab_path)
+        preset = dict(model)
+        cfg = ModelConfig.from_dict({**preset, "vocab_size": self.vocab.size})
+        if init_from:
+            self.net, _, _ = load_decoder(init_from, vocab=self.vocab, expect_config=cfg)
+            self.net.train()
+        else:
+            self.net = build_model(cfg)
+        self._t_last: float | None = None
+        self._bad_steps = 0
+
+    # --- forward and loss ----------------------------------------------------------------
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T, V]."""
+        return self.net(ids)
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        ids, weights = batch["ids"], batch["weights"]  # [B, T+1], [B, T]
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        logits = self.net(inputs)
+        ce, loss = weighted_token_loss(logits, targets, weights)
+        bsz = ids.shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bsz, sync_dist=stage != "train")
+        with torch.no_grad():
+            for name, mask in modality_masks(targets, self.vocab).items():
+                m = mask & (weights > 0)
+                if m.any():
+                    mean = ce[m].mean()
+                    self.log(f"{stage}/loss_{name}", mean, batch_size=bsz, sync_dist=stage != "train")
+                    self.log(f"{stage}/ppl_{name}", mean.exp(), batch_size=bsz, sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        loss = self._shared_step(batch, "train")
+        if not torch.isfinite(loss):
+            self._bad_steps += 1
+            self.log("train/skipped_nonfinite", float(self._bad_steps))
+            if self._bad_steps >= self.hparams.max_bad_steps:
+                raise FloatingPointError(
+                    f"loss was NaN/inf for {self._bad_steps} steps in a row (step {self.global_step}): "
+                    "lower the learning rate or check the data"
+                )
+            return None  # Lightning skips the optimizer step
+        self._bad_steps = 0
+        self._log_throughput(batch["ids"])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    # --- throughput --------------------------------------------------------------------
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N (weights) + 12 L d T (attention scores and values)."""
+        c = self.net.config
+        n = c.block_params() + c.vocab_size * c.d_model  # the lm head; embeddings are lookups
+        return 6 * n + 12 * c.n_layer * c.d_model * seq_len
+
+    def _log_throughput(self, ids: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if self._t_last is not None:
+            dt = now - self._t_last
+            tokens = ids.numel() * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / dt)
+            if self.hparams.peak_flops:
+                mfu = tokens * self.flops_per_token(ids.shape[1]) / dt / self.hparams.peak_flops
+                self.log("train/mfu", mfu)
+        self._t_last = now
+
+    # --- optimization --------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.net.named_parameters():
+            (no_decay if p.ndim < 2 or "emb" in name else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+        )
+        total = max(int(self.trainer.max_steps), hp.warmup_steps + 1)
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            t = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            shape = 0.5 * (1 + math.cos(math.pi * t)) if hp.decay == "cosine" else 1 - t
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * shape
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- publishing ----------------------------------------------------------------------
+    def export(self, out_dir: Path) -> dict[str, float]:
+        save_decoder(out_dir, self.net, self.vocab, step=self.global_step)
+        self.vocab.save(Path(out_dir) / "vocab.json")
+        return {"params": float(self.net.num_params())}
