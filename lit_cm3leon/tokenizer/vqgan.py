@@ -278,6 +278,10 @@ class VectorQuantizer(nn.Module):
         return torch.argmin(d, dim=1)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:  # z: [B, D, h, w]
+        with torch.autocast(z.device.type, enabled=False):  # distances and argmin in fp32, even under bf16
+            return self._quantize(z.float())
+
+    def _quantize(self, z: torch.Tensor) -> QuantizerOutput:
         B, D, h, w = z.shape
         z_bhwc = z.permute(0, 2, 3, 1).contiguous()
         idx = self.nearest(z_bhwc.view(-1, D))
