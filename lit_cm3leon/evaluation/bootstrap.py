@@ -1,0 +1,52 @@
+"""Percentile bootstrap intervals with a seeded generator.
+
+Items (questions, images, prompts) are resampled with replacement; the statistic is recomputed
+on each resample. A statistic may return several numbers at once (a dict), so every metric of
+one evaluation shares the same resamples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Stat = Callable[[np.ndarray], dict[str, float]]
+
+
+def bootstrap_ci(
+    n: int,
+    statistic: Stat,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
+    """Percentile interval for each key of `statistic(idx)`, `idx` an int array of `n` item
+    indices drawn with replacement. Returns `{key: [lo, hi]}`; empty when `n_resamples` is 0.
+    Keys whose statistic is NaN on a resample (e.g. an answer type absent from it) ignore it."""
+    if n_resamples <= 0 or n == 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_resamples):
+        idx = rng.integers(0, n, size=n)
+        for key, value in statistic(idx).items():
+            draws.setdefault(key, []).append(float(value))
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    out = {}
+    for key, values in draws.items():
+        arr = np.asarray(values, dtype=np.float64)
+        arr = arr[np.isfinite(arr)]
+        out[key] = [float(v) for v in np.percentile(arr, q)] if arr.size else [float("nan")] * 2
+    return out
+
+
+def mean_statistic(values: dict[str, np.ndarray], scale: float = 1.0) -> Stat:
+    """Statistic: the scaled mean of each per-item score array."""
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
+    return lambda idx: {k: scale * float(a[idx].mean()) for k, a in arrays.items()}
+
+
+def info(n_resamples: int, seed: int, level: float = 0.95, unit: str = "item") -> dict:
+    """The `bootstrap` block of metrics.json: how the intervals were made."""
+    return {"resamples": n_resamples, "seed": seed, "level": level, "method": "percentile", "unit": unit}

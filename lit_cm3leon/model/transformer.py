@@ -1,0 +1,252 @@
+"""The CM3Leon decoder: a decoder-only transformer after the paper (OPT-style).
+
+Choices taken from the paper (arXiv 2309.02591, section 3):
+
+* no bias terms, no dropout, layer norms without learnable parameters;
+* learned absolute positional embeddings, initialised with std 0.0002;
+* every other weight truncated-normal with std 0.006, cut at 3 std;
+* the output projection (untied from the token embedding) initialised to zero;
+* pre-LN blocks with a GELU MLP of width 4 d.
+
+Attention runs through ``F.scaled_dot_product_attention``. Decoding uses a preallocated
+:class:`KVCache`. Rows may be left-padded: :func:`positions_from_mask` gives each row positions
+0, 1, ... for its real tokens, and :func:`attention_mask` hides the pads.
+
+Shape letters: ``B`` batch, ``T`` new (query) positions, ``S`` key positions (cache + new),
+``C`` = ``d_model``, ``H`` heads, ``Dh`` head dim, ``V`` vocabulary.
+
+Only torch and the config are imported; parallelism (FSDP, compile) lives in ``parallelize.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+# ---------------------------------------------------------------------------------------------
+# masks and positions for left-padded batches
+# ---------------------------------------------------------------------------------------------
+
+
+def positions_from_mask(key_mask: Tensor) -> Tensor:
+    """Positions [B, S] from a validity mask [B, S] (True = real token, False = pad).
+
+    A left-padded row ``[pad pad a b c]`` gets ``[0 0 0 1 2]``: its real tokens start at 0,
+    exactly as they would without padding. Pads get 0 (they are never attended to).
+    """
+    return (key_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def attention_mask(key_mask: Tensor, n_query: int) -> Tensor:
+    """Bool mask [B, 1, T, S] (True = may attend) for the last ``T = n_query`` of ``S`` keys.
+
+    Causal over the key axis and hiding pads. A pad query is allowed to see itself so that no
+    row of the softmax is empty (its output is never used).
+    """
+    B, S = key_mask.shape
+    q_pos = torch.arange(S - n_query, S, device=key_mask.device)
+    k_pos = torch.arange(S, device=key_mask.device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+    mask = causal[None] & key_mask[:, None, :]  # [B, T, S]
+    mask = mask | (k_pos[None, :] == q_pos[:, None])[None]
+    return mask[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Preallocated keys and values, one ``[B, H, T_max, Dh]`` pair per layer.
+
+    ``length`` positions are filled (the same for every row; rows are left-padded instead of
+    ragged). ``model(idx, cache=cache)`` writes the new keys at ``[length, length + T)`` and
+    then advances ``length``: a prefill with the whole prompt, then one-token steps.
+    """
+
+    def __init__(self, k: list[Tensor], v: list[Tensor]) -> None:
+        self.k, self.v = k, v
+        self.length = 0
+
+    @classmethod
+    def allocate(
+        cls,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> KVCache:
+        if max_len > config.max_seq_len:
+            raise ValueError(f"cache of {max_len} positions exceeds max_seq_len={config.max_seq_len}")
+        shape = (batch_size, config.n_head, max_len, config.head_dim)
+        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        return cls(k, v)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, H, T, Dh] after the filled part; return all keys/values [B, H, S, Dh]."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def index_select(self, index: Tensor) -> KVCache:
+        """A cache holding rows ``index`` (a 1-D LongTensor of batch rows; repeats allowed)."""
+        out = KVCache([k.index_select(0, index) for k in self.k], [v.index_select(0, index) for v in self.v])
+        out.length = self.length
+        return out
+
+    def reorder_(self, index: Tensor) -> None:
+        """In place: row ``i`` becomes old row ``index[i]`` (beam search, batch selection)."""
+        for i in range(len(self.k)):
+            self.k[i] = self.k[i].index_select(0, index)
+            self.v[i] = self.v[i].index_select(0, index)
+
+
+# ---------------------------------------------------------------------------------------------
+# the network
+# ---------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.n_head, self.layer = config.n_head, layer
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if cache is not None:  # keys/values of all positions so far: [B, H, S, Dh]
+            k, v = cache.update(self.layer, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if attn_mask is None:  # plain causal (no padding); a single query sees every key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.mlp_ratio * config.d_model, bias=False)
+        self.proj = nn.Linear(config.mlp_ratio * config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.ln_eps, elementwise_affine=False, bias=False)
+        self.attn = Attention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.ln_eps, elementwise_affine=False, bias=False)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CM3LeonTransformer(nn.Module):
+    """Decoder-only transformer. ``forward(idx) -> logits``; see :meth:`forward` for shapes."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (use Vocab.size) before building the model")
+        self.config = config
+        self.activation_checkpointing = config.activation_checkpointing
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.ln_eps, elementwise_affine=False, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper's init: positions N(0, 0.0002), lm head 0, the rest truncated N(0, 0.006)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        nn.init.normal_(self.pos_emb.weight, mean=0.0, std=self.config.pos_init_std)
+        nn.init.zeros_(self.lm_head.weight)
+
+    def forward(
+        self,
+        idx: Tensor,
+        positions: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Next-token logits.
+
+        Args:
+            idx: token ids [B, T].
+            positions: position ids [B, T]; default ``cache.length + arange(T)`` (no padding).
+                With left padding pass :func:`positions_from_mask` of the validity mask.
+            attn_mask: bool [B, 1, T, S] (True = attend), S = keys in cache + T; default causal.
+                With left padding pass :func:`attention_mask`.
+            cache: a :class:`KVCache`; new keys/values are written at ``cache.length`` and
+                ``cache.length`` advances by T.
+            last_only: project only the last position (prefill during decoding).
+
+        Returns:
+            logits [B, T, V] (float32 unless under autocast), or [B, 1, V] with ``last_only``.
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
+        if past + T > self.config.max_seq_len and cache is None:
+            raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # [B, T, C]
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if checkpointing and cache is None:
+                x = checkpoint(block, x, attn_mask, None, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.ln_f(x))  # [B, T, V]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(config: ModelConfig, device: torch.device | str | None = None) -> CM3LeonTransformer:
+    """Construct on ``device`` (``"meta"`` builds without memory, e.g. to count parameters)."""
+    if device is None:
+        return CM3LeonTransformer(config)
+    with torch.device(device):
+        return CM3LeonTransformer(config)
