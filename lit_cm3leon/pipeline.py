@@ -1,0 +1,123 @@
+"""The main job: the whole suite on the shapes world, stage by stage.
+
+``python -m lit_cm3leon.pipeline [--budget full|reduced] [--only STAGE ...]``
+
+Each stage is one command of the suite (``prepare``, ``fit``, ``eval/...``) run as a child
+process; a stage whose published artifact (``outputs/<stage>/manifest.json``) exists is skipped,
+so a rerun resumes where a killed run stopped (training stages resume from their
+``last.ckpt``). Wall time per stage goes to ``outputs/pipeline.json`` and into the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lit_cm3leon.utils.manifest import read_manifest
+
+PY = sys.executable
+
+
+@dataclass
+class Stage:
+    name: str  # also the folder under outputs/ whose manifest marks it done
+    command: list[str]
+    reduced: list[str] = field(default_factory=list)  # extra args for --budget reduced
+    budget_min: float = 0.0  # minutes on 2 cores at the full budget
+
+    def done(self, out: Path) -> bool:
+        return read_manifest(out / self.name) is not None
+
+
+def fit(experiment: str, *overrides: str) -> list[str]:
+    return [PY, "-m", "lit_cm3leon.fit", f"experiment={experiment}", *overrides]
+
+
+def prepare(*args: str) -> list[str]:
+    return [PY, "-m", "lit_cm3leon.prepare", *args]
+
+
+def stages(out: Path) -> list[Stage]:
+    o = str(out)
+    return [
+        Stage("text_tokenizer", prepare("text-tokenizer", "--out", f"{o}/text_tokenizer"), budget_min=0.5),
+        Stage("image_tokenizer", fit("tokenizer"), ["trainer.max_steps=150"], budget_min=3.5),
+        Stage(
+            "tokens/shapes-train",
+            prepare("tokenize", "--source", "shapes", "--split", "train", "--n", "20000",
+                    "--tokenizer", f"{o}/image_tokenizer", "--out", f"{o}/tokens/shapes-train"),
+            ["--n", "4000"],
+            budget_min=0.5,
+        ),
+        Stage(
+            "tokens/shapes-heldout",
+            prepare("tokenize", "--source", "shapes", "--split", "heldout", "--n", "1000",
+                    "--tokenizer", f"{o}/image_tokenizer", "--out", f"{o}/tokens/shapes-heldout"),
+            ["--n", "500"],
+            budget_min=0.2,
+        ),
+        Stage("retriever", fit("retriever"), ["trainer.max_steps=100"], budget_min=1.0),
+        Stage("eval_clip", fit("eval_clip"), ["trainer.max_steps=100"], budget_min=1.0),
+        Stage(
+            "index",
+            prepare("index", "--encoder", f"{o}/retriever", "--tokens", f"{o}/tokens/shapes-train",
+                    "--out", f"{o}/index"),
+            budget_min=1.0,
+        ),
+        Stage("pretrain", fit("pretrain"), ["trainer.max_steps=150", "trainer.val_check_interval=150"], budget_min=7.0),
+    ]
+
+
+def run(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lit_cm3leon.pipeline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", choices=["full", "reduced"], default="full",
+                    help="full: the README's numbers; reduced: the CI run (minutes, weaker gates)")
+    ap.add_argument("--out", default="outputs", help="where every stage publishes (default: outputs/)")
+    ap.add_argument("--only", nargs="*", help="run only these stages (by name)")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LIT_CM3LEON_ROOT": str(out.parent)}
+    if out.name != "outputs":
+        raise SystemExit("--out must be a folder named outputs/ (the stages' configs point there)")
+    timing_path = out / "pipeline.json"
+    timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    todo = [s for s in stages(out) if not args.only or s.name in args.only]
+    if all(s.done(out) for s in todo) and (out / "report.md").is_file():
+        print(f"Everything is done. The report is at {out / 'report.md'}")
+        return 0
+    for i, stage in enumerate(todo, 1):
+        head = f"[{i}/{len(todo)}] {stage.name}"
+        if stage.done(out):
+            print(f"{head}: done already (outputs/{stage.name}/manifest.json), skipped", flush=True)
+            continue
+        cmd = stage.command + (stage.reduced if args.budget == "reduced" else [])
+        print(f"{head}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env, cwd=out.parent)
+        if proc.returncode != 0:
+            print(f"{head} failed (exit {proc.returncode}); fix it and rerun: finished stages are kept",
+                  file=sys.stderr)
+            return proc.returncode
+        timings[stage.name] = {"seconds": round(time.time() - t0, 1), "budget": args.budget,
+                               "budget_min": stage.budget_min}
+        timing_path.write_text(json.dumps(timings, indent=2))
+        print(f"{head}: finished in {timings[stage.name]['seconds']:.0f} s", flush=True)
+    print("\nWhat the pipeline wrote:")
+    for stage in todo:
+        m = read_manifest(out / stage.name)
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in (m or {}).get("metrics", {}).items()
+                            if isinstance(v, int | float))
+        print(f"  outputs/{stage.name}/  {metrics}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
