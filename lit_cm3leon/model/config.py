@@ -38,6 +38,7 @@ class ModelConfig:
     pos_init_std: float = 0.0002  # std of the learned positional embeddings
     ln_eps: float = 1e-5  # LayerNorm epsilon (no learnable parameters)
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory)
+    compile: bool = False  # torch.compile each block (applied by parallelize(), not the model)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:

@@ -1,0 +1,212 @@
+"""The CM3Leon decoder: sizes, initialisation, KV cache and padding parity, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_cm3leon.model import (
+    PRESETS,
+    CM3LeonTransformer,
+    KVCache,
+    ModelConfig,
+    attention_mask,
+    build_model,
+    positions_from_mask,
+)
+from lit_cm3leon.model.parallelize import fsdp_auto_wrap_policy, fsdp_strategy_kwargs, parallelize
+
+torch.set_num_threads(1)
+
+PAPER_VOCAB = 64626  # Vocab(n_text=56320, n_image=8192).size
+
+# blocks = 12 * n_layer * d^2; total adds 2 * V * d (embedding, untied head) + max_seq_len * d
+EXPECTED = {
+    "debug": (98_304, None),
+    "shapes": (4_718_592, None),
+    "350m": (301_989_888, 438_538_240),
+    "760m": (679_477_248, 884_299_776),
+    "7b": (6_442_450_944, 6_988_644_352),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_parameter_counts(name):
+    cfg = ModelConfig.preset(name, vocab_size=PAPER_VOCAB)
+    model = build_model(cfg, "meta")
+    blocks = sum(p.numel() for p in model.blocks.parameters())
+    assert blocks == EXPECTED[name][0] == cfg.block_params()
+    assert model.num_params() == cfg.num_params()
+    if EXPECTED[name][1] is not None:
+        assert model.num_params() == EXPECTED[name][1]
+    assert cfg.max_seq_len == (4096 if name in ("350m", "760m", "7b") else cfg.max_seq_len)
+
+
+def test_preset_shapes_and_errors():
+    assert ModelConfig.preset("shapes").n_layer == 6 and ModelConfig.preset("shapes").d_model == 256
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig.preset("13b")
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(n_head=3, d_model=64)
+    with pytest.raises(ValueError, match="vocab_size"):
+        CM3LeonTransformer(ModelConfig.preset("debug"))
+    cfg = ModelConfig.preset("debug", vocab_size=10)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, n_layer=2, n_head=4, d_model=256, max_seq_len=1024)
+    model = build_model(cfg)
+    names = dict(model.named_parameters())
+    # no biases, no layer-norm parameters: only embeddings and linear weights
+    assert not any("bias" in n or n.startswith("ln") or ".ln_" in n for n in names)
+    assert all(p.dim() == 2 for p in names.values())
+    assert torch.count_nonzero(model.lm_head.weight) == 0
+    pos = model.pos_emb.weight
+    assert abs(pos.std().item() - 0.0002) < 0.00001
+    # truncated N(0, 0.006) at 3 std: std of the truncated law is 0.006 * 0.9866
+    for n, p in names.items():
+        if n in ("pos_emb.weight", "lm_head.weight"):
+            continue
+        assert p.abs().max().item() <= 3 * 0.006 + 1e-7, n
+        assert abs(p.std().item() - 0.006 * 0.9866) < 0.0002, n
+        assert abs(p.mean().item()) < 0.0002, n
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+
+
+def _model(seed=0, vocab=97, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset("debug", vocab_size=vocab, **kw)
+    model = build_model(cfg)
+    with torch.no_grad():  # a zero lm head makes every logit 0: give it weights for the checks
+        torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+        for b in model.blocks:
+            b.attn.qkv.weight.mul_(30)
+        model.pos_emb.weight.mul_(100)
+    return model.eval()
+
+
+def test_positions_and_mask_for_left_padding():
+    valid = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
+    assert positions_from_mask(valid).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    m = attention_mask(valid, 5)
+    assert m.shape == (2, 1, 5, 5)
+    assert m[0, 0, 4].tolist() == [False, False, True, True, True]
+    assert m[0, 0, 0].tolist() == [True, False, False, False, False]  # pad sees only itself
+    assert m[1, 0].equal(torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+def test_left_padding_matches_unpadded_rows():
+    model = _model()
+    a = torch.randint(0, 97, (1, 7))
+    b = torch.randint(0, 97, (1, 4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, :3] = False
+    out = model(batch, positions_from_mask(valid), attention_mask(valid, 7))
+    torch.testing.assert_close(out[0], model(a)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, 3:], model(b)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_prefill_and_steps_equal_full_forward_with_padding():
+    model = _model(1)
+    B, L, extra = 3, 6, 5
+    ids = torch.randint(0, 97, (B, L + extra))
+    valid = torch.ones(B, L + extra, dtype=torch.bool)
+    valid[1, :2] = False
+    valid[2, :4] = False
+    T = L + extra
+    full = model(ids, positions_from_mask(valid), attention_mask(valid, T))
+
+    cache = KVCache.allocate(model.config, B, T)
+    pre = model(ids[:, :L], positions_from_mask(valid[:, :L]), attention_mask(valid[:, :L], L), cache=cache)
+    steps = [pre]
+    for t in range(L, T):
+        pos = valid[:, : t + 1].sum(-1, keepdim=True) - 1
+        steps.append(model(ids[:, t : t + 1], pos, valid[:, None, None, : t + 1], cache=cache))
+    assert cache.length == T
+    inc = torch.cat(steps, 1)
+    torch.testing.assert_close(inc[valid], full[valid], atol=1e-5, rtol=1e-5)
+    assert (full.abs() > 0.1).any()  # not trivially zero
+
+
+def test_kv_cache_without_padding_and_reorder():
+    model = _model(2)
+    ids = torch.randint(0, 97, (2, 9))
+    full = model(ids)
+    cache = KVCache.allocate(model.config, 2, 9)
+    out = [model(ids[:, :5], cache=cache)]
+    out += [model(ids[:, t : t + 1], cache=cache) for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
+
+    # batch selection: keep row 1 twice, then continue decoding
+    cache = KVCache.allocate(model.config, 2, 9)
+    model(ids[:, :5], cache=cache)
+    picked = cache.index_select(torch.tensor([1, 1]))
+    step = model(ids[[1, 1], 5:6], cache=picked)
+    torch.testing.assert_close(step[0], full[1, 5:6], atol=1e-5, rtol=1e-5)
+    cache.reorder_(torch.tensor([1, 0]))
+    step = model(ids[[1, 0], 5:6], cache=cache)
+    torch.testing.assert_close(step[:, 0], full[[1, 0], 5], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="KV cache full"):
+        model(ids[:, :5], cache=cache)
+
+
+def test_overfit_one_batch():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("debug", vocab_size=64))
+    model.train()
+    x = torch.randint(0, 64, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    loss0 = None
+    for _ in range(120):
+        logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 64), x[:, 1:].reshape(-1))
+        loss0 = loss.item() if loss0 is None else loss0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert abs(loss0 - torch.log(torch.tensor(64.0)).item()) < 1e-4  # zero head: uniform at init
+    assert loss.item() < 0.1, loss.item()
+
+
+def test_activation_checkpointing_same_gradients():
+    model = _model(3)
+    model.train()
+    x = torch.randint(0, 97, (2, 12))
+    model(x).square().mean().backward()
+    g_plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    parallelize(model, activation_checkpointing=True)
+    assert model.activation_checkpointing
+    model(x).square().mean().backward()
+    for a, p in zip(g_plain, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_fsdp_policy_wraps_blocks():
+    from lit_cm3leon.model.transformer import Block
+
+    assert fsdp_auto_wrap_policy() == {Block}
+    kw = fsdp_strategy_kwargs(ModelConfig.preset("debug", activation_checkpointing=True))
+    assert kw == {"auto_wrap_policy": {Block}, "activation_checkpointing_policy": {Block}}
+    assert "activation_checkpointing_policy" not in fsdp_strategy_kwargs({"activation_checkpointing": False})
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_yaml_matches_preset(name):
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name}.yaml"
+    text = path.read_text()
+    for line in text.splitlines():  # every key is commented
+        if line and not line.startswith(("#", "_target_")):
+            assert "#" in line, line
+    cfg = instantiate(OmegaConf.create(text))
+    expected = ModelConfig.preset(name, activation_checkpointing=cfg.activation_checkpointing)
+    assert cfg == expected
