@@ -16,7 +16,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from omegaconf import OmegaConf
+
 from lit_cm3leon.model import ModelConfig, build_model
+from lit_cm3leon.model.parallelize import parallelize
 from lit_cm3leon.tokenizer.vocab import Vocab
 from lit_cm3leon.training.checkpoint import load_decoder, save_decoder
 
@@ -51,15 +54,19 @@ class CM3LeonModule(L.LightningModule):
         max_bad_steps: int = 5,
     ) -> None:
         super().__init__()
+        if not isinstance(model, dict):  # a DictConfig from Hydra: keep hparams plain
+            model = OmegaConf.to_container(model, resolve=True)
+        model = {k: v for k, v in model.items() if k != "_target_"}
+        betas = tuple(float(b) for b in betas)
         self.save_hyperparameters()
         self.vocab = Vocab.load(vocab_path)
-        preset = dict(model)
-        cfg = ModelConfig.from_dict({**preset, "vocab_size": self.vocab.size})
+        cfg = ModelConfig.from_dict({**model, "vocab_size": self.vocab.size})
         if init_from:
             self.net, _, _ = load_decoder(init_from, vocab=self.vocab, expect_config=cfg)
             self.net.train()
         else:
             self.net = build_model(cfg)
+        parallelize(self.net, model)  # activation checkpointing / compile, as configured
         self._t_last: float | None = None
         self._bad_steps = 0
 
