@@ -10,7 +10,21 @@ from lit_cm3leon.tokenizer.document import Document, Image, Text
 from lit_cm3leon.tokenizer.text import TextTokenizer
 from lit_cm3leon.tokenizer.vocab import Vocab
 
-WORDS = ["red", "blue", "circle", "square", " ", "  ", "\n", "日本", "🎉", "e\u0301", "?", "<loc", ">"]
+WORDS = [
+    "red",
+    "blue",
+    "circle",
+    "square",
+    " ",
+    "  ",
+    "\n",
+    "日本",
+    "🎉",
+    "e\u0301",
+    "?",
+    "<loc",
+    ">",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +49,10 @@ def random_document(rng: random.Random, vocab: Vocab) -> Document:
     for _ in range(rng.randint(1, 5)):
         if rng.random() < 0.5:  # adjacent images happen often
             codes = np.array(
-                [[rng.randrange(vocab.n_image) for _ in range(vocab.image_w)] for _ in range(vocab.image_h)]
+                [
+                    [rng.randrange(vocab.n_image) for _ in range(vocab.image_w)]
+                    for _ in range(vocab.image_h)
+                ]
             )
             segs.append(Image(codes))
         else:

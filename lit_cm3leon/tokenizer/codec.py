@@ -125,7 +125,9 @@ class DocumentCodec:
                     f"{v.image_h}x{v.image_w}={v.image_tokens}"
                 )
             fill = codes[-1] if codes.size else 0
-            codes = np.concatenate([codes, np.full(v.image_tokens, fill, np.int64)])[: v.image_tokens]
+            codes = np.concatenate([codes, np.full(v.image_tokens, fill, np.int64)])[
+                : v.image_tokens
+            ]
         return codes.reshape(v.image_h, v.image_w)
 
     def decode(self, ids: Iterable[int], strict: bool = True) -> Document:
@@ -171,9 +173,7 @@ class DocumentCodec:
                 )
             else:  # split the mixed run into same-modality pieces
                 cuts = np.flatnonzero(np.diff(img.astype(np.int8))) + 1
-                for piece, piece_img in zip(
-                    np.split(run, cuts), np.split(img, cuts), strict=True
-                ):
+                for piece, piece_img in zip(np.split(run, cuts), np.split(img, cuts), strict=True):
                     if piece_img[0]:
                         segments.append(Image(self.decode_image(piece, strict=False)))
                     else:

@@ -58,9 +58,7 @@ class TextTokenizer:
         return tok
 
     @classmethod
-    def train(
-        cls, corpus: Iterable[str], vocab_size: int, min_frequency: int = 2
-    ) -> TextTokenizer:
+    def train(cls, corpus: Iterable[str], vocab_size: int, min_frequency: int = 2) -> TextTokenizer:
         """Learn merges on ``corpus`` (one string per item) up to ``vocab_size`` entries.
 
         The 256 byte symbols are always in the vocabulary, so ``vocab_size`` must be at least
@@ -184,11 +182,18 @@ def cli(argv: list[str] | None = None) -> int:
         default=None,
         help="a .txt file or a directory of .txt files (default: the shapes world's texts)",
     )
-    p.add_argument("--shapes-samples", type=int, default=2000, help="shapes samples for the default corpus")
+    p.add_argument(
+        "--shapes-samples", type=int, default=2000, help="shapes samples for the default corpus"
+    )
     p.add_argument("--seed", type=int, default=0, help="shapes world seed for the default corpus")
     p.add_argument("--image-codes", type=int, default=256, help="VQ codebook size (n_image)")
     p.add_argument(
-        "--image-hw", type=int, nargs=2, default=(8, 8), metavar=("H", "W"), help="tokens per image side"
+        "--image-hw",
+        type=int,
+        nargs=2,
+        default=(8, 8),
+        metavar=("H", "W"),
+        help="tokens per image side",
     )
     args = p.parse_args(argv)
 
