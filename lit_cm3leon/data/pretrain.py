@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lit_cm3leon.data.shards import TokenShards
 from lit_cm3leon.objective.cm3 import CM3Transform, loss_weights
-from lit_cm3leon.objective.sequence import build_sequence, fit_to_length, pair_document
+from lit_cm3leon.objective.sequence import build_sequence, pair_document
 from lit_cm3leon.tokenizer.codec import DocumentCodec
 from lit_cm3leon.tokenizer.text import TextTokenizer
 from lit_cm3leon.tokenizer.vocab import Vocab
@@ -90,12 +90,11 @@ class PairSequences(Dataset):
                 k = int(rng.integers(0, self.n_retrieved))
             for r in rng.choice(pool, size=min(k, len(pool)), replace=False):
                 retrieved.append(self.doc_ids(self.bank, int(r), image_first=rng.random() < self.image_first_prob))
-        ids = build_sequence(query, retrieved, self.vocab)
-        ids = fit_to_length(ids, self.seq_len + 1, self.vocab)
-        weights = loss_weights(ids, self.vocab, query_weight=self.query_weight)
+        room = self.seq_len + 1 - (self.cm3.max_extra_tokens if self.cm3 is not None else 0)
+        ids = build_sequence(query, retrieved, self.vocab, context_len=room)  # never cuts an image
         if self.cm3 is not None:
             ids = self.cm3(ids, rng)
-            weights = loss_weights(ids, self.vocab, query_weight=self.query_weight)
+        weights = loss_weights(ids, self.vocab, query_weight=self.query_weight)
         return pad_item(ids, weights, self.seq_len, self.vocab.pad)
 
 
