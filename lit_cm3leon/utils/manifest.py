@@ -38,7 +38,8 @@ def write_manifest(out_dir: str | Path, stage: str, cfg: Any = None, metrics: di
     if cfg is not None and not isinstance(cfg, dict):
         from omegaconf import OmegaConf
 
-        config = OmegaConf.to_container(cfg, resolve=True)
+        body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own node is not ours
+        config = OmegaConf.to_container(body, resolve=True)
     record = {
         "stage": stage,
         "complete": True,
