@@ -159,7 +159,8 @@ def test_default_corpus_reads_shapes_world_fields(monkeypatch, tmp_path):
 
     class FakeWorld:
         def __init__(self, seed=0, **kw):
-            self.seed = seed
+            self.seed, self.kw = seed, kw
+            assert set(kw) <= {"grid", "max_shapes"}
 
         def sample(self, split, i):
             assert split == "train"
@@ -178,8 +179,10 @@ def test_default_corpus_reads_shapes_world_fields(monkeypatch, tmp_path):
     lines = list(shapes_corpus(num_samples=3))
     assert lines[:5] == ["short 0", "a long caption 0", "question 0?", "red", "make shape 0 blue"]
     assert len(lines) == 15
-    assert cli(["--out", str(tmp_path), "--vocab-size", "260", "--shapes-samples", "50"]) == 0
-    assert json.loads((tmp_path / "manifest.json").read_text())["corpus"]["kind"] == "shapes"
+    argv = ["--out", str(tmp_path), "--vocab-size", "260", "--shapes-samples", "50"]
+    assert cli(argv + ["--shapes-grid", "4"]) == 0
+    corpus = json.loads((tmp_path / "manifest.json").read_text())["corpus"]
+    assert corpus == {"kind": "shapes", "samples": 50, "seed": 0, "grid": 4}
 
 
 def test_default_corpus_without_shapes_world_says_what_to_do(monkeypatch, tmp_path):

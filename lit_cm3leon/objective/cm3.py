@@ -211,6 +211,8 @@ class CM3Transform:
             raise ValueError(f"max_span_frac must be in (0, 1], got {max_span_frac}")
         if modality not in ("any", "text", "image"):
             raise ValueError(f"modality must be 'any', 'text' or 'image', got {modality!r}")
+        if max_span_len is not None and max_span_len < 1:
+            raise ValueError(f"max_span_len must be >= 1 or None, got {max_span_len}")
         self.poisson_rate = float(poisson_rate)
         self.max_span_frac = float(max_span_frac)
         self.max_span_len = max_span_len
