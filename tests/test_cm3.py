@@ -203,3 +203,28 @@ def test_loss_weights_default_ones_and_query_upweighting():
     assert np.array_equal(uncm3(y[:-1], V), x)
     w = loss_weights(y, V, query_weight=2.0, retrieved_weight=0.5)
     assert w.tolist() == [0.5] * 6 + [2.0] * 4 + [0.5, 0.5] + [2.0] * 4 + [0.0]
+
+
+def test_dataloader_workers_draw_different_masks():
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    x = build_sequence(np.arange(40), [], V)
+    t = CM3Transform(V, poisson_rate=3.0, seed=0)
+
+    class Repeat(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.from_numpy(t(x)[:48].copy())
+
+    def run():
+        torch.manual_seed(123)
+        loader = DataLoader(Repeat(), batch_size=None, num_workers=2, collate_fn=None)
+        return [tuple(b.tolist()) for b in loader]
+
+    a = run()
+    # worker 0 serves items 0,2,4,6 and worker 1 items 1,3,5,7: their streams differ
+    assert a[0::2] != a[1::2]
+    assert run() == a  # and follow torch's seed

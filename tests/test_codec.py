@@ -135,3 +135,12 @@ def test_non_strict_recovers(codec):
 def test_mismatched_tokenizer_and_vocab(codec):
     with pytest.raises(ValueError, match="n_text"):
         DocumentCodec(codec.text, Vocab(n_text=codec.vocab.n_text + 1, n_image=16))
+
+
+def test_load_from_prepared_folder(codec, tmp_path):
+    codec.text.save(tmp_path)
+    codec.vocab.save(tmp_path / "vocab.json")
+    again = DocumentCodec.load(tmp_path)
+    doc = Document([Text("red <loc:3> circle"), Image(np.ones((3, 4), dtype=np.int64))])
+    assert again.vocab == codec.vocab
+    assert again.encode(doc) == codec.encode(doc)

@@ -144,3 +144,50 @@ def test_cli_directory_corpus_and_missing_corpus(tmp_path):
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["lines"] == len(CORPUS)
     with pytest.raises(SystemExit):
         cli(["--out", str(tmp_path / "o2"), "--corpus", str(tmp_path / "missing.txt")])
+
+
+def test_default_corpus_reads_shapes_world_fields(monkeypatch, tmp_path):
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    @dataclass
+    class QA:
+        question: str
+        answer: str
+        qtype: str
+
+    class FakeWorld:
+        def __init__(self, seed=0, **kw):
+            self.seed, self.kw = seed, kw
+            assert set(kw) <= {"grid", "max_shapes"}
+
+        def sample(self, split, i):
+            assert split == "train"
+            return types.SimpleNamespace(
+                caption_short=f"short {i}",
+                caption_long=f"a long caption {i}",
+                vqa=[QA(f"question {i}?", "red", "color")],
+                edit=types.SimpleNamespace(instruction=f"make shape {i} blue"),
+            )
+
+    fake = types.ModuleType("lit_cm3leon.data.shapes")
+    fake.ShapesWorld = FakeWorld
+    monkeypatch.setitem(sys.modules, "lit_cm3leon.data.shapes", fake)
+    from lit_cm3leon.tokenizer.text import shapes_corpus
+
+    lines = list(shapes_corpus(num_samples=3))
+    assert lines[:5] == ["short 0", "a long caption 0", "question 0?", "red", "make shape 0 blue"]
+    assert len(lines) == 15
+    argv = ["--out", str(tmp_path), "--vocab-size", "260", "--shapes-samples", "50"]
+    assert cli(argv + ["--shapes-grid", "4"]) == 0
+    corpus = json.loads((tmp_path / "manifest.json").read_text())["corpus"]
+    assert corpus == {"kind": "shapes", "samples": 50, "seed": 0, "grid": 4}
+
+
+def test_default_corpus_without_shapes_world_says_what_to_do(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lit_cm3leon.data.shapes", None)  # import fails
+    with pytest.raises(ImportError, match="--corpus"):
+        cli(["--out", str(tmp_path)])

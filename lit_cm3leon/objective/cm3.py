@@ -28,6 +28,8 @@ complete sequence at inference.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from typing import Literal
 
@@ -183,8 +185,10 @@ class CM3Transform:
     """Seeded, picklable CM3 transform for data loaders: ``CM3Transform(vocab, ...)(ids)``.
 
     Each call draws from the transform's own generator; pass ``rng=`` for per-sample control
-    (e.g. ``np.random.default_rng([seed, epoch, index])`` for exact reproducibility across
-    workers). :meth:`reseed` is a convenient ``worker_init_fn`` hook.
+    (e.g. ``np.random.default_rng([seed, epoch, index])``). In a new process (a DataLoader
+    worker) the generator is re-derived on first use from ``seed`` and the worker's torch seed
+    (``get_worker_info().seed``, which differs per worker and per epoch and follows
+    ``torch.manual_seed``/``seed_everything``), so workers never repeat each other's masks.
     """
 
     def __init__(
@@ -207,12 +211,15 @@ class CM3Transform:
             raise ValueError(f"max_span_frac must be in (0, 1], got {max_span_frac}")
         if modality not in ("any", "text", "image"):
             raise ValueError(f"modality must be 'any', 'text' or 'image', got {modality!r}")
+        if max_span_len is not None and max_span_len < 1:
+            raise ValueError(f"max_span_len must be >= 1 or None, got {max_span_len}")
         self.poisson_rate = float(poisson_rate)
         self.max_span_frac = float(max_span_frac)
         self.max_span_len = max_span_len
         self.modality = modality
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self._pid = os.getpid()
 
     @property
     def max_extra_tokens(self) -> int:
@@ -220,15 +227,27 @@ class CM3Transform:
         return 1 + 2 * self.max_spans
 
     def reseed(self, *key: int) -> None:
+        """Restart the generator from ``[seed, *key]`` (non-negative ints)."""
         self.rng = np.random.default_rng([self.seed, *key])
+        self._pid = os.getpid()
+
+    def _check_process(self) -> None:
+        if os.getpid() == self._pid:
+            return
+        torch = sys.modules.get("torch")  # only consult torch when the caller already uses it
+        info = torch.utils.data.get_worker_info() if torch is not None else None
+        self.reseed(int(info.seed) if info is not None else os.getpid())
 
     def __call__(
         self, ids: Sequence[int] | np.ndarray, rng: np.random.Generator | None = None
     ) -> np.ndarray:
+        if rng is None:
+            self._check_process()
+            rng = self.rng
         return cm3(
             ids,
             self.vocab,
-            self.rng if rng is None else rng,
+            rng,
             max_spans=self.max_spans,
             poisson_rate=self.poisson_rate,
             max_span_frac=self.max_span_frac,

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from lit_cm3leon.tokenizer.document import Document, Image, Text
-from lit_cm3leon.tokenizer.text import TextTokenizer
+from lit_cm3leon.tokenizer.text import VOCAB_FILE, TextTokenizer
 from lit_cm3leon.tokenizer.vocab import Vocab
 
 LOC_RE = re.compile(r"<loc:(0|[1-9][0-9]*)>")
@@ -41,6 +42,12 @@ class DocumentCodec:
             )
         self.text = text_tokenizer
         self.vocab = vocab
+
+    @classmethod
+    def load(cls, directory: str | Path) -> DocumentCodec:
+        """The codec of a ``prepare text-tokenizer`` folder (``tokenizer.json`` + ``vocab.json``)."""
+        directory = Path(directory)
+        return cls(TextTokenizer.load(directory), Vocab.load(directory / VOCAB_FILE))
 
     # --- encoding ------------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:

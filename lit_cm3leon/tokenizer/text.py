@@ -144,7 +144,7 @@ def read_corpus(path: str | Path) -> Iterator[str]:
                     yield line
 
 
-def shapes_corpus(num_samples: int = 2000, seed: int = 0) -> Iterator[str]:
+def shapes_corpus(num_samples: int = 2000, seed: int = 0, **world_kwargs) -> Iterator[str]:
     """Captions, questions, answers and edit instructions of the shapes world's train split."""
     try:
         from lit_cm3leon.data.shapes import ShapesWorld
@@ -153,7 +153,7 @@ def shapes_corpus(num_samples: int = 2000, seed: int = 0) -> Iterator[str]:
             "the default text-tokenizer corpus is the shapes world (lit_cm3leon.data.shapes), "
             f"which could not be imported ({e}); pass --corpus FILE_OR_DIR_OF_TXT instead"
         ) from e
-    world = ShapesWorld(seed=seed)
+    world = ShapesWorld(seed=seed, **world_kwargs)
     for i in range(num_samples):
         s = world.sample("train", i)
         yield s.caption_short
@@ -186,6 +186,12 @@ def cli(argv: list[str] | None = None) -> int:
         "--shapes-samples", type=int, default=2000, help="shapes samples for the default corpus"
     )
     p.add_argument("--seed", type=int, default=0, help="shapes world seed for the default corpus")
+    p.add_argument(
+        "--shapes-grid", type=int, default=None, help="shapes world grid (default: its own)"
+    )
+    p.add_argument(
+        "--shapes-max-shapes", type=int, default=None, help="shapes per scene (default: its own)"
+    )
     p.add_argument("--image-codes", type=int, default=256, help="VQ codebook size (n_image)")
     p.add_argument(
         "--image-hw",
@@ -203,8 +209,18 @@ def cli(argv: list[str] | None = None) -> int:
         p.error(f"--corpus {args.corpus} does not exist (a .txt file or a directory of .txt files)")
 
     if args.corpus is None:
-        lines = list(shapes_corpus(args.shapes_samples, args.seed))
-        source = {"kind": "shapes", "samples": args.shapes_samples, "seed": args.seed}
+        world_kwargs = {
+            k: v
+            for k, v in (("grid", args.shapes_grid), ("max_shapes", args.shapes_max_shapes))
+            if v is not None
+        }
+        lines = list(shapes_corpus(args.shapes_samples, args.seed, **world_kwargs))
+        source = {
+            "kind": "shapes",
+            "samples": args.shapes_samples,
+            "seed": args.seed,
+            **world_kwargs,
+        }
     else:
         lines = list(read_corpus(args.corpus))
         source = {"kind": "files", "path": str(args.corpus)}
