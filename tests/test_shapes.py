@@ -67,7 +67,9 @@ def test_different_seeds_and_indices_differ():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_stencils_are_distinct_and_sizes_ordered(world):
+@pytest.mark.parametrize("image_size,grid", [(32, 3), (16, 2), (21, 3), (48, 4), (64, 3)])
+def test_stencils_are_distinct_and_sizes_ordered(image_size, grid):
+    world = ShapesWorld(image_size=image_size, grid=grid)
     for size in SIZES:
         masks = [world.stencils[(k, size)] for k in KINDS]
         for i in range(len(masks)):
@@ -75,6 +77,9 @@ def test_stencils_are_distinct_and_sizes_ordered(world):
                 assert not np.array_equal(masks[i], masks[j])
     for k in KINDS:
         assert world.stencils[(k, "small")].sum() < world.stencils[(k, "large")].sum()
+    for i in range(20):
+        s = world.sample("heldout", i)
+        assert parse_scene(s.image, world).attributes() == s.scene.attributes()
 
 
 def test_image_segmentation_boxes_edges_agree(world):
@@ -121,6 +126,18 @@ def test_other_geometry_renders_and_parses():
         assert s.image.shape == (48, 48, 3)
         assert parse_scene(s.image, w).attributes() == s.scene.attributes()
         assert claims_from_caption(s.caption_long) == s.scene.claims(grid=4, positions=True)
+
+
+def test_full_grid_world_still_makes_every_label():
+    w = ShapesWorld(image_size=16, grid=2, max_shapes=4, seed=1)
+    full = 0
+    for i in range(60):
+        s = w.sample("train", i)
+        full += len(s.scene.shapes) == 4
+        assert len(s.vqa) >= 5 and s.edit.after != s.edit.before
+        assert parse_scene(s.image, w).attributes() == s.scene.attributes()
+        assert claims_from_caption(s.caption_long) == s.scene.claims(grid=2, positions=True)
+    assert full > 0
 
 
 def test_invalid_arguments():

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary
@@ -45,8 +47,10 @@ BACKGROUND_PALETTE: dict[str, tuple[int, int, int]] = {
 COLORS: tuple[str, ...] = tuple(PALETTE)
 BACKGROUNDS: tuple[str, ...] = tuple(BACKGROUND_PALETTE)
 SIZES: tuple[str, ...] = ("small", "large")
-# Side of a shape as a fraction of the grid cell.
+# Side of a shape as a fraction of the grid cell (small >= 5 px and large >= small + 2, below
+# which a small circle and a small diamond become the same stencil).
 SIZE_FRACTION: dict[str, float] = {"small": 0.5, "large": 0.8}
+MIN_CELL = 7
 # Names of the cells of the default 3x3 grid, row-major.
 POSITION_NAMES: tuple[str, ...] = (
     "top left", "top", "top right",
@@ -248,8 +252,11 @@ class ShapesWorld:
         heldout_fraction: float = 0.1,
         seed: int = 0,
     ):
-        if grid < 1 or image_size // grid < 4:
-            raise ValueError(f"image_size={image_size} too small for grid={grid} (cells < 4 px)")
+        if grid < 1 or image_size // grid < MIN_CELL:
+            raise ValueError(
+                f"image_size={image_size} too small for grid={grid}: cells need >= {MIN_CELL} px "
+                f"so that every kind and size stays distinct (use image_size >= {MIN_CELL * grid})"
+            )
         if not 1 <= max_shapes <= grid * grid:
             raise ValueError(f"max_shapes must be in 1..{grid * grid}, got {max_shapes}")
         if not 0.0 < heldout_fraction < 1.0:
@@ -259,7 +266,9 @@ class ShapesWorld:
         self.cell_size = image_size // grid
         self.margin = (image_size - self.cell_size * grid) // 2
         self.positions = tuple(position_name(r, c, grid) for r in range(grid) for c in range(grid))
-        self.side = {s: max(3, round(SIZE_FRACTION[s] * self.cell_size)) for s in SIZES}
+        small = max(5, round(SIZE_FRACTION["small"] * self.cell_size))
+        large = min(self.cell_size, max(small + 2, round(SIZE_FRACTION["large"] * self.cell_size)))
+        self.side = {"small": small, "large": large}
         self.stencils = {(k, s): make_stencil(k, self.side[s]) for k in KINDS for s in SIZES}
         # Tight box of each stencil inside its side x side square: (x0, y0, x1, y1).
         self._stencil_box = {}
@@ -461,9 +470,9 @@ class ShapesWorld:
                 absent = [(c, k) for c in COLORS for k in KINDS if (c, k) not in present]
                 color, kind = rng.choice(absent)
             return QA(f"is there {article(color)} {color} {kind}?", answer, "yesno")
-        if variant == 1:  # is there a shape <position>?
-            occupied = {s.cell for s in shapes}
-            cells = [c for c in self._cells if (c in occupied) == truth]
+        occupied = {s.cell for s in shapes}
+        cells = [c for c in self._cells if (c in occupied) == truth]
+        if variant == 1 and cells:  # is there a shape <position>? (needs a free cell for "no")
             r, c = rng.choice(cells)
             return QA(
                 f"is there a shape {position_phrase(position_name(r, c, self.grid))}?",
@@ -533,7 +542,7 @@ class ShapesWorld:
 # ---------------------------------------------------------------------------------------------
 
 
-class ShapesImageDataset:
+class ShapesImageDataset(Dataset):
     """Map-style dataset of float images [3, H, W] in [-1, 1] (scene + render only: fast)."""
 
     def __init__(self, world: ShapesWorld, split: str = "train", size: int = 10_000):
@@ -544,9 +553,7 @@ class ShapesImageDataset:
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int):
-        import torch
-
+    def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < self.size:
             raise IndexError(index)
         img = self.world.render(self.world.scene(self.split, index))
