@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from lit_cm3leon.data.shapes import (
     BACKGROUND_PALETTE,
@@ -313,6 +314,10 @@ def test_key_is_canonical():
     assert Scene("gray", (a, b)).key() == Scene("gray", (b, a)).key()
     assert Scene("gray", (a, b)).attributes() == Scene("gray", (b, a)).attributes()
     assert Scene("gray", (a, b)).key() != Scene("white", (a, b)).key()
+    assert Scene.from_key(Scene("gray", (b, a)).key()) == Scene("gray", (a, b))
+    assert Scene.from_key("black|") == Scene("black", ())
+    with pytest.raises(ValueError, match="not a scene key"):
+        Scene.from_key("black|0,0,red")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +343,8 @@ def test_parser_accepts_chw_float():
     s = w.sample("train", 5)
     chw = s.image.transpose(2, 0, 1).astype(np.float32)
     assert parse_scene(chw, w) == parse_scene(s.image, w)
+    signed = torch.from_numpy(chw) / 127.5 - 1.0
+    assert parse_scene(signed, w, value_range=(-1.0, 1.0)) == s.scene
     with pytest.raises(ValueError, match="expected an image"):
         parse_scene(np.zeros((16, 16, 3)), w)
 

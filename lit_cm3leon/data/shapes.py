@@ -127,6 +127,21 @@ class Scene:
             + ";".join(f"{r},{c},{size},{color},{kind}" for r, c, kind, color, size in shapes)
         )
 
+    @classmethod
+    def from_key(cls, key: str) -> Scene:
+        """Inverse of `key()` (shapes in row-major order), e.g. for scenes kept in metadata."""
+        try:
+            background, body = key.split("|")
+            shapes = []
+            for part in body.split(";") if body else []:
+                r, c, size, color, kind = part.split(",")
+                shapes.append(Shape(kind, color, size, int(r), int(c)))
+        except ValueError as e:
+            raise ValueError(
+                f"not a scene key: {key!r} (expected 'bg|row,col,size,color,kind;...')"
+            ) from e
+        return cls(background, tuple(shapes))
+
     def claims(self, grid: int = 3, positions: bool = False) -> set[tuple[str, ...]]:
         """The (color, kind[, position]) set a correct caption of this scene would claim."""
         if positions:
@@ -565,11 +580,14 @@ class ShapesImageDataset(Dataset):
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_scene(image, world: ShapesWorld) -> Scene:
-    """Read the scene back out of an image (uint8 or float 0-255, [H,W,3] or [3,H,W])."""
+def parse_scene(
+    image, world: ShapesWorld, value_range: tuple[float, float] = (0.0, 255.0)
+) -> Scene:
+    """Read the scene back out of an image ([H,W,3] or [3,H,W], numpy or torch, values in
+    `value_range`: uint8 0-255 by default, (-1, 1) for decoder outputs)."""
     from lit_cm3leon.data.shapes_parse import parse_scene as _parse
 
-    return _parse(image, world)
+    return _parse(image, world, value_range)
 
 
 def claims_from_caption(text: str) -> set[tuple[str, ...]]:
