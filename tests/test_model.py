@@ -210,3 +210,23 @@ def test_model_yaml_matches_preset(name):
     cfg = instantiate(OmegaConf.create(text))
     expected = ModelConfig.preset(name, activation_checkpointing=cfg.activation_checkpointing)
     assert cfg == expected
+
+
+def test_parity_with_transformers_opt():
+    """Same weights in Hugging Face's OPT give the same logits, with left padding."""
+    transformers = pytest.importorskip("transformers")
+    from lit_cm3leon.model.interop import opt_config_kwargs, to_opt_state_dict
+
+    model = _model(4)
+    hf = transformers.OPTForCausalLM(transformers.OPTConfig(**opt_config_kwargs(model.config, pad_token_id=0)))
+    missing, unexpected = hf.load_state_dict(to_opt_state_dict(model), strict=False)
+    assert not unexpected and not [k for k in missing if "layer_norm" not in k]
+    hf.eval()
+    ids = torch.randint(1, 97, (2, 10))
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, :3] = False
+    ids[1, :3] = 0
+    ours = model(ids, positions_from_mask(valid), attention_mask(valid, 10))
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=valid.long()).logits
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-4, rtol=1e-4)
