@@ -1,0 +1,200 @@
+"""Inference on a published checkpoint: text to image, image to text, image perplexity.
+
+``Engine`` bundles what a prompt needs: the decoder, the document codec, the image tokenizer
+(pixels <-> codes) and, when ``retrieve_k > 0``, a retriever that turns prompt texts into
+documents of the memory bank. ``generate``, the eval scripts, the sample-grid callback and the
+notebook all go through it, so every consumer formats prompts the same way.
+
+Prompt layouts (ids; ``d_i`` are retrieved documents, each ``caption <break> image``)::
+
+    text -> image   cond:   <bos> d_1 <sep> ... d_k <sep> caption <break>   (+ 64 image codes)
+                    uncond: <bos> d_1 <sep> ... d_k <sep> <mask:0> <break>
+    image -> text   <bos> d_1 <sep> ... <sep> image <break>                 (+ text until <eos>)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lit_cm3leon.decode.generate import generate, make_uncond_prompt
+from lit_cm3leon.model import CM3LeonTransformer
+from lit_cm3leon.objective.sequence import pair_document
+from lit_cm3leon.tokenizer.codec import DocumentCodec
+from lit_cm3leon.tokenizer.document import Document, Image, Text
+from lit_cm3leon.training.checkpoint import load_decoder
+
+# A retriever for the engine: prompt texts, k -> per prompt, k documents as (caption, codes).
+RetrieveFn = Callable[[Sequence[str], int], list[list[tuple[str, np.ndarray]]]]
+
+
+@dataclass
+class Decoding:
+    """The decoding knobs (names shared across the suite)."""
+
+    strategy: str = "cfg_topp"
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0
+    cdk_alpha: float = 0.5
+    cdk_k: int = 5
+    num_samples: int = 1
+    retrieve_k: int = 0
+    max_text_tokens: int = 32
+
+    @classmethod
+    def from_mapping(cls, d) -> Decoding:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+class Engine:
+    def __init__(
+        self,
+        model: CM3LeonTransformer,
+        codec: DocumentCodec,
+        image_tokenizer=None,
+        retrieve: RetrieveFn | None = None,
+        autocast: bool = True,
+    ) -> None:
+        self.model, self.codec, self.vocab = model.eval(), codec, codec.vocab
+        self.image_tokenizer = image_tokenizer
+        self.retrieve_fn = retrieve
+        self.autocast = autocast
+
+    # --- construction ------------------------------------------------------------------
+    @classmethod
+    def load(cls, ckpt: str | Path, outputs: str | Path = "outputs", retrieval: bool = True) -> Engine:
+        """The decoder at ``ckpt`` with the tokenizers (and memory bank) published under ``outputs``."""
+        from lit_cm3leon.tokenizer.image import load_image_tokenizer
+
+        outputs = Path(outputs)
+        codec = DocumentCodec.load(outputs / "text_tokenizer")
+        model, _, _ = load_decoder(ckpt, vocab=codec.vocab)
+        image_tok = load_image_tokenizer(outputs / "image_tokenizer")
+        retrieve = None
+        if retrieval and (outputs / "index" / "manifest.json").is_file():
+            from lit_cm3leon.retrieval.bank_docs import bank_retrieve_fn
+
+            retrieve = bank_retrieve_fn(outputs)
+        return cls(model, codec, image_tok, retrieve)
+
+    def _amp(self):
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    # --- prompts -------------------------------------------------------------------------
+    def retrieved_prefix(self, texts: Sequence[str], k: int) -> list[list[int]]:
+        """``<bos> d_1 <sep> ... d_k <sep>`` per prompt (just ``<bos>`` when k = 0)."""
+        if k > 0 and self.retrieve_fn is None:
+            raise ValueError(
+                f"retrieve_k={k} needs a memory bank: build it with `python -m lit_cm3leon.prepare index` "
+                "or use retrieve_k=0"
+            )
+        docs = self.retrieve_fn(texts, k) if k > 0 else [[] for _ in texts]
+        prefixes = []
+        for per_prompt in docs:
+            ids = [self.vocab.bos]
+            for caption, codes in per_prompt:
+                ids += self.codec.encode(pair_document(caption, codes)) + [self.vocab.sep]
+            prefixes.append(ids)
+        return prefixes
+
+    def text_to_image_prompts(self, captions: Sequence[str], retrieve_k: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+        prefixes = self.retrieved_prefix(captions, retrieve_k)
+        cond = [p + self.codec.encode(Document([Text(c)])) + [self.vocab.brk] for p, c in zip(prefixes, captions, strict=True)]
+        uncond = [make_uncond_prompt(self.vocab, p, [self.vocab.brk]) for p in prefixes]
+        return cond, uncond
+
+    # --- text -> image -------------------------------------------------------------------
+    def text_to_image_codes(self, captions: Sequence[str], dec: Decoding, seed: int = 0, batch_size: int = 32) -> np.ndarray:
+        """Image codes int64 [len(captions), num_samples, h, w]."""
+        cond, uncond = self.text_to_image_prompts(captions, dec.retrieve_k)
+        n = dec.num_samples
+        rows = [(i, j) for i in range(len(captions)) for j in range(n)]
+        out = np.zeros((len(captions), n, self.vocab.image_h, self.vocab.image_w), dtype=np.int64)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            with self._amp():
+                new = generate(
+                    self.model, [cond[i] for i, _ in chunk], self.vocab, self.vocab.image_tokens + 2,
+                    strategy=dec.strategy, cfg_scale=dec.cfg_scale, temperature=dec.temperature,
+                    top_p=dec.top_p, top_k=dec.top_k, cdk_alpha=dec.cdk_alpha, cdk_k=dec.cdk_k,
+                    uncond_prompts=[uncond[i] for i, _ in chunk], mode="image", seed=seed + start,
+                )
+            for (i, j), toks in zip(chunk, new, strict=True):
+                out[i, j] = self.image_codes_from(toks)
+        return out
+
+    def image_codes_from(self, tokens: Sequence[int]) -> np.ndarray:
+        codes = [t - self.vocab.image_offset for t in tokens if self.vocab.is_image(t)]
+        codes = (codes + [0] * self.vocab.image_tokens)[: self.vocab.image_tokens]
+        return np.asarray(codes, dtype=np.int64).reshape(self.vocab.image_h, self.vocab.image_w)
+
+    def decode_images(self, codes: np.ndarray) -> np.ndarray:
+        """codes int [..., h, w] -> uint8 [..., H, W, 3]."""
+        if self.image_tokenizer is None:
+            raise ValueError("no image tokenizer loaded: Engine.load(...) or pass image_tokenizer=")
+        lead = codes.shape[:-2]
+        flat = torch.as_tensor(codes.reshape(-1, *codes.shape[-2:]))
+        pixels = self.image_tokenizer.decode(flat).cpu().numpy()
+        return pixels.reshape(*lead, *pixels.shape[1:])
+
+    def text_to_image(
+        self,
+        captions: Sequence[str],
+        dec: Decoding,
+        seed: int = 0,
+        scorer: Callable[[np.ndarray, str], np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(best images uint8 [N, H, W, 3], all candidates [N, S, H, W, 3]); with ``scorer`` and
+        ``num_samples > 1`` the best is the candidate the scorer (CLIP) rates highest."""
+        images = self.decode_images(self.text_to_image_codes(captions, dec, seed))
+        best = images[:, 0]
+        if scorer is not None and dec.num_samples > 1:
+            from lit_cm3leon.decode.rerank import rerank
+
+            best = np.stack([images[i, rerank(list(images[i]), c, scorer)[0]] for i, c in enumerate(captions)])
+        return best, images
+
+    # --- image -> text -------------------------------------------------------------------
+    def image_to_text(self, codes: np.ndarray, dec: Decoding, seed: int = 0, prompts: list[list[int]] | None = None) -> list[str]:
+        """Greedy/sampled text after ``<bos> image <break>`` (or the given prompt ids)."""
+        if prompts is None:
+            prompts = [[self.vocab.bos] + self.codec.encode(Document([Image(c)])) + [self.vocab.brk] for c in codes]
+        with self._amp():
+            new = generate(
+                self.model, prompts, self.vocab, dec.max_text_tokens, strategy="temperature",
+                temperature=dec.temperature, top_k=dec.top_k, mode="text", seed=seed,
+            )
+        return [self.codec.decode_text([t for t in toks if self.vocab.is_text(t) or self.vocab.is_loc(t)]).strip() for toks in new]
+
+    # --- scoring -------------------------------------------------------------------------
+    @torch.no_grad()
+    def image_nll(self, captions: Sequence[str], codes: np.ndarray, retrieve_k: int = 0, batch_size: int = 16) -> np.ndarray:
+        """Mean negative log-likelihood (nats) of each image's codes given its caption [N]."""
+        cond, _ = self.text_to_image_prompts(captions, retrieve_k)
+        off = self.vocab.image_offset
+        rows = [p + [off + int(c) for c in np.asarray(img).reshape(-1)] for p, img in zip(cond, codes, strict=True)]
+        out = np.zeros(len(rows))
+        n_img = self.vocab.image_tokens
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s : s + batch_size]
+            L = max(map(len, chunk))
+            ids = torch.full((len(chunk), L), self.vocab.pad, dtype=torch.long)
+            for i, r in enumerate(chunk):  # right-pad: image codes end each row at len(r)
+                ids[i, : len(r)] = torch.tensor(r)
+            with self._amp():
+                logits = self.model(ids[:, :-1]).float()
+            logp = F.log_softmax(logits, -1)
+            for i, r in enumerate(chunk):
+                t = torch.arange(len(r) - n_img, len(r))
+                out[s + i] = -logp[i, t - 1, ids[i, t]].mean().item()
+        return out
