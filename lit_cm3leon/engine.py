@@ -34,6 +34,15 @@ from lit_cm3leon.training.checkpoint import load_decoder
 RetrieveFn = Callable[[Sequence[str], int], list[list[tuple[str, np.ndarray]]]]
 
 
+def clip_scorer(encoder) -> Callable[[Sequence[np.ndarray], str], np.ndarray]:
+    """(images, text) -> cosine similarity per image, from a CLIP encoder (for re-ranking)."""
+
+    def score(images: Sequence[np.ndarray], text: str) -> np.ndarray:
+        return encoder.embed_image(np.stack(list(images))) @ encoder.embed_text([text])[0]
+
+    return score
+
+
 @dataclass
 class Decoding:
     """The decoding knobs (names shared across the suite)."""
@@ -152,17 +161,16 @@ class Engine:
         captions: Sequence[str],
         dec: Decoding,
         seed: int = 0,
-        scorer: Callable[[np.ndarray, str], np.ndarray] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(best images uint8 [N, H, W, 3], all candidates [N, S, H, W, 3]); with ``scorer`` and
-        ``num_samples > 1`` the best is the candidate the scorer (CLIP) rates highest."""
+        scorer: Callable[[Sequence[np.ndarray], str], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Images uint8 [N, num_samples, H, W, 3], best first: with ``scorer`` (the retriever
+        CLIP) and ``num_samples > 1`` the candidates are re-ranked by its score."""
         images = self.decode_images(self.text_to_image_codes(captions, dec, seed))
-        best = images[:, 0]
         if scorer is not None and dec.num_samples > 1:
             from lit_cm3leon.decode.rerank import rerank
 
-            best = np.stack([images[i, rerank(list(images[i]), c, scorer)[0]] for i, c in enumerate(captions)])
-        return best, images
+            images = np.stack([images[i, rerank(list(images[i]), c, scorer)] for i, c in enumerate(captions)])
+        return images
 
     # --- image -> text -------------------------------------------------------------------
     def image_to_text(self, codes: np.ndarray, dec: Decoding, seed: int = 0, prompts: list[list[int]] | None = None) -> list[str]:

@@ -1,0 +1,119 @@
+"""``python -m lit_cm3leon.generate``: prompts to PNGs (and a grid), images to captions/answers.
+
+Writes into a folder named after the checkpoint and the decoding settings (never over a
+finished one): one PNG per sample, ``grid.png`` (a row per prompt, re-ranked best first) and
+``settings.json`` with every setting and the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("lit_cm3leon.generate")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def default_ckpt(output_dir: Path) -> Path:
+    for stage in ("sft", "pretrain"):
+        if (output_dir / stage / "model.pt").is_file():
+            return output_dir / stage
+    raise FileNotFoundError(
+        f"no checkpoint given and none published under {output_dir}/sft or {output_dir}/pretrain: "
+        "pass ckpt=PATH or run `python -m lit_cm3leon.fit experiment=pretrain`"
+    )
+
+
+def run_folder(cfg: DictConfig, ckpt: Path) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    name = (
+        f"{ckpt.name}_{cfg.task}_{cfg.strategy}_cfg{cfg.cfg_scale:g}_n{cfg.num_samples}_k{cfg.retrieve_k}_seed{cfg.seed}"
+    )
+    return Path(cfg.paths.output_dir) / "samples" / name
+
+
+def save_grid(images: np.ndarray, path: Path, pad: int = 2) -> None:
+    """images uint8 [R, C, H, W, 3] -> one PNG with R rows and C columns."""
+    from PIL import Image
+
+    R, C, H, W, _ = images.shape
+    canvas = np.full((R * (H + pad) + pad, C * (W + pad) + pad, 3), 255, dtype=np.uint8)
+    for r in range(R):
+        for c in range(C):
+            y, x = pad + r * (H + pad), pad + c * (W + pad)
+            canvas[y : y + H, x : x + W] = images[r, c]
+    Image.fromarray(canvas).save(path)
+
+
+def text_to_image(cfg: DictConfig, engine, out: Path) -> dict:
+    from PIL import Image
+
+    from lit_cm3leon.engine import Decoding
+
+    prompts = [cfg.prompt] if isinstance(cfg.prompt, str) else list(cfg.prompt or [])
+    if not prompts:
+        raise ValueError('task=text_to_image needs prompt="..." (or a list of prompts)')
+    dec = Decoding.from_mapping(cfg)
+    scorer = None
+    if cfg.rerank and dec.num_samples > 1:
+        from lit_cm3leon.engine import clip_scorer
+        from lit_cm3leon.retrieval.encoder import ClipEncoder
+
+        scorer = clip_scorer(ClipEncoder.load(Path(cfg.paths.output_dir) / "retriever"))
+    images = engine.text_to_image(prompts, dec, seed=cfg.seed, scorer=scorer)  # best first
+    for i in range(len(prompts)):
+        for j in range(dec.num_samples):
+            Image.fromarray(images[i, j]).save(out / f"prompt{i:03d}_rank{j:02d}.png")
+    save_grid(images, out / "grid.png")
+    return {"prompts": prompts, "reranked": scorer is not None}
+
+
+def image_to_text(cfg: DictConfig, engine) -> dict:
+    from lit_cm3leon.data.templates import inference_prompt
+    from lit_cm3leon.engine import Decoding
+    from lit_cm3leon.tokenizer.image import open_image
+
+    if not cfg.image:
+        raise ValueError(f"task={cfg.task} needs image=PATH")
+    if cfg.task == "vqa" and not cfg.question:
+        raise ValueError('task=vqa needs question="..."')
+    codes = engine.image_tokenizer.encode(open_image(cfg.image)).numpy()
+    prompt = inference_prompt(cfg.task, codec=engine.codec, codes=codes[0], question=cfg.question)
+    text = engine.image_to_text(codes, Decoding.from_mapping(cfg), seed=cfg.seed, prompts=[prompt])[0]
+    print(text)
+    return {"image": str(cfg.image), "question": cfg.question, "output": text}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lit_cm3leon.engine import Engine
+
+    if cfg.task not in ("text_to_image", "caption", "vqa"):
+        raise ValueError(f"task={cfg.task!r}: choose text_to_image, caption or vqa")
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt = Path(cfg.ckpt) if cfg.ckpt else default_ckpt(output_dir)
+    out = run_folder(cfg, ckpt)
+    if (out / "settings.json").is_file():
+        log.info("%s is a finished run; pass out_dir=... or another seed to make new samples", out)
+        print(out)
+        return
+    engine = Engine.load(ckpt, output_dir, retrieval=cfg.retrieve_k > 0)
+    out.mkdir(parents=True, exist_ok=True)
+    result = text_to_image(cfg, engine, out) if cfg.task == "text_to_image" else image_to_text(cfg, engine)
+    settings = {"ckpt": str(ckpt), **OmegaConf.to_container(cfg, resolve=False), **result}
+    settings.pop("hydra", None)
+    (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
+    log.info("wrote %s", out)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
