@@ -1,0 +1,68 @@
+"""Held-out image-token perplexity with 0, 1, 2 retrieved documents vs a unigram baseline.
+
+    python eval/perplexity.py --ckpt outputs/pretrain --out outputs/eval/perplexity/metrics.json
+
+Reads the held-out pairs from ``outputs/tokens/shapes-heldout`` (captions + image codes), the
+training shards for the baseline, the tokenizers and the memory bank under ``--outputs``.
+Writes ``ppl_image_k0``, ``ppl_image_k1``, ... and ``ppl_image_unigram`` (exp of the mean NLL
+per image token) with bootstrap 95% intervals over images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python eval/perplexity.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from lit_cm3leon.evaluation import bootstrap
+from lit_cm3leon.evaluation.metrics_io import InputError, add_run_args, check_out, header_from_args, write_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--outputs", default="outputs", help="the pipeline's outputs/ folder")
+    p.add_argument("--heldout", default=None, help="held-out shards (default <outputs>/tokens/shapes-heldout)")
+    p.add_argument("--train", default=None, help="training shards (default <outputs>/tokens/shapes-train)")
+    p.add_argument("--k", type=int, nargs="+", default=[0, 1, 2], help="retrieved documents to compare")
+    p.add_argument("--n", type=int, default=500, help="held-out pairs to score")
+    add_run_args(p, protocol="shapes-ppl")
+    args = p.parse_args(argv)
+    if not args.ckpt:
+        p.error("--ckpt is required (a published decoder, e.g. outputs/pretrain)")
+    try:
+        out = check_out(args.out, args.force)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import torch
+
+    from lit_cm3leon.data.shards import TokenShards
+    from lit_cm3leon.engine import Engine
+    from lit_cm3leon.evaluation.perplexity import perplexity_table
+
+    torch.manual_seed(args.seed)
+    outputs = Path(args.outputs)
+    heldout = TokenShards(args.heldout or outputs / "tokens" / "shapes-heldout")
+    train = TokenShards(args.train or outputs / "tokens" / "shapes-train")
+    n = min(args.n, len(heldout))
+    engine = Engine.load(args.ckpt, outputs, retrieval=max(args.k) > 0)
+    captions = [heldout.text(i) for i in range(n)]
+    nll = perplexity_table(engine, captions, heldout.codes[:n], train.codes, args.k)
+    stat = lambda idx: {k.replace("nll", "ppl_image"): float(np.exp(v[idx].mean())) for k, v in nll.items()}  # noqa: E731
+    metrics = stat(np.arange(n))
+    ci95 = bootstrap.bootstrap_ci(n, stat, args.bootstrap, args.seed)
+    header = header_from_args(args, n)
+    record = write_metrics(out, header, metrics, ci95, bootstrap.info(args.bootstrap, args.seed, unit="image"))
+    for k, v in metrics.items():
+        lo, hi = record["ci95"].get(k, [float("nan")] * 2)
+        print(f"{k:20s} {v:8.3f}  [{lo:.3f}, {hi:.3f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
