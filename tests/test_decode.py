@@ -307,3 +307,15 @@ def test_rerank_orders_by_scorer():
     assert calls == ["a red circle"]
     with pytest.raises(ValueError, match="scores"):
         rerank(images, "x", lambda i, t: [1.0])
+
+
+def test_param_dtype_copy_leaves_model_untouched(model):
+    prompts, unc = _prompts(2)
+    kw = dict(strategy="cfg_topp", temperature=0, cfg_scale=2.0, uncond_prompts=unc)
+    base = generate(model, prompts, VOCAB, 8, **kw)
+    assert generate(model, prompts, VOCAB, 8, param_dtype=torch.float32, **kw) == base
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, prompts, VOCAB, 8, param_dtype=torch.bfloat16, **kw)
+    for toks in out:
+        _check_image_output(toks)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

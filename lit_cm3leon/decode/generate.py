@@ -111,7 +111,7 @@ def _left_pad(rows: Sequence[Sequence[int]], pad: int, extra: int, device) -> tu
     return ids.to(device), valid.to(device)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: autocast caches its weight casts only under no_grad
 def generate(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -132,6 +132,7 @@ def generate(
     image_only_prompts: list[list[int]] | None = None,
     image_cfg_scale: float = 1.0,
     use_cache: bool = True,
+    param_dtype: torch.dtype | None = None,
 ) -> list[list[int]]:
     """Generate continuations of ``prompts``; returns the new tokens of each prompt.
 
@@ -152,6 +153,9 @@ def generate(
         image_only_prompts: with ``cfg_topp``, the image-only conditional stream for editing;
             then guidance is ``uncond + image_cfg_scale (img - uncond) + cfg_scale (full - img)``.
         use_cache: False recomputes the whole sequence every step (for checks and benchmarks).
+        param_dtype: run with a copy of the weights in this dtype, made once for the call (the
+            model is not modified). Under CPU autocast this avoids re-casting every weight at
+            every step; costs one extra copy of the weights in memory.
 
     Returns:
         one list of new token ids per prompt, ending with its stop token when it stopped.
@@ -195,9 +199,18 @@ def generate(
     stop_t = torch.tensor(sorted(stops), device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
 
+    forward = model
+    if param_dtype is not None:
+        params = {n: p.to(param_dtype) for n, p in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+
+        def forward(*args, **kwargs):
+            return torch.func.functional_call(model, {**params, **buffers}, args, kwargs)
+
     cache = None
     if use_cache:
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else next(model.parameters()).dtype
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else (param_dtype or next(model.parameters()).dtype)
         cache = KVCache.allocate(config, R, total, device=device, dtype=dtype)
 
     model.eval()
@@ -212,15 +225,15 @@ def generate(
         if cache is not None and step == 0:
             am = attention_mask(valid[:, :L], L) if padded else None
             pos = positions_from_mask(valid[:, :L]) if padded else None
-            logits = model(ids[:, :L], positions=pos, attn_mask=am, cache=cache, last_only=True)
+            logits = forward(ids[:, :L], positions=pos, attn_mask=am, cache=cache, last_only=True)
         elif cache is not None:
             pos = (valid[:, :S].sum(-1, keepdim=True) - 1) if padded else None
             am = valid[:, None, None, :S] if padded else None
-            logits = model(ids[:, S - 1 : S], positions=pos, attn_mask=am, cache=cache)
+            logits = forward(ids[:, S - 1 : S], positions=pos, attn_mask=am, cache=cache)
         else:
             am = attention_mask(valid[:, :S], S) if padded else None
             pos = positions_from_mask(valid[:, :S]) if padded else None
-            logits = model(ids[:, :S], positions=pos, attn_mask=am, last_only=True)
+            logits = forward(ids[:, :S], positions=pos, attn_mask=am, last_only=True)
         logits = mask(logits[:, -1].float(), DecodeState(step))
 
         # --- choose one token per sample, group by group (mixed uses two chains)
