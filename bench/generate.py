@@ -47,7 +47,9 @@ def make_models(seed: int = 0):
         torch.nn.init.normal_(model.lm_head.weight, std=0.02)
     import transformers
 
-    hf = transformers.OPTForCausalLM(transformers.OPTConfig(**opt_config_kwargs(model.config, pad_token_id=VOCAB.pad)))
+    hf = transformers.OPTForCausalLM(
+        transformers.OPTConfig(**opt_config_kwargs(model.config, pad_token_id=VOCAB.pad))
+    )
     hf.load_state_dict(to_opt_state_dict(model), strict=False)
     hf.eval()
     return model, hf
@@ -55,15 +57,31 @@ def make_models(seed: int = 0):
 
 def make_prompts(batch: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    prompts = [[VOCAB.bos, *torch.randint(0, VOCAB.n_text, (PROMPT_TEXT,), generator=g).tolist(), VOCAB.brk] for _ in range(batch)]
+    prompts = [
+        [
+            VOCAB.bos,
+            *torch.randint(0, VOCAB.n_text, (PROMPT_TEXT,), generator=g).tolist(),
+            VOCAB.brk,
+        ]
+        for _ in range(batch)
+    ]
     uncond = [make_uncond_prompt(VOCAB, [VOCAB.bos], [VOCAB.brk]) for _ in range(batch)]
     return prompts, uncond
 
 
 def run_ours(model, prompts, uncond, use_cache: bool, param_dtype=None) -> int:
     out = generate(
-        model, prompts, VOCAB, VOCAB.image_tokens + 1, strategy="cfg_topp", cfg_scale=CFG_SCALE,
-        top_p=TOP_P, uncond_prompts=uncond, mode="image", seed=0, use_cache=use_cache,
+        model,
+        prompts,
+        VOCAB,
+        VOCAB.image_tokens + 1,
+        strategy="cfg_topp",
+        cfg_scale=CFG_SCALE,
+        top_p=TOP_P,
+        uncond_prompts=uncond,
+        mode="image",
+        seed=0,
+        use_cache=use_cache,
         param_dtype=param_dtype,
     )
     n = sum(sum(VOCAB.is_image(t) for t in o) for o in out)
@@ -77,10 +95,19 @@ def run_hf(hf, prompts, uncond) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = hf.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), negative_prompt_ids=neg,
-            negative_prompt_attention_mask=torch.ones_like(neg), guidance_scale=CFG_SCALE,
-            do_sample=True, top_p=TOP_P, top_k=0, temperature=1.0, max_new_tokens=new,
-            min_new_tokens=new, pad_token_id=VOCAB.pad, eos_token_id=VOCAB.eos,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            negative_prompt_ids=neg,
+            negative_prompt_attention_mask=torch.ones_like(neg),
+            guidance_scale=CFG_SCALE,
+            do_sample=True,
+            top_p=TOP_P,
+            top_k=0,
+            temperature=1.0,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=VOCAB.pad,
+            eos_token_id=VOCAB.eos,
         )
     assert out.shape[1] - ids.shape[1] == new
     return len(prompts) * VOCAB.image_tokens  # image tokens of the same work
@@ -106,7 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     model, hf = make_models()
     rows = []
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # no_grad: autocast caches weight casts
+    with (
+        torch.no_grad(),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):  # no_grad: autocast caches weight casts
         for b in args.batches:
             prompts, uncond = make_prompts(b)
             row = {"batch": b}
@@ -145,7 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(result, indent=1))
     has_nc = not args.no_nocache
-    print("\n| batch | ours tok/s | ours, bf16 weight copy | ours no-cache | HF OPT generate | ours / HF | ours bf16w / HF | ours / no-cache |")
+    print(
+        "\n| batch | ours tok/s | ours, bf16 weight copy | ours no-cache | HF OPT generate | ours / HF | ours bf16w / HF | ours / no-cache |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         nc = r.get("ours_nocache_tok_s", "-") if has_nc else "-"
