@@ -192,7 +192,15 @@ def _check_image_output(tokens):
 @pytest.mark.parametrize("strategy", ["temperature", "topp", "cfg_topp", "cdk", "mixed"])
 def test_generate_image_mode_and_same_seed_same_tokens(model, strategy):
     prompts, unc = _prompts(4)
-    kw = dict(strategy=strategy, cfg_scale=3.0, top_p=0.9, temperature=1.0, cdk_alpha=0.1, cdk_k=3, uncond_prompts=unc)
+    kw = dict(
+        strategy=strategy,
+        cfg_scale=3.0,
+        top_p=0.9,
+        temperature=1.0,
+        cdk_alpha=0.1,
+        cdk_k=3,
+        uncond_prompts=unc,
+    )
     a = generate(model, prompts, VOCAB, 20, seed=7, **kw)
     b = generate(model, prompts, VOCAB, 20, seed=7, **kw)
     c = generate(model, prompts, VOCAB, 20, seed=8, **kw)
@@ -225,22 +233,60 @@ def test_incremental_decoding_equals_full_recomputation_with_padding(model):
         assert cached == full
     # sampling too (same generator draws)
     kw = dict(strategy="cfg_topp", cfg_scale=2.0, top_p=0.95, uncond_prompts=unc, seed=3)
-    assert generate(model, prompts, VOCAB, 12, **kw) == generate(model, prompts, VOCAB, 12, use_cache=False, **kw)
+    assert generate(model, prompts, VOCAB, 12, **kw) == generate(
+        model, prompts, VOCAB, 12, use_cache=False, **kw
+    )
 
 
 def test_padding_does_not_change_a_sample(model):
     prompts, unc = _prompts(4)
-    alone = generate(model, prompts[:1], VOCAB, 8, strategy="cfg_topp", temperature=0, cfg_scale=2.0, uncond_prompts=unc[:1])
-    batch = generate(model, prompts, VOCAB, 8, strategy="cfg_topp", temperature=0, cfg_scale=2.0, uncond_prompts=unc)
+    alone = generate(
+        model,
+        prompts[:1],
+        VOCAB,
+        8,
+        strategy="cfg_topp",
+        temperature=0,
+        cfg_scale=2.0,
+        uncond_prompts=unc[:1],
+    )
+    batch = generate(
+        model,
+        prompts,
+        VOCAB,
+        8,
+        strategy="cfg_topp",
+        temperature=0,
+        cfg_scale=2.0,
+        uncond_prompts=unc,
+    )
     assert alone[0] == batch[0]
 
 
 def test_cfg_scale_one_equals_unguided_greedy(model):
     prompts, unc = _prompts(3)
     plain = generate(model, prompts, VOCAB, 8, strategy="topp", temperature=0)
-    guided = generate(model, prompts, VOCAB, 8, strategy="cfg_topp", temperature=0, cfg_scale=1.0, uncond_prompts=unc)
+    guided = generate(
+        model,
+        prompts,
+        VOCAB,
+        8,
+        strategy="cfg_topp",
+        temperature=0,
+        cfg_scale=1.0,
+        uncond_prompts=unc,
+    )
     uncond_only = generate(model, unc, VOCAB, 8, strategy="topp", temperature=0)
-    zero = generate(model, prompts, VOCAB, 8, strategy="cfg_topp", temperature=0, cfg_scale=0.0, uncond_prompts=unc)
+    zero = generate(
+        model,
+        prompts,
+        VOCAB,
+        8,
+        strategy="cfg_topp",
+        temperature=0,
+        cfg_scale=0.0,
+        uncond_prompts=unc,
+    )
     assert plain == guided
     assert zero == uncond_only
 
@@ -263,7 +309,9 @@ def test_text_mode_stops_at_eos_and_holds_no_image(model):
     for toks in out:
         assert all(not v.is_image(t) and t != v.brk for t in toks)
         assert v.eos not in toks[:-1]
-    with_stop = generate(model, prompts, v, 30, strategy="temperature", mode="text", seed=0, stop_ids=[3])
+    with_stop = generate(
+        model, prompts, v, 30, strategy="temperature", mode="text", seed=0, stop_ids=[3]
+    )
     for toks, full in zip(with_stop, out, strict=True):
         assert 3 not in toks[:-1] and len(toks) <= len(full)
 
@@ -307,3 +355,15 @@ def test_rerank_orders_by_scorer():
     assert calls == ["a red circle"]
     with pytest.raises(ValueError, match="scores"):
         rerank(images, "x", lambda i, t: [1.0])
+
+
+def test_param_dtype_copy_leaves_model_untouched(model):
+    prompts, unc = _prompts(2)
+    kw = dict(strategy="cfg_topp", temperature=0, cfg_scale=2.0, uncond_prompts=unc)
+    base = generate(model, prompts, VOCAB, 8, **kw)
+    assert generate(model, prompts, VOCAB, 8, param_dtype=torch.float32, **kw) == base
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, prompts, VOCAB, 8, param_dtype=torch.bfloat16, **kw)
+    for toks in out:
+        _check_image_output(toks)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

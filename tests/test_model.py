@@ -121,7 +121,9 @@ def test_kv_cache_prefill_and_steps_equal_full_forward_with_padding():
     full = model(ids, positions_from_mask(valid), attention_mask(valid, T))
 
     cache = KVCache.allocate(model.config, B, T)
-    pre = model(ids[:, :L], positions_from_mask(valid[:, :L]), attention_mask(valid[:, :L], L), cache=cache)
+    pre = model(
+        ids[:, :L], positions_from_mask(valid[:, :L]), attention_mask(valid[:, :L], L), cache=cache
+    )
     steps = [pre]
     for t in range(L, T):
         pos = valid[:, : t + 1].sum(-1, keepdim=True) - 1
@@ -192,7 +194,9 @@ def test_fsdp_policy_wraps_blocks():
     assert fsdp_auto_wrap_policy() == {Block}
     kw = fsdp_strategy_kwargs(ModelConfig.preset("debug", activation_checkpointing=True))
     assert kw == {"auto_wrap_policy": {Block}, "activation_checkpointing_policy": {Block}}
-    assert "activation_checkpointing_policy" not in fsdp_strategy_kwargs({"activation_checkpointing": False})
+    assert "activation_checkpointing_policy" not in fsdp_strategy_kwargs(
+        {"activation_checkpointing": False}
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -218,7 +222,9 @@ def test_parity_with_transformers_opt():
     from lit_cm3leon.model.interop import opt_config_kwargs, to_opt_state_dict
 
     model = _model(4)
-    hf = transformers.OPTForCausalLM(transformers.OPTConfig(**opt_config_kwargs(model.config, pad_token_id=0)))
+    hf = transformers.OPTForCausalLM(
+        transformers.OPTConfig(**opt_config_kwargs(model.config, pad_token_id=0))
+    )
     missing, unexpected = hf.load_state_dict(to_opt_state_dict(model), strict=False)
     assert not unexpected and not [k for k in missing if "layer_norm" not in k]
     hf.eval()

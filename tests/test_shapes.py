@@ -338,6 +338,22 @@ def test_parser_recovers_heldout_scenes(world):
     assert noisy >= 291
 
 
+def test_parser_is_robust_but_not_credulous(world):
+    rng = np.random.default_rng(1)
+    hits = 0
+    for i in range(100):  # a heavier blur (sigma 1.4), or a mild one with a colour cast
+        scene = world.scene("heldout", i)
+        img = world.render(scene)
+        hits += parse_scene(degrade(img, rng, blur="gauss1.4"), world) == scene
+        cast = degrade(img, rng, blur="binomial", color_shift=25.0, noise_std=10.0)
+        hits += parse_scene(cast, world) == scene
+    assert hits >= 194
+    for bg in ("black", "white", "gray"):  # noise alone is no shape
+        for _ in range(10):
+            img = degrade(world.render(Scene(bg, ())), rng, noise_std=25.0)
+            assert parse_scene(img, world) == Scene(bg, ())
+
+
 def test_parser_accepts_chw_float():
     w = ShapesWorld()
     s = w.sample("train", 5)

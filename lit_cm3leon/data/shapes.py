@@ -349,6 +349,8 @@ class ShapesWorld:
                 return scene
 
     def sample(self, split: str, index: int) -> ShapesSample:
+        """The index-th sample of a split ("train" or "heldout"); same (seed, split, index),
+        same sample."""
         scene = self.scene(split, index)
         return ShapesSample(self, split, index, scene, self.render(scene))
 
@@ -361,9 +363,8 @@ class ShapesWorld:
         for shape in scene.shapes:
             side = self.side[shape.size]
             x, y = self.shape_origin(shape)
-            img[y : y + side, x : x + side][self.stencils[(shape.kind, shape.size)]] = self._rgb[
-                shape.color
-            ]
+            mask = self.stencils[(shape.kind, shape.size)]
+            img[y : y + side, x : x + side][mask] = self._rgb[shape.color]
         return img
 
     def segmentation(self, scene: Scene) -> np.ndarray:

@@ -50,18 +50,33 @@ _MIN_PAL_DIST = min(
 COLOR_TOLERANCE = 0.6 * _MIN_PAL_DIST
 _SHIFT_PENALTY = 0.05  # squared-error units per pixel of shift: prefer the exact grid position
 MIN_GAIN = 0.5  # a cell holds a shape only if its best template fits with at least half contrast
+MIN_CONTRAST = 0.25  # cells whose pixels all stay this close to the background are empty
 _TABLES: dict[tuple[int, int], tuple] = {}
 
 
-def _blur1(a: np.ndarray, kernel: tuple[float, ...]) -> np.ndarray:
-    """Separable 3-tap blur of a 2-D array, zero outside."""
-    k0, k1, k2 = kernel
-    p = np.pad(a, 1)
-    a = k0 * p[:-2, :] + k1 * p[1:-1, :] + k2 * p[2:, :]
-    return k0 * a[:, :-2] + k1 * a[:, 1:-1] + k2 * a[:, 2:]
+def _gauss(sigma: float, radius: int) -> tuple[float, ...]:
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    return tuple(float(v) for v in k / k.sum())
 
 
-BLUR_KERNELS = {"binomial": (0.25, 0.5, 0.25), "box": (1 / 3, 1 / 3, 1 / 3)}
+# Blurs the parser expects (templates are made at each) and `degrade` can apply.
+BLUR_KERNELS: dict[str, tuple[float, ...]] = {
+    "binomial": (0.25, 0.5, 0.25),  # the mildest 1 px blur
+    "box": (1 / 3, 1 / 3, 1 / 3),
+    "gauss1.0": _gauss(1.0, 2),
+    "gauss1.4": _gauss(1.4, 2),
+}
+_BLUR_RADIUS = 2
+
+
+def _blur(a: np.ndarray, kernel: tuple[float, ...], mode: str = "constant") -> np.ndarray:
+    """Separable blur over the first two axes (zero outside, or `mode='edge'`)."""
+    r = len(kernel) // 2
+    pad = ((r, r), (r, r)) + ((0, 0),) * (a.ndim - 2)
+    p = np.pad(a, pad, mode=mode)
+    h, w = a.shape[:2]
+    rows = sum(k * p[i : i + h] for i, k in enumerate(kernel))
+    return sum(k * rows[:, i : i + w] for i, k in enumerate(kernel))
 
 
 def _tables(world: ShapesWorld):
@@ -70,6 +85,7 @@ def _tables(world: ShapesWorld):
     if key in _TABLES:
         return _TABLES[key]
     cs = world.cell_size
+    b = 1 + _BLUR_RADIUS  # canvas border: room for a 1 px shift and the blur
     templates, labels, penalty = [], [], []
     for kind in KINDS:
         for size in SIZES:
@@ -77,12 +93,12 @@ def _tables(world: ShapesWorld):
             side = stencil.shape[0]
             off = (cs - side) // 2
             for dy, dx in itertools.product((-1, 0, 1), repeat=2):
-                canvas = np.zeros((cs + 4, cs + 4), np.float32)  # 2 px border for shift + blur
-                y, x = off + dy + 2, off + dx + 2
+                canvas = np.zeros((cs + 2 * b, cs + 2 * b), np.float32)
+                y, x = off + dy + b, off + dx + b
                 canvas[y : y + side, x : x + side] = stencil
                 for blur in (None, *BLUR_KERNELS.values()):
-                    t = canvas if blur is None else _blur1(canvas, blur)
-                    templates.append(t[2:-2, 2:-2].ravel())
+                    t = canvas if blur is None else _blur(canvas, blur)
+                    templates.append(t[b:-b, b:-b].ravel())
                     labels.append((kind, size))
                     penalty.append(_SHIFT_PENALTY * (abs(dy) + abs(dx)))
     t = np.stack(templates)
@@ -133,16 +149,31 @@ def parse_scene(
         d2 = ((img[:, :, None, :] - cast - _PAL[None, None]) ** 2).sum(-1)
         lab = d2.argmin(-1)
         close = d2.min(-1) < COLOR_TOLERANCE**2
+    # Shape colours as they should look under that cast, and their contrast with the background.
+    shape_rgb = _PAL[:_N_SHAPE_COLORS] + cast
+    contrast = shape_rgb - bg_obs  # [C, 3]
+    dev = np.linalg.norm(img - bg_obs, axis=-1)
+    min_dev = MIN_CONTRAST * float(np.linalg.norm(contrast, axis=1).min())
     shapes = []
     for r in range(world.grid):
         for c in range(world.grid):
             x0, y0, x1, y1 = world.cell_box(r, c)
-            cl, ok = lab[y0:y1, x0:x1], close[y0:y1, x0:x1] & (lab[y0:y1, x0:x1] < _N_SHAPE_COLORS)
-            if not ok.any():
+            cell_dev = dev[y0:y1, x0:x1].ravel()
+            if cell_dev.max() < min_dev:
                 continue
-            color = int(np.bincount(cl[ok], minlength=_N_SHAPE_COLORS).argmax())
             cell = img[y0:y1, x0:x1].reshape(-1, 3)
-            c_obs = cell[(ok & (cl == color)).ravel()].mean(0)
+            cl = lab[y0:y1, x0:x1].ravel()
+            ok = close[y0:y1, x0:x1].ravel() & (cl < _N_SHAPE_COLORS)
+            if ok.any():  # pure pixels: a majority vote among them
+                color = int(np.bincount(cl[ok], minlength=_N_SHAPE_COLORS).argmax())
+                c_obs = cell[ok & (cl == color)].mean(0)
+            else:  # all mixed with the background (blur): the colour whose bg->colour line
+                # best explains the most contrasted pixels
+                core = cell[cell_dev >= 0.6 * cell_dev.max()] - bg_obs  # [N, 3]
+                a = np.clip(core @ contrast.T / (contrast**2).sum(1), 0.0, 1.0)  # [N, C]
+                resid = ((core[:, None, :] - a[..., None] * contrast[None]) ** 2).sum((0, 2))
+                color = int(resid.argmin())
+                c_obs = shape_rgb[color]
             direction = c_obs - bg_obs
             alpha = (cell - bg_obs) @ direction / max(float(direction @ direction), 1e-6)
             # Squared error after the best gain g = t.a / t.t per template (so a mis-estimated
@@ -165,14 +196,11 @@ def degrade(
     blur: str | None = None,
     color_shift: float = 0.0,
 ) -> np.ndarray:
-    """Mimic a lossy reconstruction: 1 px blur ("binomial" or "box"), a random per-channel
+    """Mimic a lossy reconstruction: a blur (a name of BLUR_KERNELS), a random per-channel
     colour shift in [-color_shift, color_shift], and Gaussian noise. Returns uint8."""
     a = image.astype(np.float32)
     if blur is not None:
-        k = BLUR_KERNELS[blur]
-        p = np.pad(a, ((1, 1), (1, 1), (0, 0)), mode="edge")
-        a = k[0] * p[:-2] + k[1] * p[1:-1] + k[2] * p[2:]
-        a = k[0] * a[:, :-2] + k[1] * a[:, 1:-1] + k[2] * a[:, 2:]
+        a = _blur(a, BLUR_KERNELS[blur], mode="edge")
     if color_shift:
         a = a + rng.uniform(-color_shift, color_shift, size=3).astype(np.float32)
     if noise_std:
@@ -312,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         "noise std 10": {"noise_std": 10.0},
         "blur 1px (binomial)": {"blur": "binomial"},
         "blur 1px (box)": {"blur": "box"},
+        "blur gauss sigma 1.4": {"blur": "gauss1.4"},
         "noise 10 + blur": {"noise_std": 10.0, "blur": "binomial"},
+        "noise 10 + gauss 1.0": {"noise_std": 10.0, "blur": "gauss1.0"},
         "shift 25 + noise 10 + blur": {"noise_std": 10.0, "blur": "binomial", "color_shift": 25.0},
     }
     print(f"parser accuracy on {args.n_parse} held-out images:")

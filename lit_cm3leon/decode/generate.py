@@ -50,7 +50,9 @@ STRATEGIES = ("temperature", "topp", "cfg_topp", "cdk", "mixed")
 GUIDED = ("cfg_topp", "cdk", "mixed")
 
 
-def make_uncond_prompt(vocab: Vocab, retrieved_ids: Sequence[int], trailing_ids: Sequence[int]) -> list[int]:
+def make_uncond_prompt(
+    vocab: Vocab, retrieved_ids: Sequence[int], trailing_ids: Sequence[int]
+) -> list[int]:
     """The unconditional stream of a prompt: retrieved documents kept, the prompt's text
     replaced by a single ``<mask:0>``, then the prompt's trailing ids (e.g. ``[<break>]`` that
     opens the image to generate).
@@ -91,7 +93,11 @@ def build_chain(
     if strategy == "topp":
         return Chain([TopK(top_k), Temperature(temperature), TopP(top_p)])
     if strategy == "cfg_topp":
-        guide = ClassifierFreeGuidance(cfg_scale) if image_cfg_scale is None else EditGuidance(image_cfg_scale, cfg_scale)
+        guide = (
+            ClassifierFreeGuidance(cfg_scale)
+            if image_cfg_scale is None
+            else EditGuidance(image_cfg_scale, cfg_scale)
+        )
         return Chain([guide, TopK(top_k), Temperature(temperature), TopP(top_p)])
     if strategy == "cdk":
         return Chain([ContrastiveTopK(cdk_alpha, cdk_k), Temperature(temperature)])
@@ -105,13 +111,15 @@ def _left_pad(rows: Sequence[Sequence[int]], pad: int, extra: int, device) -> tu
     valid = torch.zeros((len(rows), L + extra), dtype=torch.bool)
     for i, r in enumerate(rows):
         if len(r) == 0:
-            raise ValueError(f"prompt {i} is empty; every stream needs at least one token (e.g. <bos>)")
+            raise ValueError(
+                f"prompt {i} is empty; every stream needs at least one token (e.g. <bos>)"
+            )
         ids[i, L - len(r) : L] = torch.tensor(list(r), dtype=torch.long)
         valid[i, L - len(r) : L] = True
     return ids.to(device), valid.to(device)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: autocast caches its weight casts only under no_grad
 def generate(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -132,6 +140,7 @@ def generate(
     image_only_prompts: list[list[int]] | None = None,
     image_cfg_scale: float = 1.0,
     use_cache: bool = True,
+    param_dtype: torch.dtype | None = None,
 ) -> list[list[int]]:
     """Generate continuations of ``prompts``; returns the new tokens of each prompt.
 
@@ -152,6 +161,9 @@ def generate(
         image_only_prompts: with ``cfg_topp``, the image-only conditional stream for editing;
             then guidance is ``uncond + image_cfg_scale (img - uncond) + cfg_scale (full - img)``.
         use_cache: False recomputes the whole sequence every step (for checks and benchmarks).
+        param_dtype: run with a copy of the weights in this dtype, made once for the call (the
+            model is not modified). Under CPU autocast this avoids re-casting every weight at
+            every step; costs one extra copy of the weights in memory.
 
     Returns:
         one list of new token ids per prompt, ending with its stop token when it stopped.
@@ -163,14 +175,25 @@ def generate(
     streams = [prompts]
     if strategy in GUIDED:
         if uncond_prompts is None or len(uncond_prompts) != N:
-            raise ValueError(f"strategy {strategy!r} needs one uncond prompt per prompt (make_uncond_prompt)")
+            raise ValueError(
+                f"strategy {strategy!r} needs one uncond prompt per prompt (make_uncond_prompt)"
+            )
         if image_only_prompts is not None:
             if strategy != "cfg_topp" or len(image_only_prompts) != N:
-                raise ValueError("image_only_prompts (edit guidance) need strategy 'cfg_topp' and one per prompt")
+                raise ValueError(
+                    "image_only_prompts (edit guidance) need strategy 'cfg_topp' and one per prompt"
+                )
             streams.append(image_only_prompts)
         streams.append(uncond_prompts)
     n_streams = len(streams)
-    knobs = dict(cfg_scale=cfg_scale, temperature=temperature, top_p=top_p, top_k=top_k, cdk_alpha=cdk_alpha, cdk_k=cdk_k)
+    knobs = dict(
+        cfg_scale=cfg_scale,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        cdk_alpha=cdk_alpha,
+        cdk_k=cdk_k,
+    )
     if image_only_prompts is not None:
         knobs["image_cfg_scale"] = image_cfg_scale
     groups: list[tuple[Tensor, Chain]] = []
@@ -186,7 +209,9 @@ def generate(
     R, total = ids.shape
     L = total - max_new_tokens
     if total > config.max_seq_len:
-        raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceed max_seq_len={config.max_seq_len}")
+        raise ValueError(
+            f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceed max_seq_len={config.max_seq_len}"
+        )
     padded = not bool(valid[:, :L].all())
 
     mask = ModalityMask(vocab, mode)
@@ -195,16 +220,31 @@ def generate(
     stop_t = torch.tensor(sorted(stops), device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
 
+    forward = model
+    if param_dtype is not None:
+        params = {n: p.to(param_dtype) for n, p in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+
+        def forward(*args, **kwargs):
+            return torch.func.functional_call(model, {**params, **buffers}, args, kwargs)
+
     cache = None
     if use_cache:
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else next(model.parameters()).dtype
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = (
+            torch.get_autocast_dtype(device.type)
+            if autocast
+            else (param_dtype or next(model.parameters()).dtype)
+        )
         cache = KVCache.allocate(config, R, total, device=device, dtype=dtype)
 
     model.eval()
     out = torch.full((N, max_new_tokens), vocab.pad, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     lengths = torch.full((N,), max_new_tokens, dtype=torch.long, device=device)
-    row_index = [torch.cat([rows + s * N for s in range(n_streams)]).to(device) for rows, _ in groups]
+    row_index = [
+        torch.cat([rows + s * N for s in range(n_streams)]).to(device) for rows, _ in groups
+    ]
 
     S = L  # filled positions
     for step in range(max_new_tokens):
@@ -212,15 +252,15 @@ def generate(
         if cache is not None and step == 0:
             am = attention_mask(valid[:, :L], L) if padded else None
             pos = positions_from_mask(valid[:, :L]) if padded else None
-            logits = model(ids[:, :L], positions=pos, attn_mask=am, cache=cache, last_only=True)
+            logits = forward(ids[:, :L], positions=pos, attn_mask=am, cache=cache, last_only=True)
         elif cache is not None:
             pos = (valid[:, :S].sum(-1, keepdim=True) - 1) if padded else None
             am = valid[:, None, None, :S] if padded else None
-            logits = model(ids[:, S - 1 : S], positions=pos, attn_mask=am, cache=cache)
+            logits = forward(ids[:, S - 1 : S], positions=pos, attn_mask=am, cache=cache)
         else:
             am = attention_mask(valid[:, :S], S) if padded else None
             pos = positions_from_mask(valid[:, :S]) if padded else None
-            logits = model(ids[:, :S], positions=pos, attn_mask=am, last_only=True)
+            logits = forward(ids[:, :S], positions=pos, attn_mask=am, last_only=True)
         logits = mask(logits[:, -1].float(), DecodeState(step))
 
         # --- choose one token per sample, group by group (mixed uses two chains)

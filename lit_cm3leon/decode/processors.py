@@ -290,7 +290,9 @@ class ModalityMask:
         allowed = self.allowed()
         reps = logits.shape[0] // allowed.shape[0]
         if reps * allowed.shape[0] != logits.shape[0]:
-            raise ValueError(f"{logits.shape[0]} rows are not a multiple of {allowed.shape[0]} masked rows")
+            raise ValueError(
+                f"{logits.shape[0]} rows are not a multiple of {allowed.shape[0]} masked rows"
+            )
         if reps > 1:
             allowed = allowed.repeat(reps, 1)
         return logits.masked_fill(~allowed, NEG_INF)
@@ -304,7 +306,9 @@ class ModalityMask:
 # ---------------------------------------------------------------------------------------------
 
 
-def sample(logits: Tensor, generator: torch.Generator | None = None, greedy: bool = False) -> Tensor:
+def sample(
+    logits: Tensor, generator: torch.Generator | None = None, greedy: bool = False
+) -> Tensor:
     """One token per row [B] from processed logits [B, V]: argmax if greedy, else softmax draw."""
     if greedy:
         return logits.argmax(-1)

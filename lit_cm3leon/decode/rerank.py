@@ -21,7 +21,9 @@ def rerank(candidate_images: Sequence[Any], prompt_text: str, scorer: Scorer) ->
         raise ValueError("rerank needs at least one candidate image")
     scores = torch.as_tensor(scorer(candidate_images, prompt_text), dtype=torch.float64).flatten()
     if scores.numel() != len(candidate_images):
-        raise ValueError(f"scorer returned {scores.numel()} scores for {len(candidate_images)} images")
+        raise ValueError(
+            f"scorer returned {scores.numel()} scores for {len(candidate_images)} images"
+        )
     if torch.isnan(scores).any():
         raise ValueError("scorer returned NaN scores")
     return torch.sort(-scores, stable=True).indices.tolist()

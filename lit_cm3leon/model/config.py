@@ -67,7 +67,11 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """All parameters: blocks + token embedding + lm head (untied) + positions."""
-        return self.block_params() + 2 * self.vocab_size * self.d_model + self.max_seq_len * self.d_model
+        return (
+            self.block_params()
+            + 2 * self.vocab_size * self.d_model
+            + self.max_seq_len * self.d_model
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -47,7 +47,9 @@ def to_opt_state_dict(model: CM3LeonTransformer) -> dict[str, torch.Tensor]:
     pos = model.pos_emb.weight
     sd = {
         "model.decoder.embed_tokens.weight": model.tok_emb.weight.clone(),
-        "model.decoder.embed_positions.weight": torch.cat([pos.new_zeros(OPT_POSITION_OFFSET, d), pos]),
+        "model.decoder.embed_positions.weight": torch.cat(
+            [pos.new_zeros(OPT_POSITION_OFFSET, d), pos]
+        ),
         "lm_head.weight": model.lm_head.weight.clone(),
     }
     for i, block in enumerate(model.blocks):

@@ -83,7 +83,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ) -> KVCache:
         if max_len > config.max_seq_len:
-            raise ValueError(f"cache of {max_len} positions exceeds max_seq_len={config.max_seq_len}")
+            raise ValueError(
+                f"cache of {max_len} positions exceeds max_seq_len={config.max_seq_len}"
+            )
         shape = (batch_size, config.n_head, max_len, config.head_dim)
         k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
@@ -111,7 +113,9 @@ class KVCache:
 
     def index_select(self, index: Tensor) -> KVCache:
         """A cache holding rows ``index`` (a 1-D LongTensor of batch rows; repeats allowed)."""
-        out = KVCache([k.index_select(0, index) for k in self.k], [v.index_select(0, index) for v in self.v])
+        out = KVCache(
+            [k.index_select(0, index) for k in self.k], [v.index_select(0, index) for v in self.v]
+        )
         out.length = self.length
         return out
 
@@ -162,12 +166,18 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.ln_eps, elementwise_affine=False, bias=False)
+        self.ln_1 = nn.LayerNorm(
+            config.d_model, eps=config.ln_eps, elementwise_affine=False, bias=False
+        )
         self.attn = Attention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.ln_eps, elementwise_affine=False, bias=False)
+        self.ln_2 = nn.LayerNorm(
+            config.d_model, eps=config.ln_eps, elementwise_affine=False, bias=False
+        )
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -178,13 +188,17 @@ class CM3LeonTransformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.vocab_size <= 0:
-            raise ValueError("ModelConfig.vocab_size must be set (use Vocab.size) before building the model")
+            raise ValueError(
+                "ModelConfig.vocab_size must be set (use Vocab.size) before building the model"
+            )
         self.config = config
         self.activation_checkpointing = config.activation_checkpointing
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model, eps=config.ln_eps, elementwise_affine=False, bias=False)
+        self.ln_f = nn.LayerNorm(
+            config.d_model, eps=config.ln_eps, elementwise_affine=False, bias=False
+        )
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
 
@@ -226,7 +240,9 @@ class CM3LeonTransformer(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
         if past + T > self.config.max_seq_len and cache is None:
-            raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}"
+            )
         x = self.tok_emb(idx) + self.pos_emb(positions)  # [B, T, C]
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
@@ -244,7 +260,9 @@ class CM3LeonTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(config: ModelConfig, device: torch.device | str | None = None) -> CM3LeonTransformer:
+def build_model(
+    config: ModelConfig, device: torch.device | str | None = None
+) -> CM3LeonTransformer:
     """Construct on ``device`` (``"meta"`` builds without memory, e.g. to count parameters)."""
     if device is None:
         return CM3LeonTransformer(config)
