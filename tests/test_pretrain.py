@@ -32,7 +32,7 @@ def overrides(steps: int) -> list[str]:
         "data.val_retrieve_k=0", "data.seq_len=64", "data.image_tokens=16", "data.batch_size=4",
         f"trainer.max_steps={steps}", "trainer.val_check_interval=10", "trainer.limit_val_batches=2",
         "trainer.precision=32-true", "logger=csv", "module.warmup_steps=5", "module.lr=3e-3",
-        "callbacks.model_checkpoint.every_n_train_steps=10",
+        "callbacks.model_checkpoint.every_n_train_steps=10", "~callbacks.sample_grid", "requires=[]",
     ]
 
 
