@@ -60,10 +60,10 @@ def write_manifest(out_dir: str | Path, stage: str, cfg: Any = None, metrics: di
 
 
 def read_manifest(out_dir: str | Path) -> dict | None:
-    """The manifest of a finished artifact, or None when absent, partial or unreadable."""
+    """The manifest of a finished artifact, or None when absent, unreadable or marked incomplete."""
     path = Path(out_dir) / MANIFEST
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return record if record.get("complete") else None
+    return record if record.get("complete", True) else None
