@@ -90,6 +90,7 @@ def iter_wds_samples(shards: list[str | Path], counts: dict[str, int] | None = N
                     group[ext.lower()] = f.read() if f is not None else b""
         except (tarfile.TarError, OSError, EOFError):
             counts["truncated_shards"] = counts.get("truncated_shards", 0) + 1
+            group = {}  # the sample being read when the tar broke is incomplete: dropped
         if group:
             yield key, group, str(shard)
 

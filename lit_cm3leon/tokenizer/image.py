@@ -163,7 +163,7 @@ class ImageTokenizer:
         if isinstance(images, Image.Image):
             return self._pil_to_tensor(images)[None]
         if isinstance(images, np.ndarray):
-            images = torch.from_numpy(np.ascontiguousarray(images))
+            images = torch.from_numpy(np.array(images, copy=not images.flags.writeable or not images.flags.c_contiguous))
         if isinstance(images, torch.Tensor):
             if images.dtype == torch.uint8:
                 return self._uint8_to_tensor(images)
