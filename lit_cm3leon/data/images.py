@@ -210,8 +210,8 @@ class ImageDataModule(L.LightningDataModule):
             from lit_cm3leon.data.shapes import ShapesImageDataset, ShapesWorld
 
             self.world = ShapesWorld(**{"image_size": self.size, **self.world_kwargs})
-            self.train_ds = _Take(ShapesImageDataset(self.world, "train", self.size), self.train_count)
-            self.val_ds = _Take(ShapesImageDataset(self.world, "heldout", self.size), self.val_count)
+            self.train_ds = ShapesImageDataset(self.world, "train", self.train_count)
+            self.val_ds = ShapesImageDataset(self.world, "heldout", self.val_count)
         elif self.source == "folder" and self.train_ds is None:
             paths = list_images(self.root)
             if not paths:

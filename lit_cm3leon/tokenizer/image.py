@@ -234,6 +234,4 @@ def load_image_tokenizer(
                 "lit_cm3leon tokenizer folder, a taming .ckpt or a Chameleon VQ-VAE folder"
             )
         model, info = checkpoints.load_any(p, resolution=resolution)
-        if "manifest" in info and "preset" in info["manifest"]:
-            info["preset"] = info["manifest"]["preset"]
     return ImageTokenizer(model.to(device), info, max_image_pixels)

@@ -77,6 +77,7 @@ class VQGANModule(L.LightningModule):
         gan_start: int = 2000,
         gan_weight: float = 0.1,
         disc_lr: float | None = None,
+        grad_clip: float | None = 1.0,
         bf16: bool = True,
         grid_images: int = 16,
         parser_images: int = 200,
@@ -146,6 +147,8 @@ class VQGANModule(L.LightningModule):
             self.log("train/g_loss", g_loss)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt_g.step()
         sch = self.lr_schedulers()
         (sch[0] if isinstance(sch, list) else sch).step()
