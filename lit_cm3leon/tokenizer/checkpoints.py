@@ -327,7 +327,8 @@ def save_folder(model: VQGAN, out_dir: str | Path, manifest: dict | None = None)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_dict()
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save({"format": FORMAT, "config": cfg, "state_dict": sd}, out / "model.pt")
+    meta = json.loads(json.dumps(manifest or {}, default=str))  # plain containers only
+    torch.save({"format": FORMAT, "config": cfg, "state_dict": sd, "meta": meta}, out / "model.pt")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     man = {"format": FORMAT, "hash": state_hash(model), "h": model.config.latent_size,
            "w": model.config.latent_size, "n_codes": model.config.n_embed,
@@ -344,8 +345,8 @@ def load_ours(path: str | Path) -> tuple[VQGAN, dict]:
         raise CheckpointError(f"{f}: not a {FORMAT} checkpoint (expected keys format/config/state_dict)")
     model = VQGAN(VQGANConfig.from_dict(obj["config"]))
     model.load_state_dict(obj["state_dict"])
-    info: dict = {"source": "lit_cm3leon"}
-    man = f.parent / "manifest.json"
+    info: dict = {"source": "lit_cm3leon", **obj.get("meta", {})}  # preset, metrics (the training run's)
+    man = f.parent / "manifest.json"  # may have been rewritten by the fit entry point: kept as is
     if man.is_file():
         info["manifest"] = json.loads(man.read_text())
     return model.eval(), info

@@ -163,7 +163,7 @@ class ImageTokenizer:
         if isinstance(images, Image.Image):
             return self._pil_to_tensor(images)[None]
         if isinstance(images, np.ndarray):
-            images = torch.from_numpy(np.ascontiguousarray(images))
+            images = torch.from_numpy(np.array(images, copy=not images.flags.writeable or not images.flags.c_contiguous))
         if isinstance(images, torch.Tensor):
             if images.dtype == torch.uint8:
                 return self._uint8_to_tensor(images)
@@ -234,6 +234,4 @@ def load_image_tokenizer(
                 "lit_cm3leon tokenizer folder, a taming .ckpt or a Chameleon VQ-VAE folder"
             )
         model, info = checkpoints.load_any(p, resolution=resolution)
-        if "manifest" in info and "preset" in info["manifest"]:
-            info["preset"] = info["manifest"]["preset"]
     return ImageTokenizer(model.to(device), info, max_image_pixels)
