@@ -8,6 +8,7 @@ samples, each tagged with a group id of equal ``scene.attributes()`` for attribu
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 
 import lightning as L
@@ -21,13 +22,15 @@ CAPTIONS = ("short", "long", "both")
 
 
 def make_world(world):
-    """A world object (anything with ``sample(split, i)``) or kwargs for ``ShapesWorld``."""
+    """A world object (anything with ``sample(split, i)``), or keyword arguments of
+    ``ShapesWorld`` (another class with the same API may be named by a ``_target_`` key)."""
     if hasattr(world, "sample"):
         return world
     if world is None or isinstance(world, Mapping):
-        from lit_cm3leon.data.shapes import ShapesWorld
-
-        return ShapesWorld(**dict(world or {}))
+        kwargs = dict(world or {})
+        target = kwargs.pop("_target_", "lit_cm3leon.data.shapes.ShapesWorld")
+        module, _, name = target.rpartition(".")
+        return getattr(importlib.import_module(module), name)(**kwargs)
     raise TypeError(f"world must be a ShapesWorld, or a dict of its arguments; got {type(world)}")
 
 
