@@ -36,10 +36,10 @@ META_KEYS = ("doc_id", "has_text", "has_image", "shard", "row")
 
 
 def default_params(kind: str, n: int) -> dict:
-    """Index settings for ``n`` vectors (``nlist`` about 4 sqrt(n), at least 39 points per list)."""
+    """Index settings for ``n`` vectors (``nlist`` about 2 sqrt(n), at least 40 points per list)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-    nlist = int(max(1, min(4 * math.sqrt(max(n, 1)), n // 39 if n >= 39 else 1)))
+    nlist = int(max(1, min(2 * math.sqrt(max(n, 1)), n // 40 if n >= 40 else 1)))
     return {
         "flat": {},
         "ivf": {"nlist": nlist, "nprobe": 16},
@@ -85,7 +85,7 @@ def build_index(shards: Sequence[np.ndarray], kind: str = "flat", params: dict |
     template = _empty_index(kind, dim, params)
     if kind in ("ivf", "ivfpq"):
         rng = np.random.default_rng(seed)
-        n_train = min(n, max(64 * params["nlist"], 4096 if kind == "ivfpq" else 0))
+        n_train = min(n, max(40 * params["nlist"], 4096 if kind == "ivfpq" else 0))
         allv = shards[0] if len(shards) == 1 else None
         take = np.sort(rng.choice(n, size=n_train, replace=False))
         if allv is None:
