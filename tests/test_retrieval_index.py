@@ -1,0 +1,122 @@
+"""Memory bank: save/load gives identical results, shard merge, manifest checks, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lit_cm3leon.retrieval.index import BankMismatchError, MemoryBank, build_index, cli
+
+torch.set_num_threads(1)
+
+
+def rand_unit(n, d, seed=0):
+    v = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+class FakeEnc:
+    def __init__(self, name="enc", hash="abc", dim=16):
+        self.name, self.hash, self.dim = name, hash, dim
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
+def test_save_open_identical_results(kind, tmp_path):
+    vecs, q = rand_unit(3000, 16), rand_unit(50, 16, seed=1)
+    bank = MemoryBank.build(vecs, np.arange(3000) * 7, has_image=np.arange(3000) % 3 > 0,
+                            encoder_name="enc", encoder_hash="abc", kind=kind,
+                            params={"pq_m": 4} if kind == "ivfpq" else None)
+    s1, r1 = bank.search(q, 8)
+    bank.save(tmp_path / "bank")
+    back = MemoryBank.open(tmp_path / "bank", FakeEnc())
+    s2, r2 = back.search(q, 8)
+    np.testing.assert_array_equal(r1, r2)
+    np.testing.assert_array_equal(s1, s2)
+    np.testing.assert_array_equal(back.doc_ids, np.arange(3000) * 7)
+    np.testing.assert_array_equal(back.multimodal, np.arange(3000) % 3 > 0)
+    assert back.row_of(21) == 3 and back.row_of(5) == -1
+    if kind != "ivfpq":  # stored vectors come back exactly (ivfpq: approximately)
+        np.testing.assert_allclose(back.vectors([0, 5]), vecs[[0, 5]], atol=1e-6)
+    assert back.manifest["count"] == 3000 and back.manifest["kind"] == kind
+
+
+def test_flat_is_exact_and_ivf_shards_merge_like_one():
+    vecs, q = rand_unit(4000, 16), rand_unit(20, 16, seed=2)
+    flat = MemoryBank.build(vecs, np.arange(4000))
+    s, r = flat.search(q, 5)
+    want = np.argsort(-(q @ vecs.T), axis=1)[:, :5]
+    np.testing.assert_array_equal(r, want)
+    one = build_index([vecs], "ivf", {"nlist": 32, "nprobe": 4})
+    three = build_index([vecs[:1000], vecs[1000:2500], vecs[2500:]], "ivf", {"nlist": 32, "nprobe": 4})
+    np.testing.assert_array_equal(one.search(q, 5)[1], three.search(q, 5)[1])
+
+
+def test_open_with_other_encoder_is_a_clear_error(tmp_path):
+    MemoryBank.build(rand_unit(100, 16), np.arange(100), encoder_name="enc",
+                     encoder_hash="abc").save(tmp_path / "b")
+    with pytest.raises(BankMismatchError, match=r"'enc' \(hash abc, dim 16\).*'other' \(hash zzz, dim 16\)"):
+        MemoryBank.open(tmp_path / "b", FakeEnc("other", "zzz"))
+    with pytest.raises(BankMismatchError, match="dim 32"):
+        MemoryBank.open(tmp_path / "b", FakeEnc("enc", "abc", 32))
+    with pytest.raises(FileNotFoundError, match="prepare index"):
+        MemoryBank.open(tmp_path / "nothing")
+    with open(tmp_path / "b" / "meta.npz", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ValueError, match="checksum"):
+        MemoryBank.open(tmp_path / "b")
+
+
+def test_duplicate_doc_ids_rejected():
+    with pytest.raises(ValueError, match="unique"):
+        MemoryBank.build(rand_unit(4, 8), [1, 1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def saved_encoder(tmp_path_factory):
+    from lit_cm3leon.retrieval.encoder import ClipEncoder
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("enc")
+    enc = ClipEncoder.from_arch("shapes-clip")
+    enc.save(d)
+    return d, enc
+
+
+STANDIN = json.dumps({"_target_": "shapes_standin.StandinWorld", "seed": 0})
+
+
+def test_cli_shapes_source(saved_encoder, tmp_path, capsys):
+    d, enc = saved_encoder
+    assert cli(["--encoder", str(d), "--source", "shapes", "--n", "40", "--world", STANDIN,
+                "--out", str(tmp_path / "idx"), "--shard-size", "16"]) == 0
+    bank = MemoryBank.open(tmp_path / "idx", enc)
+    assert len(bank) == 40 and bank.multimodal.all()
+    from shapes_standin import StandinWorld
+
+    s = StandinWorld(seed=0).sample("train", 7)
+    v = enc.embed_document(s.caption_long, s.image)
+    scores, rows = bank.search(v[None], 1)
+    assert bank.doc_ids[rows[0, 0]] == 7 and scores[0, 0] > 0.999
+
+
+def test_cli_token_shards_with_files_and_bad_records(saved_encoder, tmp_path):
+    from PIL import Image
+
+    d, enc = saved_encoder
+    tok = tmp_path / "tokens"
+    tok.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tok / "a.png")
+    recs = [{"doc_id": 10, "text": "a grey picture", "image_path": "a.png"},
+            {"doc_id": 11, "text": "text only"},
+            {"doc_id": 12, "text": "broken", "image_path": "missing.png"}]
+    lines = [json.dumps(r) for r in recs] + ["{not json"]
+    (tok / "shard-00003.jsonl").write_text("\n".join(lines) + "\n")
+    assert cli(["--encoder", str(d), "--tokens", str(tok), "--out", str(tmp_path / "idx")]) == 0
+    bank = MemoryBank.open(tmp_path / "idx", enc)
+    assert bank.doc_ids.tolist() == [10, 11]
+    assert bank.multimodal.tolist() == [True, False]
+    assert bank.meta["shard"].tolist() == [3, 3] and bank.meta["row"].tolist() == [0, 1]
+    assert bank.manifest["skipped"] == 2
+    with pytest.raises(FileNotFoundError, match="shard-"):
+        cli(["--encoder", str(d), "--tokens", str(tmp_path), "--out", str(tmp_path / "x")])
