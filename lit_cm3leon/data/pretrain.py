@@ -45,6 +45,7 @@ class PairSequences(Dataset):
         length: int,
         seed: int = 0,
         n_retrieved: int = 3,
+        candidate_pool: int = 8,
         p_fewer: float = 0.25,
         image_first_prob: float = 0.5,
         cm3: CM3Transform | None = None,
@@ -144,6 +145,7 @@ class PretrainDataModule(L.LightningDataModule):
         num_workers: int = 0,
         max_steps: int = 1000,
         n_retrieved: int = 3,
+        candidate_pool: int = 8,
         p_fewer: float = 0.25,
         image_first_prob: float = 0.5,
         query_weight: float = 1.0,
@@ -165,28 +167,27 @@ class PretrainDataModule(L.LightningDataModule):
         return DocumentCodec(TextTokenizer.load(root), Vocab.load(root / "vocab.json"))
 
     def _retriever(self):
-        from lit_cm3leon.retrieval.index import MemoryBank
-        from lit_cm3leon.retrieval.strategy import Retriever
+        from lit_cm3leon.retrieval.bank_docs import open_retriever
 
         hp = self.hparams
         if not hp.index_dir or not hp.retriever_dir:
             return None
-        from lit_cm3leon.retrieval.encoder import ClipEncoder
-
-        encoder = ClipEncoder.load(hp.retriever_dir)
-        bank = MemoryBank.open(hp.index_dir, encoder)
-        return Retriever(bank, encoder, **(hp.retrieval or {}))
+        return open_retriever(hp.index_dir, hp.retriever_dir, hp.retrieval)
 
     def _train_candidates(self, shards: TokenShards, retriever) -> np.ndarray:
+        from lit_cm3leon.retrieval.bank_docs import training_candidates
+
         hp = self.hparams
-        key = candidates_cache_key(hp.tokens_dir, hp.index_dir, len(shards), hp.seed, hp.retrieval)
+        key = candidates_cache_key(hp.tokens_dir, hp.index_dir, len(shards), hp.seed, hp.retrieval, hp.candidate_pool)
         path = Path(hp.cache_dir) / f"train_candidates-{key}.npy"
         if path.is_file():
             return np.load(path, allow_pickle=False)
         log.info("searching retrieval candidates for %d training pairs (once; cached at %s)", len(shards), path)
-        cands = retriever.training_candidates(shards, seed=hp.seed)
+        cands = training_candidates(retriever, shards, hp.candidate_pool, seed=hp.seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, cands)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, cands)
+        tmp.replace(path)
         return cands
 
     def setup(self, stage: str | None = None) -> None:
@@ -204,10 +205,12 @@ class PretrainDataModule(L.LightningDataModule):
             train, codec, cands, hp.seq_len, length, hp.seed, hp.n_retrieved, hp.p_fewer,
             hp.image_first_prob, cm3, hp.query_weight,
         )
-        val_cands = None
-        if retriever is not None and hp.val_retrieve_k > 0:
-            val_cands = retriever.inference_candidates(heldout, k=hp.val_retrieve_k)
         n_val = min(hp.val_size, len(heldout))
+        val_cands = None
+        if retriever is not None and hp.val_retrieve_k > 0:  # inference mode: search by caption
+            from lit_cm3leon.retrieval.bank_docs import prompt_rows
+
+            val_cands = prompt_rows(retriever, train, [heldout.text(i) for i in range(n_val)], hp.val_retrieve_k)
         self.val_ds = PairSequences(
             heldout, codec, val_cands, hp.seq_len, n_val, hp.seed + 1, hp.val_retrieve_k,
             p_fewer=0.0, image_first_prob=0.0, cm3=None, shuffle=False, bank=train,

@@ -1,0 +1,96 @@
+"""From retrieved document ids to the documents themselves (captions and image codes).
+
+The memory bank stores vectors and document ids; the tokens live in the pre-tokenized shards
+that the bank was built from. These helpers search with a :class:`Retriever` and return shard
+rows, so the data modules and the inference engine read retrieved documents as tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from lit_cm3leon.data.shards import TokenShards
+
+
+def shard_images(shards: TokenShards, rows) -> np.ndarray:
+    """uint8 [n, H, W, 3] of shard rows, for embedding: shapes-world records are re-rendered
+    from their (split, index); file records are read from their ``image_path``."""
+    from lit_cm3leon.data.shapes import ShapesWorld
+    from lit_cm3leon.tokenizer.image import open_image
+
+    world = None
+    out = []
+    for r in rows:
+        rec = shards.records[int(r)]
+        if rec.get("source") == "shapes":
+            world = world or ShapesWorld(**shards.manifest.get("world", {}))
+            out.append(world.sample(rec["split"], int(rec["index"])).image)
+        elif rec.get("image_path"):
+            path = Path(rec["image_path"])
+            path = path if path.is_absolute() else shards.root / path
+            out.append(np.asarray(open_image(path)))
+        else:
+            raise ValueError(f"{shards.root}: record {rec.get('doc_id')} has neither a shapes index nor an image_path")
+    return np.stack(out)
+
+
+def rows_of(shards: TokenShards, doc_ids_per_query: list[list[int]], width: int) -> np.ndarray:
+    """int64 [n, width] of shard rows (-1 where fewer documents were found)."""
+    out = np.full((len(doc_ids_per_query), width), -1, dtype=np.int64)
+    for i, ids in enumerate(doc_ids_per_query):
+        rows = [shards.row_of[d] for d in ids if d in shards.row_of][:width]
+        out[i, : len(rows)] = rows
+    return out
+
+
+def training_candidates(retriever, shards: TokenShards, pool: int, seed: int = 0, batch: int = 256, progress: bool = True) -> np.ndarray:
+    """Admissible, diverse candidates [N, pool] for every training pair of ``shards`` (searched
+    with the pair's image and its query-dropped caption; the pair itself excluded)."""
+    from dataclasses import replace
+
+    retriever.cfg = replace(retriever.cfg, n_train_docs=pool, candidates=max(pool, retriever.cfg.candidates))
+    rng = np.random.default_rng([seed, 104729])
+    n = len(shards)
+    out = np.full((n, pool), -1, dtype=np.int64)
+    starts = range(0, n, batch)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="retrieval candidates", unit="batch")
+    for s in starts:
+        rows = np.arange(s, min(n, s + batch))
+        texts = [shards.text(r) for r in rows]
+        ids = retriever.training_docs(texts, shard_images(shards, rows), [int(shards.doc_ids[r]) for r in rows], rng)
+        out[rows] = rows_of(shards, ids, pool)
+    return out
+
+
+def prompt_rows(retriever, bank_shards: TokenShards, texts: list[str], k: int) -> np.ndarray:
+    """int64 [len(texts), k] rows of ``bank_shards`` retrieved for each prompt text."""
+    return rows_of(bank_shards, retriever.prompt_docs(texts, k), k)
+
+
+def open_retriever(index_dir: str | Path, encoder_dir: str | Path, cfg: Mapping | None = None):
+    from lit_cm3leon.retrieval.encoder import ClipEncoder
+    from lit_cm3leon.retrieval.index import MemoryBank
+    from lit_cm3leon.retrieval.strategy import Retriever
+
+    encoder = ClipEncoder.load(encoder_dir)
+    bank = MemoryBank.open(index_dir, encoder)
+    return Retriever(bank, encoder, {k: v for k, v in (cfg or {}).items() if k not in ("encoder", "bank")})
+
+
+def bank_retrieve_fn(outputs: str | Path, cfg: Mapping | None = None):
+    """The engine's retriever: prompt texts, k -> per prompt, k (caption, codes) documents."""
+    outputs = Path(outputs)
+    retriever = open_retriever(outputs / "index", outputs / "retriever", cfg)
+    bank = TokenShards(outputs / "tokens" / "shapes-train")
+
+    def retrieve(texts, k: int):
+        rows = prompt_rows(retriever, bank, list(texts), k)
+        return [[(bank.text(r), bank.codes[r]) for r in row if r >= 0] for row in rows]
+
+    return retrieve
