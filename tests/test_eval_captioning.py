@@ -23,7 +23,9 @@ WORDS = "a man dog cat riding on the red blue bike street park with two small la
 
 
 def _sentence(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))) + rng.choice([".", "", " !", ", too."])
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))) + rng.choice(
+        [".", "", " !", ", too."]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,10 @@ def files(tmp_path_factory) -> tuple[Path, Path, list[dict]]:
     rng = random.Random(1)
     tmp = tmp_path_factory.mktemp("captions")
     images = [{"id": 100 + 7 * i, "file_name": f"{i}.jpg"} for i in range(12)]
-    anns = [{"id": j, "image_id": img["id"], "caption": _sentence(rng)} for j, img in enumerate(images * 5)]
+    anns = [
+        {"id": j, "image_id": img["id"], "caption": _sentence(rng)}
+        for j, img in enumerate(images * 5)
+    ]
     (tmp / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
     results = [{"image_id": img["id"], "caption": _sentence(rng)} for img in reversed(images)]
     results[0]["caption"] = anns[11]["caption"]  # one exact hit
@@ -84,7 +89,9 @@ def test_cli_equals_cocoevalcap(files, tmp_path, monkeypatch, capsys):
                                 n_bootstrap=0)  # fmt: skip
     assert lib.ids == [img["id"] for img in json.loads(ann_path.read_text())["images"]]
     for m in ("ROUGE_L", "CIDEr", "Bleu_2"):
-        np.testing.assert_allclose(lib.per_image[m], [evaluator.imgToEval[i][m] for i in lib.ids], rtol=0, atol=0)
+        np.testing.assert_allclose(
+            lib.per_image[m], [evaluator.imgToEval[i][m] for i in lib.ids], rtol=0, atol=0
+        )
     assert lib.scores["CIDEr"] == ours["CIDEr"]
 
 
@@ -93,7 +100,10 @@ def test_bootstrap_bleu_formula_matches_pycocoevalcap():
     from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
     rng = random.Random(3)
-    gts = {i: [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(3)] for i in range(15)}
+    gts = {
+        i: [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(3)]
+        for i in range(15)
+    }
     res = {i: [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))] for i in range(15)}
     expected, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scorer = BleuScorer(n=4)
@@ -111,12 +121,19 @@ def test_bootstrap_bleu_formula_matches_pycocoevalcap():
 
 
 def test_score_captions_on_plain_dicts():
-    refs = {"s0": ["a red circle", "one red circle"], "s1": ["two blue squares", "blue squares"], "s2": ["a green triangle"]}
+    refs = {
+        "s0": ["a red circle", "one red circle"],
+        "s1": ["two blue squares", "blue squares"],
+        "s2": ["a green triangle"],
+    }
     perfect = caplib.score_captions({"s0": "a red circle", "s1": "two blue squares", "s2": "a green triangle"}, refs,
                                     metrics=("Bleu_1", "ROUGE_L", "CIDEr"), tokenize=False, n_bootstrap=50)  # fmt: skip
     wrong = caplib.score_captions({"s0": "blue squares", "s1": "a green triangle", "s2": "a red circle"}, refs,
                                   metrics=("Bleu_1", "ROUGE_L", "CIDEr"), tokenize=False, n_bootstrap=0)  # fmt: skip
-    assert perfect.scores["Bleu_1"] == pytest.approx(1.0, abs=1e-6) and perfect.scores["ROUGE_L"] == 1.0
+    assert (
+        perfect.scores["Bleu_1"] == pytest.approx(1.0, abs=1e-6)
+        and perfect.scores["ROUGE_L"] == 1.0
+    )
     assert perfect.scores["CIDEr"] > wrong.scores["CIDEr"] and wrong.scores["ROUGE_L"] < 1.0
     assert set(perfect.ci95) == {"Bleu_1", "ROUGE_L", "CIDEr"}
     with pytest.raises(ValueError, match="unknown caption metrics"):
@@ -139,7 +156,9 @@ def test_cli_bad_predictions(files, tmp_path, capsys, mutate, message):
     p = tmp_path / "bad.json"
     p.write_text(bad if isinstance(bad, str) else json.dumps(bad))
     out = tmp_path / "m.json"
-    rc = captioning_cli.main(["--predictions", str(p), "--annotations", str(ann_path), "--out", str(out)])
+    rc = captioning_cli.main(
+        ["--predictions", str(p), "--annotations", str(ann_path), "--out", str(out)]
+    )
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not out.exists()

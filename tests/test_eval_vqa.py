@@ -25,13 +25,18 @@ from lit_cm3leon.evaluation.vqa_accuracy import (  # noqa: E402
 def _answers(*groups: tuple[str, int]) -> list[dict]:
     out = []
     for text, count in groups:
-        out += [{"answer": text, "answer_confidence": "yes", "answer_id": len(out) + i + 1} for i in range(count)]
+        out += [
+            {"answer": text, "answer_confidence": "yes", "answer_id": len(out) + i + 1}
+            for i in range(count)
+        ]
     return out
 
 
 def test_leave_one_out_average():
     # 2 of 10 said "yes": held-out "yes" -> 1 match (1/3), held-out "no" -> 2 matches (2/3)
-    assert question_accuracy("yes", _answers(("yes", 2), ("no", 8))) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
+    assert question_accuracy("yes", _answers(("yes", 2), ("no", 8))) == pytest.approx(
+        (2 * 1 / 3 + 8 * 2 / 3) / 10
+    )
     assert question_accuracy("no", _answers(("yes", 2), ("no", 8))) == 1.0
     # 3 of 10: held-out match -> 2/3, otherwise 3/3 -> 0.9
     assert question_accuracy("cat", _answers(("cat", 3), ("dog", 7))) == pytest.approx(0.9)
@@ -73,9 +78,24 @@ def test_normalization_only_when_humans_disagree():
 
 def test_answer_types_overall_and_rounding():
     anns = [
-        {"question_id": 1, "answers": _answers(("yes", 10)), "answer_type": "yes/no", "question_type": "is the"},
-        {"question_id": 2, "answers": _answers(("yes", 2), ("no", 8)), "answer_type": "yes/no", "question_type": "is the"},
-        {"question_id": 3, "answers": _answers(("2", 6), ("3", 4)), "answer_type": "number", "question_type": "how many"},
+        {
+            "question_id": 1,
+            "answers": _answers(("yes", 10)),
+            "answer_type": "yes/no",
+            "question_type": "is the",
+        },
+        {
+            "question_id": 2,
+            "answers": _answers(("yes", 2), ("no", 8)),
+            "answer_type": "yes/no",
+            "question_type": "is the",
+        },
+        {
+            "question_id": 3,
+            "answers": _answers(("2", 6), ("3", 4)),
+            "answer_type": "number",
+            "question_type": "how many",
+        },
     ]
     s = score_vqa({1: "yes", 2: "yes", 3: "four"}, anns)
     assert s.perAnswerType == {"yes/no": 80.0, "number": 0.0}  # (1 + 0.6) / 2
@@ -83,7 +103,10 @@ def test_answer_types_overall_and_rounding():
     assert s.overall == 53.33  # 160 / 3
     # Python 2 rounding (ties away from zero): 1 right of 800 is 0.125 % -> 0.13 (Python 3: 0.12)
     assert py2_round(0.125) == 0.13 and round(0.125, 2) == 0.12
-    many = [{"question_id": i, "answers": _answers(("a1", 10)), "answer_type": "other"} for i in range(800)]
+    many = [
+        {"question_id": i, "answers": _answers(("a1", 10)), "answer_type": "other"}
+        for i in range(800)
+    ]
     preds = {i: ("a1" if i == 0 else "zz") for i in range(800)}
     assert score_vqa(preds, many).overall == 0.13
 
@@ -113,11 +136,20 @@ def _run(tmp: Path, preds, name: str = "m.json", extra: tuple = ()) -> tuple[int
 
 
 def test_cli_writes_metrics(tmp_path, capsys):
-    preds = [{"question_id": 10, "answer": "Yes"}, {"question_id": 11, "answer": "yes"}, {"question_id": 12, "answer": "two"}]
+    preds = [
+        {"question_id": 10, "answer": "Yes"},
+        {"question_id": 11, "answer": "yes"},
+        {"question_id": 12, "answer": "two"},
+    ]
     rc, out = _run(tmp_path, preds, extra=("--ckpt", "outputs/sft/last.ckpt", "--seed", "3"))
     assert rc == 0
     m = json.loads(out.read_text())
-    assert all(k in m for k in HEADER_KEYS) and m["n"] == 3 and m["seed"] == 3 and m["protocol"] == "vqa2"
+    assert (
+        all(k in m for k in HEADER_KEYS)
+        and m["n"] == 3
+        and m["seed"] == 3
+        and m["protocol"] == "vqa2"
+    )
     # q10: all humans say "yes", prediction "Yes" compared raw -> 0; q11 -> 0.6; q12 "two" -> "2": 6 matches -> 1
     assert m["overall"] == 53.33
     assert m["perAnswerType"] == {"yes/no": 30.0, "number": 100.0}
@@ -132,9 +164,18 @@ def test_cli_writes_metrics(tmp_path, capsys):
 @pytest.mark.parametrize(
     "preds, message",
     [
-        ([{"question_id": 10, "answer": "yes"}, {"question_id": 99, "answer": "no"}], "unknown question_id 99"),
-        ([{"question_id": 10, "answer": "yes"}, {"question_id": 12, "answer": "2"}], "no prediction for question_id 11"),
-        ([{"question_id": 10, "answer": "yes"}, {"question_id": 10, "answer": "no"}], "entry 1 repeats question_id 10"),
+        (
+            [{"question_id": 10, "answer": "yes"}, {"question_id": 99, "answer": "no"}],
+            "unknown question_id 99",
+        ),
+        (
+            [{"question_id": 10, "answer": "yes"}, {"question_id": 12, "answer": "2"}],
+            "no prediction for question_id 11",
+        ),
+        (
+            [{"question_id": 10, "answer": "yes"}, {"question_id": 10, "answer": "no"}],
+            "entry 1 repeats question_id 10",
+        ),
         ([{"question_id": 10, "answer": "yes"}, {"question_id": 11}], "entry 1"),
         ('[{"question_id": 10, "answer": "yes"},\n {"question_id": 11, answer: "no"}]', "line 2"),
         ({"question_id": 10}, "must be a JSON list"),
