@@ -50,7 +50,7 @@ def _ci(pair: Any, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def _run_label(rec: Mapping[str, Any]) -> str:
-    name = str(rec.get("ckpt") or "predictions file")
+    name = str(rec.get("ckpt") or "(no checkpoint recorded)")
     bits = [
         f"{k}={rec[k]}" for k in ("strategy", "cfg_scale", "num_samples") if rec.get(k) is not None
     ]
