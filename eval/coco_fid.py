@@ -11,7 +11,9 @@ never downloaded. `--features clip` computes FID-CLIP on the evaluation CLIP's i
 {image file relative to --samples: prompt} or a .jsonl of {file, prompt}), the CLIP score
 100 * max(cos(image, prompt), 0) averaged over samples (torchmetrics' definition).
 Bootstrap intervals resample both image sets (--bootstrap resamples, each one matrix square
-root; Inception: ~seconds each, so e.g. --bootstrap 100 for 30K images). Prints the paper's Table 1 beside our row. (`--ckpt` generation comes with the decoder.)
+root of the feature size: ~seconds for Inception's 2048, so e.g. --bootstrap 100 at 30K
+images). Prints the paper's Table 1 beside our row. (`--ckpt` generation comes with the
+decoder.)
 """
 
 from __future__ import annotations
