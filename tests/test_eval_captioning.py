@@ -1,6 +1,6 @@
 """eval/captioning.py equals pycocoevalcap's COCOEvalCap on the same files (SPICE stubbed out
-there, since its CoreNLP jars are absent); per-image scores and bootstrap BLEU agree with it;
-bad inputs are named."""
+there, since its CoreNLP jars are absent; the Meteor JVM run once per distinct input); per-image
+scores and bootstrap BLEU agree with it; bad inputs are named."""
 
 from __future__ import annotations
 
@@ -54,10 +54,36 @@ class _NoSpice:
         return "SPICE"
 
 
+class _OnceMeteor:
+    """Meteor is a deterministic function of its inputs and its JVM start is slow: run the real
+    one once per distinct input and count the distinct inputs seen."""
+
+    real = None
+    cache: dict = {}
+
+    def compute_score(self, gts, res):
+        key = json.dumps([[str(k), gts[k], res[k]] for k in gts])
+        if key not in self.cache:
+            meteor = self.real()
+            try:
+                self.cache[key] = meteor.compute_score(gts, res)
+            finally:
+                caplib._close_meteor(meteor)
+        return self.cache[key]
+
+    def method(self):
+        return "METEOR"
+
+
 def test_cli_equals_cocoevalcap(files, tmp_path, monkeypatch, capsys):
     import pycocoevalcap.eval as coco_eval_mod
+    import pycocoevalcap.meteor.meteor as meteor_mod
     from pycocotools.coco import COCO
 
+    monkeypatch.setattr(_OnceMeteor, "real", meteor_mod.Meteor)
+    monkeypatch.setattr(_OnceMeteor, "cache", {})
+    monkeypatch.setattr(meteor_mod, "Meteor", _OnceMeteor)
+    monkeypatch.setattr(coco_eval_mod, "Meteor", _OnceMeteor)
     ann_path, res_path, _ = files
     out = tmp_path / "metrics.json"
     rc = captioning_cli.main(["--predictions", str(res_path), "--annotations", str(ann_path), "--out", str(out),
@@ -71,6 +97,7 @@ def test_cli_equals_cocoevalcap(files, tmp_path, monkeypatch, capsys):
     evaluator.evaluate()
     for m in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
         assert ours[m] == evaluator.eval[m], m
+    assert len(_OnceMeteor.cache) == 1  # METEOR saw the same tokenized inputs in both
     assert all(k in ours for k in HEADER_KEYS) and ours["n"] == 12 and ours["seed"] == 5
     assert ours["protocol"] == "coco-captions"
     assert "SPICE" not in ours and "SPICE" in ours["skipped"]

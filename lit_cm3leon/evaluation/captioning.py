@@ -88,8 +88,12 @@ def score_captions(
             raise InputError(f"image_id {k!r} has no reference caption")
     ids = list(refs)
     if tokenize:
-        gts = ptb_tokenize({k: list(refs[k]) for k in ids})
-        res = ptb_tokenize({k: [preds[k]] for k in ids})
+        # one Java call for both sides: the tokenizer treats every line on its own
+        both = ptb_tokenize(
+            {**{("ref", k): list(refs[k]) for k in ids}, **{("hyp", k): [preds[k]] for k in ids}}
+        )
+        gts = {k: both[("ref", k)] for k in ids}
+        res = {k: both[("hyp", k)] for k in ids}
     else:
         gts = {k: list(refs[k]) for k in ids}
         res = {k: [preds[k]] for k in ids}
