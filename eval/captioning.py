@@ -37,9 +37,13 @@ from lit_cm3leon.evaluation.metrics_io import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--predictions", required=True, help="COCO results file [{image_id, caption}]")
-    p.add_argument("--annotations", required=True, help="COCO captions annotation file (images + annotations)")
+    p.add_argument(
+        "--annotations", required=True, help="COCO captions annotation file (images + annotations)"
+    )
     p.add_argument(
         "--metrics",
         default=",".join(ALL_METRICS),
@@ -59,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = score_captions(preds, refs, metrics=metrics, n_bootstrap=args.bootstrap, seed=args.seed)
+    result = score_captions(
+        preds, refs, metrics=metrics, n_bootstrap=args.bootstrap, seed=args.seed
+    )
     for reason in result.skipped.values():
         print(reason, file=sys.stderr)
     ci95 = {k: [round(v, 6) for v in pair] for k, pair in result.ci95.items()}

@@ -28,7 +28,9 @@ def build(paths: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("metrics", nargs="*", help="metrics.json files written by eval/*.py")
     p.add_argument("--out", default=None, help="also write the markdown here")
     args = p.parse_args(argv)

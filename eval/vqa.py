@@ -30,10 +30,20 @@ from lit_cm3leon.evaluation.vqa_accuracy import load_vqa, score_vqa, vqa_bootstr
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--predictions", required=True, help="official results file [{question_id, answer}]")
-    p.add_argument("--questions", required=True, help="official question file (an object with 'questions')")
-    p.add_argument("--annotations", required=True, help="official annotation file (an object with 'annotations')")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--predictions", required=True, help="official results file [{question_id, answer}]"
+    )
+    p.add_argument(
+        "--questions", required=True, help="official question file (an object with 'questions')"
+    )
+    p.add_argument(
+        "--annotations",
+        required=True,
+        help="official annotation file (an object with 'annotations')",
+    )
     add_run_args(p, protocol="vqa2")
     args = p.parse_args(argv)
     try:
@@ -43,10 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     scores = score_vqa(preds, anns)
-    flat = bootstrap.bootstrap_ci(len(anns), vqa_bootstrap_statistic(scores), args.bootstrap, args.seed)
+    flat = bootstrap.bootstrap_ci(
+        len(anns), vqa_bootstrap_statistic(scores), args.bootstrap, args.seed
+    )
     ci95: dict = {}
     if flat:
-        ci95 = {"overall": _r(flat.pop("overall")), "perAnswerType": {k.split("/", 1)[1]: _r(v) for k, v in flat.items()}}
+        ci95 = {
+            "overall": _r(flat.pop("overall")),
+            "perAnswerType": {k.split("/", 1)[1]: _r(v) for k, v in flat.items()},
+        }
     record = write_metrics(
         out,
         header_from_args(args, n=len(anns)),
@@ -59,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     for t, v in record["perAnswerType"].items():
         print(f"{t} : {v:.2f}")
     if ci95:
-        print(f"bootstrap 95% interval (overall): [{ci95['overall'][0]:.2f}, {ci95['overall'][1]:.2f}]")
+        print(
+            f"bootstrap 95% interval (overall): [{ci95['overall'][0]:.2f}, {ci95['overall'][1]:.2f}]"
+        )
     print(f"wrote {out}")
     return 0
 

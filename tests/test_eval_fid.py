@@ -27,7 +27,9 @@ def _write_pngs(folder: Path, n: int, seed: int, size: int = 32, shift: float = 
     rng = np.random.default_rng(seed)
     for i in range(n):
         base = rng.uniform(0, 255, (4, 4, 3))
-        img = np.kron(base, np.ones((size // 4, size // 4, 1))) + rng.normal(shift, 20, (size, size, 3))
+        img = np.kron(base, np.ones((size // 4, size // 4, 1))) + rng.normal(
+            shift, 20, (size, size, 3)
+        )
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
 
 
@@ -87,7 +89,9 @@ def test_inception_weights_local_file_matches_clean_fid_wrapper(tmp_path):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Conv2d(3, 2048, 2))
+            self.layers = torch.nn.Sequential(
+                torch.nn.AdaptiveAvgPool2d(2), torch.nn.Conv2d(3, 2048, 2)
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.layers(x)
@@ -153,9 +157,23 @@ def test_cli_fid_clip_and_clip_score(folders, tmp_path, monkeypatch, capsys):
                         "--protocol", "shapes-v1", "--out", str(out)])  # fmt: skip
     assert rc == 0
     m = json.loads(out.read_text())
-    for k in ("protocol", "seed", "ckpt", "strategy", "cfg_scale", "num_samples", "retrieve_k", "n"):
+    for k in (
+        "protocol",
+        "seed",
+        "ckpt",
+        "strategy",
+        "cfg_scale",
+        "num_samples",
+        "retrieve_k",
+        "n",
+    ):
         assert k in m
-    assert m["features"] == "clip" and m["metric"] == "FID-CLIP" and m["n"] == 20 and m["retrieve_k"] == 2
+    assert (
+        m["features"] == "clip"
+        and m["metric"] == "FID-CLIP"
+        and m["n"] == 20
+        and m["retrieve_k"] == 2
+    )
     extract, resize = fidlib.clip_extractor(enc)
     direct = fidlib.fid_from_features(
         fidlib.folder_features(a, extract, resize), fidlib.folder_features(b, extract, resize)

@@ -262,8 +262,14 @@ class ModalityMask:
             for t in prompt:
                 if t == self.vocab.brk:
                     in_image, count = (not in_image), 0
-                elif in_image and self.vocab.is_image(t):
-                    count += 1
+                elif self.vocab.is_image(t):
+                    # an image right after <bos>/<sep> (a document that starts with an image, as
+                    # the codec writes it) has no opening <break>: its first code opens it
+                    in_image, count = True, count + 1 if in_image else 1
+            if len(prompt) and int(prompt[-1]) == self.vocab.brk and self.mode != "any":
+                # a trailing <break> separates the prompt from what comes next, which the mode
+                # names: an image (image mode) or text (text mode), whatever came before it
+                in_image, count = self.mode == "image", 0
             self.in_image[i], self.count[i] = in_image, count
         self.in_image, self.count = self.in_image.to(device), self.count.to(device)
         self.images_done = torch.zeros(n, dtype=torch.long, device=device)

@@ -49,4 +49,10 @@ def mean_statistic(values: dict[str, np.ndarray], scale: float = 1.0) -> Stat:
 
 def info(n_resamples: int, seed: int, level: float = 0.95, unit: str = "item") -> dict:
     """The `bootstrap` block of metrics.json: how the intervals were made."""
-    return {"resamples": n_resamples, "seed": seed, "level": level, "method": "percentile", "unit": unit}
+    return {
+        "resamples": n_resamples,
+        "seed": seed,
+        "level": level,
+        "method": "percentile",
+        "unit": unit,
+    }

@@ -88,8 +88,12 @@ def score_captions(
             raise InputError(f"image_id {k!r} has no reference caption")
     ids = list(refs)
     if tokenize:
-        gts = ptb_tokenize({k: list(refs[k]) for k in ids})
-        res = ptb_tokenize({k: [preds[k]] for k in ids})
+        # one Java call for both sides: the tokenizer treats every line on its own
+        both = ptb_tokenize(
+            {**{("ref", k): list(refs[k]) for k in ids}, **{("hyp", k): [preds[k]] for k in ids}}
+        )
+        gts = {k: both[("ref", k)] for k in ids}
+        res = {k: both[("hyp", k)] for k in ids}
     else:
         gts = {k: list(refs[k]) for k in ids}
         res = {k: [preds[k]] for k in ids}
@@ -214,15 +218,25 @@ def load_coco_captions(path: str | Path) -> dict[Any, list[str]]:
     order of its `images` list (pycocotools' order), captions in annotation order."""
     data = load_json(path, "annotations")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise InputError(f"annotations: {path} must be a COCO captions file (an object with 'images' and 'annotations')")
+        raise InputError(
+            f"annotations: {path} must be a COCO captions file (an object with 'images' and 'annotations')"
+        )
     refs: dict[Any, list[str]] = {}
     for img in data.get("images", []):
         if not isinstance(img, dict) or "id" not in img:
-            raise InputError(f"annotations: {path} has an image record without 'id': {str(img)[:80]}")
+            raise InputError(
+                f"annotations: {path} has an image record without 'id': {str(img)[:80]}"
+            )
         refs.setdefault(img["id"], [])
     for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise InputError(f"annotations: {path} annotation {i} lacks 'image_id' or a string 'caption'")
+        if (
+            not isinstance(ann, dict)
+            or "image_id" not in ann
+            or not isinstance(ann.get("caption"), str)
+        ):
+            raise InputError(
+                f"annotations: {path} annotation {i} lacks 'image_id' or a string 'caption'"
+            )
         refs.setdefault(ann["image_id"], []).append(ann["caption"])
     empty = [k for k, v in refs.items() if not v]
     if empty:

@@ -52,10 +52,14 @@ def list_images(folder: str | Path) -> list[str]:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"image folder {folder} does not exist (expected a folder of PNG/JPEG files)")
+        raise InputError(
+            f"image folder {folder} does not exist (expected a folder of PNG/JPEG files)"
+        )
     files = sorted(str(p) for ext in EXTENSIONS for p in folder.rglob(f"*.{ext}"))
     if not files:
-        raise InputError(f"image folder {folder} holds no images (expected *.png / *.jpg ... files)")
+        raise InputError(
+            f"image folder {folder} holds no images (expected *.png / *.jpg ... files)"
+        )
     return files
 
 
@@ -87,7 +91,9 @@ def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
     from cleanfid.fid import frechet_distance
 
     if len(feats1) < 2 or len(feats2) < 2:
-        raise InputError(f"FID needs at least 2 images per set, got {len(feats1)} and {len(feats2)}")
+        raise InputError(
+            f"FID needs at least 2 images per set, got {len(feats1)} and {len(feats2)}"
+        )
     mu1, s1 = np.mean(feats1, axis=0), np.cov(feats1, rowvar=False)
     mu2, s2 = np.mean(feats2, axis=0), np.cov(feats2, rowvar=False)
     return float(frechet_distance(mu1, s1, mu2, s2))
@@ -155,7 +161,9 @@ def inception_extractor(weights: str | Path | None = None) -> FeatureExtractor:
     @torch.no_grad()
     def extract(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (299, 299):
-            raise ValueError(f"Inception expects 299x299 inputs (clean resize), got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"Inception expects 299x299 inputs (clean resize), got {tuple(x.shape[-2:])}"
+            )
         return layers.forward((x - 128) / 128).view(len(x), 2048)
 
     return extract
@@ -187,9 +195,13 @@ def load_clip_encoder(path: str | Path) -> Any:
     try:
         from lit_cm3leon.retrieval.encoder import ClipEncoder
     except ImportError as e:  # pragma: no cover - depends on the installed parts
-        raise InputError(f"--features clip needs lit_cm3leon.retrieval.encoder.ClipEncoder ({e})") from None
+        raise InputError(
+            f"--features clip needs lit_cm3leon.retrieval.encoder.ClipEncoder ({e})"
+        ) from None
     if not Path(path).is_dir():
-        raise InputError(f"--clip {path}: expected a folder written by ClipEncoder.save (e.g. outputs/retriever/eval_clip)")
+        raise InputError(
+            f"--clip {path}: expected a folder written by ClipEncoder.save (e.g. outputs/retriever/eval_clip)"
+        )
     return ClipEncoder.load(path)
 
 
@@ -220,9 +232,13 @@ def load_prompts(path: str | Path, folder: str | Path) -> tuple[list[str], list[
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise InputError(f"--prompts: {path} is not valid JSON (line {e.lineno}: {e.msg}); JSONL files end in .jsonl") from None
+            raise InputError(
+                f"--prompts: {path} is not valid JSON (line {e.lineno}: {e.msg}); JSONL files end in .jsonl"
+            ) from None
         if not isinstance(data, dict):
-            raise InputError(f"--prompts: {path} must be a JSON object {{file: prompt}} (or a .jsonl of {{file, prompt}})")
+            raise InputError(
+                f"--prompts: {path} must be a JSON object {{file: prompt}} (or a .jsonl of {{file, prompt}})"
+            )
         mapping = {str(k): str(v) for k, v in data.items()}
     else:
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -231,7 +247,9 @@ def load_prompts(path: str | Path, folder: str | Path) -> tuple[list[str], list[
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"--prompts: {path} line {lineno} is not valid JSON ({e.msg})") from None
+                raise InputError(
+                    f"--prompts: {path} line {lineno} is not valid JSON ({e.msg})"
+                ) from None
             if not isinstance(rec, dict) or "file" not in rec or "prompt" not in rec:
                 raise InputError(f"--prompts: {path} line {lineno} lacks 'file' or 'prompt'")
             mapping[str(rec["file"])] = str(rec["prompt"])

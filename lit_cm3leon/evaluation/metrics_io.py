@@ -15,7 +15,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-HEADER_KEYS = ("protocol", "seed", "ckpt", "strategy", "cfg_scale", "num_samples", "retrieve_k", "n")
+HEADER_KEYS = (
+    "protocol",
+    "seed",
+    "ckpt",
+    "strategy",
+    "cfg_scale",
+    "num_samples",
+    "retrieve_k",
+    "n",
+)
 
 
 class InputError(ValueError):
@@ -31,7 +40,9 @@ def load_json(path: str | Path, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"{what}: {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        raise InputError(
+            f"{what}: {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from None
 
 
 def run_header(
@@ -61,14 +72,38 @@ def run_header(
 def add_run_args(parser: argparse.ArgumentParser, protocol: str) -> None:
     """The flags shared by every eval script (same names as the Hydra keys, kebab-case)."""
     g = parser.add_argument_group("run header (recorded in metrics.json)")
-    g.add_argument("--protocol", default=protocol, help=f"protocol name recorded in metrics.json (default {protocol})")
-    g.add_argument("--seed", type=int, default=0, help="run seed; also seeds the bootstrap resampling")
-    g.add_argument("--ckpt", default=None, help="checkpoint that produced the predictions (recorded only)")
-    g.add_argument("--strategy", default=None, help="decoding strategy that produced the predictions (recorded only)")
+    g.add_argument(
+        "--protocol",
+        default=protocol,
+        help=f"protocol name recorded in metrics.json (default {protocol})",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="run seed; also seeds the bootstrap resampling"
+    )
+    g.add_argument(
+        "--ckpt", default=None, help="checkpoint that produced the predictions (recorded only)"
+    )
+    g.add_argument(
+        "--strategy",
+        default=None,
+        help="decoding strategy that produced the predictions (recorded only)",
+    )
     g.add_argument("--cfg-scale", type=float, default=None, help="CFG scale used (recorded only)")
-    g.add_argument("--num-samples", type=int, default=None, help="samples per prompt used (recorded only)")
-    g.add_argument("--retrieve-k", type=int, default=None, help="retrieved documents per prompt (recorded only)")
-    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0: none)")
+    g.add_argument(
+        "--num-samples", type=int, default=None, help="samples per prompt used (recorded only)"
+    )
+    g.add_argument(
+        "--retrieve-k",
+        type=int,
+        default=None,
+        help="retrieved documents per prompt (recorded only)",
+    )
+    g.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples for the 95%% intervals (0: none)",
+    )
     g.add_argument("--out", required=True, help="metrics.json to write")
     g.add_argument("--force", action="store_true", help="overwrite an existing --out")
 
@@ -90,7 +125,9 @@ def check_out(path: str | Path, force: bool) -> Path:
     """Refuse to overwrite a finished run unless asked; checked before any heavy work."""
     path = Path(path)
     if path.exists() and not force:
-        raise InputError(f"{path} exists (a finished run); pass --force to overwrite it or choose another --out")
+        raise InputError(
+            f"{path} exists (a finished run); pass --force to overwrite it or choose another --out"
+        )
     return path
 
 
@@ -109,7 +146,12 @@ def write_metrics(
     clash = set(metrics) & (set(HEADER_KEYS) | {"ci95", "bootstrap"})
     if clash:
         raise ValueError(f"metric names clash with reserved keys: {sorted(clash)}")
-    record = {**{k: header[k] for k in HEADER_KEYS}, **metrics, "ci95": ci95, "bootstrap": bootstrap}
+    record = {
+        **{k: header[k] for k in HEADER_KEYS},
+        **metrics,
+        "ci95": ci95,
+        "bootstrap": bootstrap,
+    }
     if extra:
         record.update(extra)
     path = Path(path)
@@ -131,7 +173,9 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     return record
 
 
-def check_predictions(predictions: Mapping[Any, Any], expected_ids: Sequence[Any], id_name: str = "question_id") -> None:
+def check_predictions(
+    predictions: Mapping[Any, Any], expected_ids: Sequence[Any], id_name: str = "question_id"
+) -> None:
     """Predictions must cover exactly `expected_ids`; name the first unknown or missing id."""
     expected = set(expected_ids)
     for pid in predictions:
@@ -139,7 +183,9 @@ def check_predictions(predictions: Mapping[Any, Any], expected_ids: Sequence[Any
             raise InputError(f"prediction for unknown {id_name} {pid!r} (not in the annotations)")
     for eid in expected_ids:
         if eid not in predictions:
-            raise InputError(f"no prediction for {id_name} {eid!r} (every annotated {id_name} needs one)")
+            raise InputError(
+                f"no prediction for {id_name} {eid!r} (every annotated {id_name} needs one)"
+            )
 
 
 def read_results(path: str | Path, id_key: str, value_key: str) -> dict[Any, Any]:
@@ -147,13 +193,19 @@ def read_results(path: str | Path, id_key: str, value_key: str) -> dict[Any, Any
     a malformed entry or a repeated id is an `InputError` naming the entry's index and id."""
     data = load_json(path, "predictions")
     if not isinstance(data, list):
-        raise InputError(f"predictions: {path} must be a JSON list of {{{id_key!r}, {value_key!r}}} objects, got {type(data).__name__}")
+        raise InputError(
+            f"predictions: {path} must be a JSON list of {{{id_key!r}, {value_key!r}}} objects, got {type(data).__name__}"
+        )
     out: dict[Any, Any] = {}
     for i, entry in enumerate(data):
         if not isinstance(entry, dict) or id_key not in entry or value_key not in entry:
-            raise InputError(f"predictions: {path} entry {i} ({str(entry)[:80]}) lacks {id_key!r} or {value_key!r}")
+            raise InputError(
+                f"predictions: {path} entry {i} ({str(entry)[:80]}) lacks {id_key!r} or {value_key!r}"
+            )
         if not isinstance(entry[value_key], str):
-            raise InputError(f"predictions: {path} entry {i} ({id_key} {entry[id_key]!r}): {value_key!r} must be a string")
+            raise InputError(
+                f"predictions: {path} entry {i} ({id_key} {entry[id_key]!r}): {value_key!r} must be a string"
+            )
         if entry[id_key] in out:
             raise InputError(f"predictions: {path} entry {i} repeats {id_key} {entry[id_key]!r}")
         out[entry[id_key]] = entry[value_key]

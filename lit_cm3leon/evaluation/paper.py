@@ -28,7 +28,13 @@ TABLE2_COLUMNS = (  # (column title, protocol keyword, metric key)
     ("VizWiz acc.", "vizwiz", "overall"),
     ("OKVQA acc.", "okvqa", "overall"),
 )
-TABLE2 = {"model": "SFT-CM3Leon-7B", "MS-COCO CIDEr": 61.6, "VQA2 acc.": 47.6, "VizWiz acc.": 37.6, "OKVQA acc.": 23.8}
+TABLE2 = {
+    "model": "SFT-CM3Leon-7B",
+    "MS-COCO CIDEr": 61.6,
+    "VQA2 acc.": 47.6,
+    "VizWiz acc.": 37.6,
+    "OKVQA acc.": 23.8,
+}
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -44,8 +50,10 @@ def _ci(pair: Any, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def _run_label(rec: Mapping[str, Any]) -> str:
-    name = str(rec.get("ckpt") or "predictions file")
-    bits = [f"{k}={rec[k]}" for k in ("strategy", "cfg_scale", "num_samples") if rec.get(k) is not None]
+    name = str(rec.get("ckpt") or "(no checkpoint recorded)")
+    bits = [
+        f"{k}={rec[k]}" for k in ("strategy", "cfg_scale", "num_samples") if rec.get(k) is not None
+    ]
     return name + (f" ({', '.join(bits)})" if bits else "")
 
 
@@ -59,14 +67,21 @@ def table1_markdown(records: Iterable[Mapping[str, Any]]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in TABLE1:
-        lines.append(f"| {SOURCE} | {row['model']} | MS-COCO 30K | {row['retrieve_k']} | FID | {row['fid']:.2f} | – | 30000 |")
+        lines.append(
+            f"| {SOURCE} | {row['model']} | MS-COCO 30K | {row['retrieve_k']} | FID | {row['fid']:.2f} | – | 30000 |"
+        )
     for rec in records:
-        metric = rec.get("metric") or ("FID" if rec.get("features") == "inception" else f"FID-{rec.get('features')}")
+        metric = rec.get("metric") or (
+            "FID" if rec.get("features") == "inception" else f"FID-{rec.get('features')}"
+        )
         lines.append(
             f"| ours | {_run_label(rec)} | {rec['protocol']} | {_fmt(rec.get('retrieve_k'))} | {metric} | "
             f"{_fmt(rec['fid'])} | {_ci(rec.get('ci95', {}).get('fid'))} | {rec.get('n')} |"
         )
-    lines += ["", "FID-CLIP uses the evaluation CLIP's image features and is not comparable with Inception FID."]
+    lines += [
+        "",
+        "FID-CLIP uses the evaluation CLIP's image features and is not comparable with Inception FID.",
+    ]
     return "\n".join(lines)
 
 
@@ -105,7 +120,9 @@ def table2_markdown(records: Iterable[Mapping[str, Any]]) -> str:
         "",
         "| source | model / checkpoint | " + " | ".join(columns) + " |",
         "| --- | --- | " + " | ".join("---" for _ in columns) + " |",
-        f"| {SOURCE} | {TABLE2['model']} | " + " | ".join(_fmt(TABLE2.get(c), 1) for c in columns) + " |",
+        f"| {SOURCE} | {TABLE2['model']} | "
+        + " | ".join(_fmt(TABLE2.get(c), 1) for c in columns)
+        + " |",
     ]
     for label, cells in ours.items():
         lines.append(f"| ours | {label} | " + " | ".join(cells.get(c, "–") for c in columns) + " |")

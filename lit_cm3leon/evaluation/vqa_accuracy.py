@@ -30,6 +30,7 @@ import numpy as np
 from lit_cm3leon.evaluation.metrics_io import InputError, check_predictions, load_json, read_results
 
 # Official tables (vqaEval.py, master). Keys without apostrophes map to the contracted form.
+# fmt: off
 CONTRACTIONS = {
     'aint': "ain't", 'arent': "aren't", 'cant': "can't", 'couldve': "could've",
     'couldnt': "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've", 'didnt': "didn't",
@@ -65,9 +66,10 @@ CONTRACTIONS = {
 MANUAL_MAP = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
     "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}  # fmt: skip
+}
 ARTICLES = ("a", "an", "the")
 PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+# fmt: on
 # The official pattern, verbatim: "(?!<=" is a negative look-AHEAD for the literal "<=", not
 # the intended look-behind for a digit; kept so that scores match.
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
@@ -111,7 +113,10 @@ def question_accuracy(prediction: str, answers: Sequence[str | Mapping[str, Any]
     official dict comparison), with strings those at other positions."""
     if len(answers) == 0:
         raise ValueError("a question needs at least one human answer")
-    records = [dict(a) if isinstance(a, Mapping) else {"answer": a, "answer_id": i} for i, a in enumerate(answers)]
+    records = [
+        dict(a) if isinstance(a, Mapping) else {"answer": a, "answer_id": i}
+        for i, a in enumerate(answers)
+    ]
     for r in records:
         r["answer"] = _clean_ws(r["answer"])
     pred = _clean_ws(prediction)
@@ -172,7 +177,9 @@ def score_vqa(
     per_atype = _group_mean(accs, atypes, ndigits)
     per_qtype = _group_mean(accs, qtypes, ndigits) if all(q is not None for q in qtypes) else {}
     overall = py2_round(100 * float(sum(accs)) / len(accs), ndigits) if accs else float("nan")
-    return VQAScores(overall, per_atype, per_qtype, qids, np.asarray(accs, dtype=np.float64), atypes, qtypes)
+    return VQAScores(
+        overall, per_atype, per_qtype, qids, np.asarray(accs, dtype=np.float64), atypes, qtypes
+    )
 
 
 def _group_mean(accs: list[float], groups: list, ndigits: int) -> dict[str, float]:
@@ -192,7 +199,9 @@ def vqa_bootstrap_statistic(scores: VQAScores):
         out = {"overall": 100 * float(acc[idx].mean())}
         for t, m in masks.items():
             sel = m[idx]
-            out[f"perAnswerType/{t}"] = 100 * float(acc[idx][sel].mean()) if sel.any() else float("nan")
+            out[f"perAnswerType/{t}"] = (
+                100 * float(acc[idx][sel].mean()) if sel.any() else float("nan")
+            )
         return out
 
     return stat
@@ -204,17 +213,30 @@ def load_vqa(
     """Read official results, questions and annotations files and check they agree."""
     anns = load_json(annotations_path, "annotations")
     if not isinstance(anns, dict) or not isinstance(anns.get("annotations"), list):
-        raise InputError(f"annotations: {annotations_path} must be an official VQA annotation file (an object with an 'annotations' list)")
+        raise InputError(
+            f"annotations: {annotations_path} must be an official VQA annotation file (an object with an 'annotations' list)"
+        )
     for i, a in enumerate(anns["annotations"]):
-        if not isinstance(a, dict) or "question_id" not in a or not isinstance(a.get("answers"), list) or not a["answers"]:
-            raise InputError(f"annotations: {annotations_path} record {i} lacks 'question_id' or a non-empty 'answers' list")
+        if (
+            not isinstance(a, dict)
+            or "question_id" not in a
+            or not isinstance(a.get("answers"), list)
+            or not a["answers"]
+        ):
+            raise InputError(
+                f"annotations: {annotations_path} record {i} lacks 'question_id' or a non-empty 'answers' list"
+            )
     ques = load_json(questions_path, "questions")
     if not isinstance(ques, dict) or not isinstance(ques.get("questions"), list):
-        raise InputError(f"questions: {questions_path} must be an official VQA question file (an object with a 'questions' list)")
+        raise InputError(
+            f"questions: {questions_path} must be an official VQA question file (an object with a 'questions' list)"
+        )
     qids = {q.get("question_id") for q in ques["questions"] if isinstance(q, dict)}
     for a in anns["annotations"]:
         if a["question_id"] not in qids:
-            raise InputError(f"questions: {questions_path} has no question {a['question_id']!r} of the annotations")
+            raise InputError(
+                f"questions: {questions_path} has no question {a['question_id']!r} of the annotations"
+            )
     preds = read_results(predictions_path, "question_id", "answer")
     check_predictions(preds, [a["question_id"] for a in anns["annotations"]])
     return preds, anns["annotations"]

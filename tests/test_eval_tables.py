@@ -1,0 +1,50 @@
+"""eval/tables.py puts each metrics.json in its table, beside the paper's figures, labelled."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+
+import tables  # noqa: E402
+
+from lit_cm3leon.evaluation.metrics_io import InputError, run_header, write_metrics  # noqa: E402
+from lit_cm3leon.evaluation.paper import TABLE1, TABLE2  # noqa: E402
+
+
+def test_tables_from_metrics(tmp_path, capsys):
+    fid = write_metrics(tmp_path / "fid.json", run_header("shapes-v1", 0, 1000, ckpt="pretrain/last.ckpt", retrieve_k=2),
+                        {"fid": 12.345, "features": "clip", "metric": "FID-CLIP"}, {"fid": [11.0, 13.5]}, {})  # fmt: skip
+    cap = write_metrics(tmp_path / "cap.json", run_header("coco-captions", 0, 500, ckpt="sft/last.ckpt"),
+                        {"CIDEr": 0.4567, "Bleu_4": 0.1}, {"CIDEr": [0.40, 0.50]}, {})  # fmt: skip
+    vqa = write_metrics(tmp_path / "vqa.json", run_header("shapes-vqa", 0, 1000, ckpt="sft/last.ckpt"),
+                        {"overall": 71.25, "perAnswerType": {"other": 71.25}}, {}, {})  # fmt: skip
+    assert fid["n"] == 1000 and cap["ckpt"] == "sft/last.ckpt" and vqa["retrieve_k"] is None
+    out = tmp_path / "tables.md"
+    assert (
+        tables.main(
+            [str(tmp_path / n) for n in ("fid.json", "cap.json", "vqa.json")] + ["--out", str(out)]
+        )
+        == 0
+    )
+    md = out.read_text()
+    assert md == capsys.readouterr().out
+    for row in TABLE1:
+        assert f"| {row['retrieve_k']} | FID | {row['fid']:.2f} |" in md
+    assert (
+        "| ours | pretrain/last.ckpt | shapes-v1 | 2 | FID-CLIP | 12.35 | [11.00, 13.50] | 1000 |"
+        in md
+    )
+    assert f"| {TABLE2['MS-COCO CIDEr']:.1f} |" in md
+    # CIDEr printed x 100 like the paper; an unknown VQA protocol gets a column of its own
+    assert "| ours | sft/last.ckpt | 45.7 [40.0, 50.0] | – | – | – | 71.2 |" in md
+    assert "shapes-vqa acc." in md
+
+
+def test_not_a_metrics_file(tmp_path):
+    (tmp_path / "x.json").write_text('{"fid": 1}')
+    with pytest.raises(InputError, match="missing"):
+        tables.build([str(tmp_path / "x.json")])

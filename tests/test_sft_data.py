@@ -1,0 +1,160 @@
+"""SFT mixture: thresholds, deterministic sampling, shapes-world pools, and a fit through the entry point."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lit_cm3leon.data.sft import SFTSequences, mixture_rates, shapes_pools
+from lit_cm3leon.data.templates import TASKS, split_target
+from lit_cm3leon.fit import train
+from lit_cm3leon.tokenizer.codec import DocumentCodec
+from lit_cm3leon.tokenizer.vocab import Vocab
+from tests.fixtures import make_text_tokenizer
+
+
+# --- mixture -------------------------------------------------------------------------------
+def test_rates_are_clipped_to_the_thresholds_and_sum_to_one():
+    sizes = [1000, 100, 10, 500]
+    natural = np.asarray(sizes) / sum(sizes)
+    r = mixture_rates(sizes, None)
+    assert np.allclose(r, natural)  # no weights: the natural shares
+    r = mixture_rates(sizes, [1, 1, 1, 1], 0.3, 3.0)  # uniform wish: small tasks up, big down
+    assert r.sum() == pytest.approx(1.0)
+    assert (r >= 0.3 * natural - 1e-12).all() and (r <= 3.0 * natural + 1e-12).all()
+    assert r[2] == pytest.approx(3.0 * natural[2])  # the smallest task hits the 3x ceiling
+    r = mixture_rates([100, 100], [1000, 1], 0.3, 3.0)  # a huge down-weight stops at 0.3x
+    assert r[1] == pytest.approx(0.3 * 0.5) and r[0] == pytest.approx(0.85)
+    r = mixture_rates([10, 10, 10], [2, 1, None], 0.0, 100.0)  # no clipping: the weights (None = size)
+    assert np.allclose(r, np.array([2, 1, 10]) / 13)
+    with pytest.raises(ValueError, match="non-empty pool"):
+        mixture_rates([10, 0], None)
+
+
+@pytest.fixture(scope="module")
+def codec(tmp_path_factory):
+    return DocumentCodec.load(make_text_tokenizer(tmp_path_factory.mktemp("tok"), n_codes=16, hw=4))
+
+
+def fake_pools(n: dict[str, int]) -> dict[str, list[dict]]:
+    rng = np.random.default_rng(0)
+    return {
+        "caption_short": [{"image": rng.integers(0, 16, (4, 4)), "caption": f"a red circle {i}", "captions": ["a", "b"]} for i in range(n["caption_short"])],
+        "vqa": [{"image": rng.integers(0, 16, (4, 4)), "question": "what color?", "answer": "red"} for _ in range(n["vqa"])],
+        "text2image": [{"image": rng.integers(0, 16, (4, 4)), "caption": "a blue square"} for _ in range(n["text2image"])],
+    }
+
+
+def test_sampling_follows_the_rates_and_is_deterministic(codec):
+    pools = fake_pools({"caption_short": 500, "vqa": 50, "text2image": 20})
+    rates = mixture_rates([500, 50, 20], [1, 1, 1], 0.3, 3.0)
+    ds = SFTSequences(pools, codec, seq_len=48, length=20000, rates=rates, seed=3)
+    counts = np.zeros(3)
+    for i in range(len(ds)):
+        counts[ds.tasks.index(ds.task_of(i)[0])] += 1
+    empirical = counts / counts.sum()
+    assert np.abs(empirical - rates).max() < 0.015, (empirical, rates)
+    a, b = ds[123], ds[123]
+    assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["weights"], b["weights"])
+    other = SFTSequences(pools, codec, seq_len=48, length=20000, rates=rates, seed=4)
+    assert [ds.task_of(i) for i in range(50)] != [other.task_of(i) for i in range(50)]
+
+
+def test_items_put_the_loss_on_targets_only(codec):
+    v = codec.vocab
+    ds = SFTSequences(fake_pools({"caption_short": 5, "vqa": 5, "text2image": 5}), codec, seq_len=48, length=60)
+    for i in range(60):
+        item = ds[i]
+        ids, w = item["ids"].tolist(), item["weights"]
+        n = ids.index(v.eos) + 1
+        prompt, target = split_target(ids[:n], codec)
+        # weights[t] is the loss of predicting ids[t + 1]: zero up to the prompt's <break>
+        assert w[: len(prompt) - 1].sum() == 0
+        assert (w[len(prompt) - 1 : n - 1] == 1).all() and w[n - 1 :].sum() == 0
+        assert len(target) + 1 == int(w.sum())
+    val = SFTSequences(fake_pools({"caption_short": 3, "vqa": 2, "text2image": 1}), codec, seq_len=48, sample=False)
+    assert len(val) == 6 and [val.task_of(i)[0] for i in range(6)] == ["caption_short"] * 3 + ["vqa"] * 2 + ["text2image"]
+
+
+# --- shapes world --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_tokenizer():
+    from lit_cm3leon.tokenizer.image import load_image_tokenizer
+
+    return load_image_tokenizer("shapes")
+
+
+def test_shapes_pools_cover_every_task_and_cache_codes(image_tokenizer, tmp_path):
+    from lit_cm3leon.data.shapes import ShapesWorld
+
+    world = ShapesWorld()
+    pools = shapes_pools(world, "train", 0, 12, image_tokenizer, tmp_path)
+    assert set(pools) == set(TASKS) and all(pools[t] for t in TASKS)
+    assert len(pools["caption_short"]) == 12 and len(pools["vqa"]) >= 12 * 3 and len(pools["reasoning"]) == 24
+    assert {ex["answer"] for ex in pools["reasoning"]} == {"yes", "no"}
+    s = world.sample("train", 3)
+    assert pools["caption_long"][3]["caption"] == s.caption_long
+    assert pools["edit"][3]["instruction"] == s.edit.instruction
+    expected = image_tokenizer.encode(s.edit.after_image[None])[0].numpy()
+    assert np.array_equal(pools["edit"][3]["target"], expected)
+    caches = sorted(p.name for p in tmp_path.glob("sft-shapes-*.npz"))
+    assert len(caches) == 4  # scene, edited scene, segmentation map, edge map
+    # a second build reads the cache (same codes, no encoding)
+    calls = []
+    real = image_tokenizer.encode
+    image_tokenizer.encode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        again = shapes_pools(world, "train", 0, 12, image_tokenizer, tmp_path)
+    finally:
+        image_tokenizer.encode = real
+    assert not calls and np.array_equal(again["seg2image"][5]["condition"], pools["seg2image"][5]["condition"])
+
+
+# --- fit through the entry point -----------------------------------------------------------
+@pytest.fixture
+def artifacts(tmp_path, image_tokenizer):
+    from lit_cm3leon.model import ModelConfig, build_model
+    from lit_cm3leon.training.checkpoint import save_decoder
+
+    out = tmp_path / "outputs"
+    root = make_text_tokenizer(out / "text_tokenizer", n_codes=256, hw=8)
+    image_tokenizer.save(out / "image_tokenizer")
+    vocab = Vocab.load(root / "vocab.json")
+    cfg = ModelConfig(vocab_size=vocab.size, n_layer=2, n_head=4, d_model=64, max_seq_len=256)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.pos_emb.weight.fill_(0.25)  # a mark no fresh initialisation has (std 0.0002)
+    save_decoder(out / "pretrain", model, vocab, step=7)
+    return out
+
+
+def overrides(steps: int) -> list[str]:
+    return [
+        "experiment=sft", "model=debug", "data.shapes.n_train=24", "data.shapes.n_val=4", "data.val_per_task=2",
+        "data.batch_size=4", f"trainer.max_steps={steps}", "trainer.val_check_interval=5", "trainer.limit_val_batches=3",
+        "trainer.precision=32-true", "logger=csv", "module.warmup_steps=2", "module.lr=3e-3",
+    ]
+
+
+def test_sft_fit_starts_from_pretrain_and_publishes(compose, artifacts):
+    from lit_cm3leon.training.checkpoint import load_decoder
+
+    before, _, _ = load_decoder(artifacts / "pretrain")
+    metrics = train(compose(overrides(10)))
+    assert np.isfinite(metrics["train/loss"]) and "val/loss" in metrics
+    model, vocab, record = load_decoder(artifacts / "sft", vocab=Vocab.load(artifacts / "text_tokenizer" / "vocab.json"))
+    assert record["step"] == 10 and (artifacts / "sft" / "manifest.json").is_file()
+    # training started from the pretrained weights (their mark is still there) and moved them
+    pos = record["state_dict"]["pos_emb.weight"]
+    assert (pos - 0.25).abs().max() < 0.1
+    name = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(before.state_dict()[name], record["state_dict"][name])
+
+
+def test_missing_pretrain_checkpoint_names_the_command(compose, artifacts):
+    from lit_cm3leon.utils.config import ConfigError
+
+    (artifacts / "pretrain" / "model.pt").unlink()
+    with pytest.raises(ConfigError, match="experiment=pretrain"):
+        train(compose(overrides(2)))
