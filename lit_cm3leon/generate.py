@@ -85,7 +85,8 @@ def image_to_text(cfg: DictConfig, engine) -> dict:
     if cfg.task == "vqa" and not cfg.question:
         raise ValueError('task=vqa needs question="..."')
     codes = engine.image_tokenizer.encode(open_image(cfg.image)).numpy()
-    prompt = inference_prompt(cfg.task, codec=engine.codec, codes=codes[0], question=cfg.question)
+    template = "caption_long" if cfg.task == "caption" else "vqa"
+    prompt = inference_prompt(template, engine.codec, image=codes[0], question=cfg.question)
     text = engine.image_to_text(codes, Decoding.from_mapping(cfg), seed=cfg.seed, prompts=[prompt])[0]
     print(text)
     return {"image": str(cfg.image), "question": cfg.question, "output": text}
