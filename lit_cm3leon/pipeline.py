@@ -22,6 +22,7 @@ from pathlib import Path
 from lit_cm3leon.utils.manifest import read_manifest
 
 PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -30,9 +31,12 @@ class Stage:
     command: list[str]
     reduced: list[str] = field(default_factory=list)  # extra args for --budget reduced
     budget_min: float = 0.0  # minutes on 2 cores at the full budget
+    marker: str = "manifest.json"  # the file whose presence marks the stage finished
 
     def done(self, out: Path) -> bool:
-        return read_manifest(out / self.name) is not None
+        if self.marker == "manifest.json":
+            return read_manifest(out / self.name) is not None
+        return (out / self.name / self.marker).is_file()
 
 
 def fit(experiment: str, *overrides: str) -> list[str]:
@@ -43,21 +47,31 @@ def prepare(*args: str) -> list[str]:
     return [PY, "-m", "lit_cm3leon.prepare", *args]
 
 
+def evaluate(script: str, name: str, *args: str) -> list[str]:
+    return [PY, str(ROOT / "eval" / f"{script}.py"), "--outputs", "{o}", "--out", f"{{o}}/{name}/metrics.json", *args]
+
+
 def stages(out: Path) -> list[Stage]:
     o = str(out)
+
+    def ev(script: str, name: str, *args: str, reduced=(), budget_min: float = 0.5) -> Stage:
+        cmd = [c.replace("{o}", o) for c in evaluate(script, name, *args)]
+        return Stage(name, cmd, list(reduced), budget_min, marker="metrics.json")
+
+    t2i = ("--strategy", "cfg_topp", "--cfg-scale", "3", "--num-samples", "1", "--seed", "0")
     return [
         Stage("text_tokenizer", prepare("text-tokenizer", "--out", f"{o}/text_tokenizer"), budget_min=0.5),
         Stage("image_tokenizer", fit("tokenizer"), ["trainer.max_steps=150"], budget_min=3.5),
         Stage(
             "tokens/shapes-train",
-            prepare("tokenize", "--source", "shapes", "--split", "train", "--n", "20000",
+            prepare("tokenize", "--source", "shapes", "--split", "train", "--n", "20000", "--caption", "long",
                     "--tokenizer", f"{o}/image_tokenizer", "--out", f"{o}/tokens/shapes-train"),
             ["--n", "4000"],
             budget_min=0.5,
         ),
         Stage(
             "tokens/shapes-heldout",
-            prepare("tokenize", "--source", "shapes", "--split", "heldout", "--n", "1000",
+            prepare("tokenize", "--source", "shapes", "--split", "heldout", "--n", "1000", "--caption", "long",
                     "--tokenizer", f"{o}/image_tokenizer", "--out", f"{o}/tokens/shapes-heldout"),
             ["--n", "500"],
             budget_min=0.2,
@@ -71,6 +85,22 @@ def stages(out: Path) -> list[Stage]:
             budget_min=1.0,
         ),
         Stage("pretrain", fit("pretrain"), ["trainer.max_steps=150", "trainer.val_check_interval=150"], budget_min=7.0),
+        Stage("untrained", fit("pretrain", "trainer.max_steps=0", "task=untrained", "stage=untrained",
+                               "~callbacks.sample_grid"), budget_min=0.2),
+        Stage("sft", fit("sft"), ["trainer.max_steps=100", "trainer.val_check_interval=100"], budget_min=4.0),
+        ev("perplexity", "eval/perplexity", "--ckpt", f"{o}/pretrain", "--n", "500", reduced=("--n", "100")),
+        *[ev("coco_fid", f"eval/t2i_k{k}", "--ckpt", f"{o}/pretrain", "--retrieve-k", str(k), *t2i, "--n", "1000",
+             reduced=("--n", "100")) for k in (0, 1, 2)],
+        ev("coco_fid", "eval/t2i_untrained", "--ckpt", f"{o}/untrained", "--retrieve-k", "0", *t2i, "--n", "1000",
+           reduced=("--n", "100")),
+        ev("coco_fid", "eval/t2i_cfg1", "--ckpt", f"{o}/pretrain", "--retrieve-k", "0", "--strategy", "cfg_topp",
+           "--cfg-scale", "1", "--num-samples", "1", "--seed", "0", "--n", "1000", reduced=("--n", "100")),
+        ev("coco_fid", "eval/t2i_n8", "--ckpt", f"{o}/pretrain", "--retrieve-k", "0", "--strategy", "cfg_topp",
+           "--cfg-scale", "3", "--num-samples", "8", "--seed", "0", "--n", "250", reduced=("--n", "50")),
+        *[ev("captioning", f"eval/captioning_{m}", "--ckpt", f"{o}/{m}", "--n", "500", reduced=("--n", "100"))
+          for m in ("pretrain", "sft")],
+        *[ev("vqa", f"eval/vqa_{m}", "--ckpt", f"{o}/{m}", "--n", "1000", reduced=("--n", "200"))
+          for m in ("pretrain", "sft")],
     ]
 
 
