@@ -332,6 +332,9 @@ def test_generate_errors(model):
         generate(model, prompts, VOCAB, 5, strategy="cfg_topp")
     with pytest.raises(ValueError, match="unknown strategy"):
         generate(model, prompts, VOCAB, 5, strategy="beam")
+    with pytest.raises(ValueError, match="edit guidance"):
+        generate(model, prompts, VOCAB, 5, strategy="topp", image_only_prompts=prompts)
+    assert generate(model, [], VOCAB, 5, strategy="topp") == []
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, prompts, VOCAB, 1000, strategy="topp")
 

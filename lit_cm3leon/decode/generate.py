@@ -171,7 +171,13 @@ def generate(
     rows_strategy = row_strategies(strategy, len(prompts))
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if image_only_prompts is not None and strategy != "cfg_topp":
+        raise ValueError(
+            f"image_only_prompts (edit guidance) need strategy 'cfg_topp', got {strategy!r}"
+        )
     N = len(prompts)
+    if N == 0:
+        return []
     streams = [prompts]
     if strategy in GUIDED:
         if uncond_prompts is None or len(uncond_prompts) != N:
