@@ -370,6 +370,10 @@ def test_param_dtype_copy_leaves_model_untouched(model):
     for toks in out:
         _check_image_output(toks)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    model.train()
+    generate(model, prompts, VOCAB, 3, strategy="topp")
+    assert model.training
+    model.eval()
 
 
 def test_sample_follows_the_distribution_and_skips_masked_tokens():

@@ -244,7 +244,8 @@ def generate(
         )
         cache = KVCache.allocate(config, R, total, device=device, dtype=dtype)
 
-    model.eval()
+    was_training = model.training
+    model.eval()  # restored before returning (generation may run inside a training loop)
     out = torch.full((N, max_new_tokens), vocab.pad, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     lengths = torch.full((N,), max_new_tokens, dtype=torch.long, device=device)
@@ -293,4 +294,5 @@ def generate(
         valid[:, S] = True
         S += 1
 
+    model.train(was_training)
     return [out[i, : lengths[i]].tolist() for i in range(N)]
