@@ -332,6 +332,9 @@ def test_generate_errors(model):
         generate(model, prompts, VOCAB, 5, strategy="cfg_topp")
     with pytest.raises(ValueError, match="unknown strategy"):
         generate(model, prompts, VOCAB, 5, strategy="beam")
+    with pytest.raises(ValueError, match="edit guidance"):
+        generate(model, prompts, VOCAB, 5, strategy="topp", image_only_prompts=prompts)
+    assert generate(model, [], VOCAB, 5, strategy="topp") == []
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, prompts, VOCAB, 1000, strategy="topp")
 
@@ -367,3 +370,20 @@ def test_param_dtype_copy_leaves_model_untouched(model):
     for toks in out:
         _check_image_output(toks)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    model.train()
+    generate(model, prompts, VOCAB, 3, strategy="topp")
+    assert model.training
+    model.eval()
+
+
+def test_sample_follows_the_distribution_and_skips_masked_tokens():
+    from lit_cm3leon.decode import sample
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.0, 0.2])
+    logits = probs.log().expand(20000, 5)
+    g = torch.Generator().manual_seed(0)
+    draws = sample(logits, g)
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert freq[1] == 0 and freq[3] == 0
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+    assert sample(logits[:3], greedy=True).tolist() == [0, 0, 0]

@@ -143,6 +143,15 @@ def test_kv_cache_without_padding_and_reorder():
     out += [model(ids[:, t : t + 1], cache=cache) for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
 
+    # prefill in two chunks (the second chunk is causal with an offset)
+    cache = KVCache.allocate(model.config, 2, 9)
+    out = [
+        model(ids[:, :3], cache=cache),
+        model(ids[:, 3:7], cache=cache),
+        model(ids[:, 7:], cache=cache),
+    ]
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
+
     # batch selection: keep row 1 twice, then continue decoding
     cache = KVCache.allocate(model.config, 2, 9)
     model(ids[:, :5], cache=cache)

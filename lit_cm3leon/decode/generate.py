@@ -171,7 +171,13 @@ def generate(
     rows_strategy = row_strategies(strategy, len(prompts))
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if image_only_prompts is not None and strategy != "cfg_topp":
+        raise ValueError(
+            f"image_only_prompts (edit guidance) need strategy 'cfg_topp', got {strategy!r}"
+        )
     N = len(prompts)
+    if N == 0:
+        return []
     streams = [prompts]
     if strategy in GUIDED:
         if uncond_prompts is None or len(uncond_prompts) != N:
@@ -238,7 +244,8 @@ def generate(
         )
         cache = KVCache.allocate(config, R, total, device=device, dtype=dtype)
 
-    model.eval()
+    was_training = model.training
+    model.eval()  # restored before returning (generation may run inside a training loop)
     out = torch.full((N, max_new_tokens), vocab.pad, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     lengths = torch.full((N,), max_new_tokens, dtype=torch.long, device=device)
@@ -287,4 +294,5 @@ def generate(
         valid[:, S] = True
         S += 1
 
+    model.train(was_training)
     return [out[i, : lengths[i]].tolist() for i in range(N)]

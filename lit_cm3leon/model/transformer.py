@@ -243,6 +243,10 @@ class CM3LeonTransformer(nn.Module):
             raise ValueError(
                 f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}"
             )
+        if attn_mask is None and past > 0 and T > 1:  # chunk after a cached prefix: offset causal
+            attn_mask = attention_mask(
+                torch.ones(B, past + T, dtype=torch.bool, device=idx.device), T
+            )
         x = self.tok_emb(idx) + self.pos_emb(positions)  # [B, T, C]
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
