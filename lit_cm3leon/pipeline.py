@@ -140,12 +140,19 @@ def run(argv: list[str] | None = None) -> int:
                                "budget_min": stage.budget_min}
         timing_path.write_text(json.dumps(timings, indent=2))
         print(f"{head}: finished in {timings[stage.name]['seconds']:.0f} s", flush=True)
+    from lit_cm3leon.report import main as report
+
+    t0 = time.time()
+    report(["--outputs", str(out)])
+    timings["report"] = {"seconds": round(time.time() - t0, 1), "budget": args.budget, "budget_min": 0.5}
+    timing_path.write_text(json.dumps(timings, indent=2))
     print("\nWhat the pipeline wrote:")
     for stage in todo:
         m = read_manifest(out / stage.name)
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in (m or {}).get("metrics", {}).items()
                             if isinstance(v, int | float))
         print(f"  outputs/{stage.name}/  {metrics}")
+    print(f"\nThe report: {out / 'report.md'}")
     return 0
 
 

@@ -1,0 +1,202 @@
+"""``python -m lit_cm3leon.report [--outputs outputs]``: ``outputs/report.md`` from what the
+pipeline published (manifests, eval ``metrics.json`` files, sample folders, stage times).
+
+Every number in the report is read from a file a stage wrote; a stage that has not run shows
+as "not run". The paper's figures stand beside ours, labelled, and the paper's four findings
+are each marked reproduced or not, with the numbers that decide it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lit_cm3leon.evaluation.paper import SOURCE, TABLE1, TABLE2
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if isinstance(x, int | float) and np.isfinite(x):
+        return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+    return "–"
+
+
+def _ci(rec: dict | None, key: str, digits: int = 3) -> str:
+    pair = (rec or {}).get("ci95", {}).get(key)
+    return f"[{pair[0]:.{digits}f}, {pair[1]:.{digits}f}]" if pair and len(pair) == 2 else "–"
+
+
+class Report:
+    def __init__(self, outputs: Path) -> None:
+        self.out = outputs
+        self.lines: list[str] = []
+
+    def ev(self, name: str) -> dict | None:
+        return _load(self.out / "eval" / name / "metrics.json")
+
+    def manifest(self, stage: str) -> dict | None:
+        return _load(self.out / stage / "manifest.json")
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    # --- sections ------------------------------------------------------------------------
+    def stages(self) -> None:
+        timings = _load(self.out / "pipeline.json") or {}
+        self.add("## Stages", "", "| stage | wall time (s) | budget (min, full run) | run |", "| --- | --- | --- | --- |")
+        for name, t in timings.items():
+            self.add(f"| {name} | {t['seconds']:.0f} | {t.get('budget_min', 0):g} | {t.get('budget', '')} |")
+        total = sum(t["seconds"] for t in timings.values())
+        self.add("", f"Total wall time: {total / 60:.1f} min.", "")
+
+    def tokenizers(self) -> None:
+        m = (self.manifest("image_tokenizer") or {}).get("metrics", {})
+        r = (self.manifest("retriever") or {}).get("metrics", {})
+        self.add("## Tokenizer and retriever", "", "| what | ours |", "| --- | --- |")
+        for k in ("psnr", "codebook_usage", "perplexity", "parser_agreement"):
+            self.add(f"| image tokenizer {k} | {_num(m.get(k))} |")
+        for k, v in sorted(r.items()):
+            if "recall" in k or "r1" in k or "r5" in k or "chance" in k:
+                self.add(f"| retriever {k} | {_num(v)} |")
+        self.add("")
+
+    def table1(self) -> dict:
+        rows = {k: self.ev(f"t2i_k{k}") for k in (0, 1, 2)}
+        untrained = self.ev("t2i_untrained")
+        self.add(
+            "## Table 1 layout: zero-shot text-to-image", "",
+            "Ours: shapes-world protocol, held-out prompts, FID on the evaluation CLIP's image features "
+            "(FID-CLIP, not comparable with Inception FID); the paper: MS-COCO 30K, Inception FID.", "",
+            "| source | model | retrieved docs | FID | CLIP score | attribute acc. | n |", "| --- | --- | --- | --- | --- | --- | --- |",
+        )
+        for row in TABLE1:
+            self.add(f"| {SOURCE} | {row['model']} | {row['retrieve_k']} | {row['fid']:.2f} (Inception) | – | – | 30000 |")
+        for k, rec in rows.items():
+            self._t2i_row(f"ours, pretrained (cfg_topp, CFG {(rec or {}).get('cfg_scale', '')})", k, rec)
+        self._t2i_row("ours, untrained (baseline)", 0, untrained)
+        self.add("")
+        return {"rows": rows, "untrained": untrained}
+
+    def _t2i_row(self, label: str, k: int, rec: dict | None) -> None:
+        if rec is None:
+            self.add(f"| ours | {label} | {k} | not run | | | |")
+            return
+        self.add(
+            f"| ours | {label} | {k} | {_num(rec.get('fid'))} {_ci(rec, 'fid')} | {_num(rec.get('clip_score'), 2)} | "
+            f"{_num(rec.get('attr_acc'))} {_ci(rec, 'attr_acc')} | {rec.get('n')} |"
+        )
+
+    def decoding(self) -> dict:
+        base, cfg1, n8 = self.ev("t2i_k0"), self.ev("t2i_cfg1"), self.ev("t2i_n8")
+        self.add("## Decoding: CFG and re-ranking (pretrained model, no retrieval)", "",
+                 "| setting | FID-CLIP | CLIP score | attribute acc. | n |", "| --- | --- | --- | --- | --- |")
+        for label, rec in (("cfg_scale 1 (no guidance)", cfg1), ("cfg_scale 3", base), ("cfg_scale 3, 8 samples + CLIP re-rank", n8)):
+            if rec is None:
+                self.add(f"| {label} | not run | | | |")
+            else:
+                self.add(f"| {label} | {_num(rec.get('fid'))} | {_num(rec.get('clip_score'), 2)} | "
+                         f"{_num(rec.get('attr_acc'))} {_ci(rec, 'attr_acc')} | {rec.get('n')} |")
+        self.add("")
+        return {"cfg1": cfg1, "cfg3": base, "n8": n8}
+
+    def perplexity(self) -> dict | None:
+        rec = self.ev("perplexity")
+        self.add("## Held-out image-token perplexity", "", "| model input | perplexity | 95% CI |", "| --- | --- | --- |")
+        if rec is None:
+            self.add("| not run | | |", "")
+            return None
+        for key in sorted(k for k in rec if k.startswith("ppl_image")):
+            self.add(f"| {key.replace('ppl_image_', '')} | {_num(rec[key])} | {_ci(rec, key)} |")
+        self.add("", "k<n>: pretrained decoder with n retrieved documents; unigram: per-position code frequencies of the training shards.", "")
+        return rec
+
+    def table2(self) -> dict:
+        caps = {m: self.ev(f"captioning_{m}") for m in ("pretrain", "sft")}
+        vqas = {m: self.ev(f"vqa_{m}") for m in ("pretrain", "sft")}
+        self.add("## Table 2 layout: image to text", "",
+                 "| source | model | CIDEr | caption attribute acc. | VQA acc. (%) |", "| --- | --- | --- | --- | --- |")
+        self.add(f"| {SOURCE} | {TABLE2['model']} (MS-COCO, VQA2) | {TABLE2['MS-COCO CIDEr']} | – | {TABLE2['VQA2 acc.']} |")
+        for m in ("pretrain", "sft"):
+            c, v = caps[m] or {}, vqas[m] or {}
+            self.add(f"| ours, shapes | {m} | {_num(c.get('CIDEr'))} | {_num(c.get('caption_attr_acc'))} | {_num(v.get('overall'), 2)} |")
+        c, v = caps["sft"] or {}, vqas["sft"] or {}
+        self.add(f"| ours, shapes | baseline: most frequent caption / question-type prior | {_num(c.get('baseline_CIDEr'))} | "
+                 f"{_num(c.get('baseline_caption_attr_acc'))} | {_num(v.get('baseline_overall'), 2)} |", "")
+        return {"cap": caps, "vqa": vqas}
+
+    def figures(self) -> None:
+        self.add("## Figures", "")
+        for name, title in (("t2i_k2", "Text to image, 2 retrieved documents"), ("t2i_k0", "Text to image, no retrieval")):
+            grid = self.out / "eval" / name / "grid.png"
+            if grid.is_file():
+                self.add(f"### {title}", "", f"![{title}]({grid.relative_to(self.out)})", "")
+        plot = next(iter(sorted((self.out / "eval").glob("ablation*/*.png"))), None) if (self.out / "eval").is_dir() else None
+        if plot:
+            self.add("### Decoding ablation (paper Figure 4 layout)", "", f"![ablation]({plot.relative_to(self.out)})", "")
+        for m in ("sft",):
+            preds = _load(self.out / "eval" / f"captioning_{m}" / "predictions.json")
+            if preds:
+                self.add(f"### Captions ({m})", "", *[f"- {p['caption']}" for p in preds[:8]], "")
+
+    def findings(self, t1: dict, dec: dict, ppl: dict | None, t2: dict) -> None:
+        self.add("## The paper's findings on the shapes world", "")
+
+        def verdict(ok: bool | None) -> str:
+            return "not run" if ok is None else ("**reproduced**" if ok else "**not reproduced**")
+
+        fids = [(r or {}).get("fid") for r in t1["rows"].values()]
+        ok1 = None if None in fids else fids[0] > fids[1] > fids[2]
+        ppl_note = ""
+        if ppl:
+            ppl_note = f"; image perplexity k0 {_num(ppl.get('ppl_image_k0'))}, k2 {_num(ppl.get('ppl_image_k2'))}"
+        self.add(f"1. Retrieval lowers FID (0 -> 1 -> 2 documents): {verdict(ok1)}: FID-CLIP {', '.join(_num(f) for f in fids)}{ppl_note}.")
+        abl = _load(self.out / "eval" / "ablation" / "findings.json")
+        self.add(f"2. The best CFG scale is about the same across model sizes: {verdict(None if abl is None else abl.get('finding2'))}"
+                 + (f": {abl.get('finding2_detail', '')}" if abl else "."))
+        self.add(f"3. The mixed strategy keeps improving with more samples: {verdict(None if abl is None else abl.get('finding3'))}"
+                 + (f": {abl.get('finding3_detail', '')}" if abl else "."))
+        cp, cs = (t2["cap"]["pretrain"] or {}).get("CIDEr"), (t2["cap"]["sft"] or {}).get("CIDEr")
+        vp, vs = (t2["vqa"]["pretrain"] or {}).get("overall"), (t2["vqa"]["sft"] or {}).get("overall")
+        ok4 = None if None in (cp, cs, vp, vs) else (cs > cp and vs > vp)
+        self.add(f"4. SFT lifts VQA and captioning over the pretrained model: {verdict(ok4)}: CIDEr {_num(cp)} -> {_num(cs)}, "
+                 f"VQA {_num(vp, 2)} -> {_num(vs, 2)}.", "")
+
+    def build(self) -> str:
+        self.add("# lit_cm3leon report: the shapes world", "",
+                 "Made by `python -m lit_cm3leon.report` from the files under outputs/. Paper figures are labelled "
+                 f"\"{SOURCE}\"; every other number comes from this run.", "")
+        self.stages()
+        self.tokenizers()
+        t1 = self.table1()
+        dec = self.decoding()
+        ppl = self.perplexity()
+        t2 = self.table2()
+        self.findings(t1, dec, ppl, t2)
+        self.figures()
+        return "\n".join(self.lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--outputs", default="outputs", help="the pipeline's outputs/ folder")
+    args = ap.parse_args(argv)
+    out = Path(args.outputs)
+    text = Report(out).build()
+    (out / "report.md").write_text(text)
+    print(f"wrote {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
