@@ -180,3 +180,22 @@ def test_prepare_tokenize_webdataset_shards(tok, tmp_path):
     assert [r["text"] for r in recs] == ["a red thing"] and recs[0]["url"] == "http://x/000000000"
     assert recs[0]["doc_id"] == 0
     assert man["count"] == len(recs) + len((out / "shard-00001.jsonl").read_text().splitlines())
+
+
+def test_prepare_tokenize_shapes_parallel(tok, tmp_path):
+    shapes = pytest.importorskip("lit_cm3leon.data.shapes")
+    from lit_cm3leon.data.pretokenize import cli
+
+    tok_dir = tok.save(tmp_path / "tok")
+    out = tmp_path / "shapes"
+    argv = ["--source", "shapes", "--split", "heldout", "--n", "10", "--shard-size", "4", "--workers", "2",
+            "--tokenizer", str(tok_dir), "--out", str(out)]
+    assert cli(argv) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["count"] == 10 and len(man["shards"]) == 3 and man["bad"] == {}
+    recs = [json.loads(x) for s in sorted(out.glob("shard-*.jsonl")) for x in s.read_text().splitlines()]
+    world = shapes.ShapesWorld()
+    s7 = world.sample("heldout", 7)
+    assert recs[7]["doc_id"] == 7 and recs[7]["text"] == s7.caption_short
+    codes = np.concatenate([np.load(p)["codes"] for p in sorted(out.glob("shard-*.npz"))])
+    assert np.array_equal(codes[7], tok.encode(s7.image)[0].numpy())  # workers match in-process encoding
