@@ -36,7 +36,7 @@ def test_clip_training_smoke(tmp_path):
                               caption="both", n_val=64)
     dm.setup("fit")
     assert (dm.train_set.indices % 2 == 0).all() and len(dm.train_set) == 320
-    module = CLIPModule(max_steps=20, warmup_steps=5)
+    module = CLIPModule(arch="shapes-clip-debug", max_steps=20, warmup_steps=5, lr=3e-3)
     losses = []
 
     class Record(L.Callback):
@@ -50,31 +50,47 @@ def test_clip_training_smoke(tmp_path):
     assert len(losses) == 20 and np.mean(losses[-5:]) < np.mean(losses[:5])
     assert {"t2i_r1", "t2i_r5", "i2t_r1", "t2i_r1_chance"} <= set(module.last_metrics)
     out = module.export(tmp_path / "retriever")
-    assert out["val/t2i_r5"] >= out["val/t2i_r5_chance"] and out["dim"] == 128
+    assert out["val/t2i_r5"] >= out["val/t2i_r5_chance"] and out["dim"] == 64
     enc = ClipEncoder.load(tmp_path / "retriever")
     assert enc.hash == out["encoder_hash"]
 
 
-def _compose(name, overrides=()):
+MINIMAL_ROOT = """
+defaults:
+  - _self_
+  - data: null
+  - optional retrieval: default
+  - experiment: null
+stage: null
+seed: 0
+module: null
+paths: {output_dir: outputs, data_dir: data}
+trainer: {max_steps: 1000, val_check_interval: 500}
+"""
+
+
+def _compose(name, tmp_path, overrides=()):
+    """Compose with the suite's fit.yaml, or with a minimal root while it is not there."""
+    import shutil
+
     from hydra import compose, initialize_config_dir
 
-    root = "fit" if (CONFIGS / "fit.yaml").is_file() else None
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        if root:
-            return compose(root, overrides=[f"experiment={name}", *overrides])
-        # before the suite's fit.yaml exists: the experiment alone, with the paths it needs
-        cfg = compose(f"experiment/{name}", overrides=list(overrides))
-        from omegaconf import OmegaConf
-
-        return OmegaConf.merge({"paths": {"output_dir": "outputs"}}, cfg)
+    root = CONFIGS
+    if not (CONFIGS / "fit.yaml").is_file():
+        root = tmp_path / "configs"
+        shutil.copytree(CONFIGS, root)
+        (root / "fit.yaml").write_text(MINIMAL_ROOT)
+    with initialize_config_dir(str(root), version_base="1.3"):
+        return compose("fit", overrides=[f"experiment={name}", *overrides])
 
 
 @pytest.mark.parametrize("name,parity,seed", [("retriever", 0, 0), ("eval_clip", 1, 1)])
-def test_experiment_configs_compose_and_instantiate(name, parity, seed):
+def test_experiment_configs_compose_and_instantiate(name, parity, seed, tmp_path):
     from hydra.utils import instantiate
 
-    cfg = _compose(name)
+    cfg = _compose(name, tmp_path)
     assert cfg.stage == name and cfg.data.parity == parity and cfg.seed == seed
+    assert cfg.data.seed == seed and cfg.retrieval.max_score == 0.9
     assert cfg.module.max_steps == cfg.trainer.max_steps
     cfg.data.world = {"_target_": "shapes_standin.StandinWorld"}
     dm = instantiate(cfg.data)

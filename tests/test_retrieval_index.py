@@ -117,6 +117,25 @@ def test_cli_token_shards_with_files_and_bad_records(saved_encoder, tmp_path):
     assert bank.doc_ids.tolist() == [10, 11]
     assert bank.multimodal.tolist() == [True, False]
     assert bank.meta["shard"].tolist() == [3, 3] and bank.meta["row"].tolist() == [0, 1]
-    assert bank.manifest["skipped"] == 2
+    assert bank.manifest["skipped"] == {"unreadable_image": 1, "bad_record": 1}
     with pytest.raises(FileNotFoundError, match="shard-"):
         cli(["--encoder", str(d), "--tokens", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_cli_shapes_token_shards_rerender_by_index(saved_encoder, tmp_path):
+    from shapes_standin import StandinWorld
+
+    d, enc = saved_encoder
+    tok = tmp_path / "tokens"
+    tok.mkdir()
+    world = StandinWorld(seed=0)
+    recs = [{"doc_id": i, "text": world.sample("train", i).caption_short, "source": "shapes",
+             "split": "train", "index": i} for i in (5, 9, 2)]
+    (tok / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert cli(["--encoder", str(d), "--tokens", str(tok), "--world", STANDIN,
+                "--out", str(tmp_path / "idx")]) == 0
+    bank = MemoryBank.open(tmp_path / "idx", enc)
+    assert bank.doc_ids.tolist() == [5, 9, 2] and bank.multimodal.all()
+    s = world.sample("train", 9)
+    np.testing.assert_allclose(bank.vectors([1])[0], enc.embed_document(s.caption_short, s.image),
+                               atol=1e-5)

@@ -260,41 +260,73 @@ def _load_image(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def _documents(args) -> Iterable[tuple[int, str | None, np.ndarray | None, int, int]]:
-    """(doc_id, text, image, shard, row) per document; ``None`` entries are skipped records."""
-    world = None
-    if args.source == "shapes":
-        from lit_cm3leon.data.pairs import make_world
+def _make_world(kwargs: dict):
+    """``ShapesWorld(**kwargs)``; a ``_target_`` key names another class with the same API."""
+    import importlib
 
-        world = make_world(json.loads(args.world) if args.world else {})
+    kwargs = dict(kwargs)
+    target = kwargs.pop("_target_", "lit_cm3leon.data.shapes.ShapesWorld")
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**kwargs)
+
+
+def _token_source(tokens: Path) -> dict:
+    """The ``source`` block of the shard folder's manifest (what ``prepare tokenize`` was given)."""
+    m = tokens / "manifest.json"
+    if not m.is_file():
+        return {}
+    try:
+        return dict(json.loads(m.read_text()).get("source") or {})
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def _documents(args, skipped: dict) -> Iterable[tuple[int, str | None, np.ndarray | None, int, int]]:
+    """(doc_id, text, image, shard, row) per document; bad records are counted in ``skipped``.
+
+    Images: shapes records are re-rendered from the world by (split, index); folder records are
+    read from ``<root>/<path>``; records with an ``image_path`` (absolute or relative to the shard
+    folder) are read from it.
+    """
+    world_kwargs = json.loads(args.world) if args.world else None
     if args.tokens is None:
-        if world is None or args.n is None:
+        if args.source != "shapes" or args.n is None:
             raise SystemExit("give --tokens DIR, or --source shapes --n N")
+        world = _make_world(world_kwargs or {})
         for i in range(args.n):
             s = world.sample("train", i)
             yield i, getattr(s, f"caption_{args.caption}"), s.image, -1, -1
         return
     tokens = Path(args.tokens)
+    src = _token_source(tokens)
+    if world_kwargs is None and src.get("source") == "shapes":
+        world_kwargs = {"image_size": src.get("image_size", 32), "seed": src.get("world_seed", 0)}
+    world = None
+    root = Path(src["root"]) if src.get("root") else None
     for shard_no, line_no, rec in _iter_token_records(tokens):
         if rec is None or "doc_id" not in rec:
-            yield None
+            skipped["bad_record"] = skipped.get("bad_record", 0) + 1
             continue
         if args.n is not None and rec.get("index", rec["doc_id"]) >= args.n:
             continue
         text = rec.get("text") or None
+        shapes = args.source == "shapes" or rec.get("source") == "shapes"
         try:
-            if world is not None:
+            if shapes:
+                world = world or _make_world(world_kwargs or {})
                 image = world.sample(rec.get("split", "train"), int(rec["index"])).image
             elif rec.get("image_path"):
                 p = Path(rec["image_path"])
                 image = _load_image(p if p.is_absolute() else tokens / p)
+            elif rec.get("path") and root is not None:
+                image = _load_image(root / rec["path"])
             else:
                 image = None
-        except Exception:  # unreadable image or a record without its world index
-            yield None
+        except Exception:  # unreadable image, or a shapes record without its world index
+            skipped["unreadable_image"] = skipped.get("unreadable_image", 0) + 1
             continue
         if text is None and image is None:
-            yield None
+            skipped["empty"] = skipped.get("empty", 0) + 1
             continue
         yield int(rec["doc_id"]), text, image, shard_no, line_no
 
@@ -306,7 +338,7 @@ def build_from_args(args) -> dict:
     encoder.batch_size = args.batch_size
     t0 = time.time()
     shards, cols = [], {k: [] for k in META_KEYS}
-    skipped = 0
+    skipped: dict[str, int] = {}
     buf: list = []
 
     def flush():
@@ -320,24 +352,21 @@ def build_from_args(args) -> dict:
                 cols["row"].append(b[4])
             buf.clear()
 
-    for doc in _documents(args):
-        if doc is None:
-            skipped += 1
-            continue
+    for doc in _documents(args, skipped):
         buf.append(doc)
         if len(buf) >= args.shard_size:
             flush()
     flush()
     n = sum(len(s) for s in shards)
     if n == 0:
-        raise SystemExit(f"no documents to index ({skipped} records skipped)")
+        raise SystemExit(f"no documents to index (skipped: {skipped})")
     t_embed = time.time() - t0
     params = {k: v for k, v in {"nlist": args.nlist, "nprobe": args.nprobe}.items() if v}
     t1 = time.time()
     bank = MemoryBank.build(
         shards, cols["doc_id"], cols["has_text"], cols["has_image"], cols["shard"], cols["row"],
         encoder_name=encoder.name, encoder_hash=encoder.hash, kind=args.kind, params=params,
-        extra={"source": args.source or "files", "tokens": str(args.tokens) if args.tokens else None,
+        extra={"source": args.source, "tokens": str(args.tokens) if args.tokens else None,
                "skipped": skipped, "embed_seconds": round(t_embed, 3),
                "docs_per_second": round(n / max(t_embed, 1e-9), 1)})
     bank.manifest["build_seconds"] = round(time.time() - t1, 3)
@@ -349,8 +378,9 @@ def cli(argv: list[str] | None = None) -> int:
                                 description="Embed training documents into a memory bank.")
     p.add_argument("--encoder", required=True, help="saved encoder folder (outputs/retriever)")
     p.add_argument("--tokens", default=None, help="pre-tokenized shard folder (shard-*.jsonl)")
-    p.add_argument("--source", choices=["shapes", "files"], default="files",
-                   help="shapes: re-render images from the world by index; files: jsonl image_path")
+    p.add_argument("--source", choices=["auto", "shapes", "files"], default="auto",
+                   help="shapes: re-render images from the world by (split, index); files: read "
+                        "images from the records; auto: from each record and the shard manifest")
     p.add_argument("--n", type=int, default=None, help="shapes: index world train samples 0..N-1")
     p.add_argument("--world", default=None, help='shapes: ShapesWorld kwargs as JSON, e.g. {"seed":0}')
     p.add_argument("--caption", choices=["short", "long"], default="long",
@@ -362,8 +392,8 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=8192, help="documents embedded per shard")
     p.add_argument("--batch-size", type=int, default=256, help="encoder batch size")
     args = p.parse_args(argv)
-    if args.source == "files" and args.tokens is None:
-        p.error("--source files needs --tokens DIR")
+    if args.source != "shapes" and args.tokens is None:
+        p.error(f"--source {args.source} needs --tokens DIR")
     if not Path(args.encoder).is_dir():
         p.error(f"--encoder {args.encoder} is not a folder; train it with "
                 f"`python -m lit_cm3leon.fit experiment=retriever`")
