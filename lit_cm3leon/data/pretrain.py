@@ -157,6 +157,7 @@ class PretrainDataModule(L.LightningDataModule):
         cm3: dict | None = None,
         retrieval: dict | None = None,
         seed: int = 0,
+        max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -199,8 +200,8 @@ class PretrainDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         codec = self._codec()
-        train = TokenShards(hp.tokens_dir)
-        heldout = TokenShards(hp.heldout_tokens_dir)
+        train = TokenShards(hp.tokens_dir, max_bad_fraction=hp.max_bad_fraction)
+        heldout = TokenShards(hp.heldout_tokens_dir, max_bad_fraction=hp.max_bad_fraction)
         retriever = self._retriever() if hp.n_retrieved > 0 or hp.val_retrieve_k > 0 else None
         cands = self._train_candidates(train, retriever) if retriever and hp.n_retrieved > 0 else None
         world = max(1, self.trainer.world_size) if self.trainer else 1
