@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,21 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def _build(node: DictConfig) -> Any:
+    """instantiate(node), surfacing our own clear errors (bad checkpoint, vocabulary, missing
+    file) instead of Hydra's wrapper around them."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ValueError | FileNotFoundError):
+            raise cause from None
+        raise
 
 
 def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -60,13 +76,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from hydra.utils import instantiate
 
+    from lit_cm3leon.training.checkpoint import CheckpointError
+
     validate_fit_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     log.info("datamodule <%s>", cfg.data._target_)
-    datamodule = instantiate(cfg.data)
+    datamodule = _build(cfg.data)
     log.info("module <%s>", cfg.module._target_)
-    module = instantiate(cfg.module)
+    module = _build(cfg.module)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -75,7 +93,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except pickle.UnpicklingError as err:
+            if not ckpt_path:
+                raise
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path} holds pickled objects that a safe load refuses (nothing in it "
+                "was run). Resume only from checkpoints written by lit_cm3leon, or start fresh with "
+                f"ckpt_path=null. Detail: {str(err).splitlines()[0]}"
+            ) from None
         if cfg.get("test_after_fit"):
             trainer.test(module, datamodule=datamodule)
     except BaseException:

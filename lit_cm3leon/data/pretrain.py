@@ -111,7 +111,12 @@ def pad_item(ids, weights, seq_len: int, pad_id: int) -> dict[str, torch.Tensor]
 
 
 class ResumableSampler(Sampler[int]):
-    """Indices ``start, start+1, ...`` of this rank's slice; its state is the next index."""
+    """Indices ``start, start+1, ...`` of this rank's slice; its state is the next index.
+
+    ``start`` counts this rank's items already consumed in the (single) epoch. The length stays
+    the whole epoch's, as Lightning counts a resumed epoch's batches from its beginning: a length
+    that shrank with ``start`` would end the epoch early and replay data.
+    """
 
     def __init__(self, length: int, rank: int = 0, world: int = 1) -> None:
         self.length, self.rank, self.world = length, rank, world
@@ -121,7 +126,7 @@ class ResumableSampler(Sampler[int]):
         return iter(range(self.start * self.world + self.rank, self.length, self.world))
 
     def __len__(self) -> int:
-        return max(0, (self.length - self.start * self.world - self.rank + self.world - 1) // self.world)
+        return len(range(self.rank, self.length, self.world))
 
 
 def candidates_cache_key(*parts: object) -> str:
@@ -154,6 +159,7 @@ class PretrainDataModule(L.LightningDataModule):
         cm3: dict | None = None,
         retrieval: dict | None = None,
         seed: int = 0,
+        max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -195,11 +201,13 @@ class PretrainDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         codec = self._codec()
-        train = TokenShards(hp.tokens_dir)
-        heldout = TokenShards(hp.heldout_tokens_dir)
+        train = TokenShards(hp.tokens_dir, max_bad_fraction=hp.max_bad_fraction)
+        heldout = TokenShards(hp.heldout_tokens_dir, max_bad_fraction=hp.max_bad_fraction)
         retriever = self._retriever() if hp.n_retrieved > 0 or hp.val_retrieve_k > 0 else None
         cands = self._train_candidates(train, retriever) if retriever and hp.n_retrieved > 0 else None
-        length = hp.max_steps * hp.batch_size * max(1, self.trainer.world_size if self.trainer else 1)
+        world = max(1, self.trainer.world_size) if self.trainer else 1
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
+        length = hp.max_steps * accumulate * hp.batch_size * world  # every optimizer step's batches
         cm3 = CM3Transform(codec.vocab, **(hp.cm3 or {})) if hp.cm3 is not None else None
         self.train_ds = PairSequences(
             train, codec, cands, hp.seq_len, length, hp.seed, hp.n_retrieved, hp.p_fewer,

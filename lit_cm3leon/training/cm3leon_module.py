@@ -15,13 +15,12 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-
 from omegaconf import OmegaConf
 
 from lit_cm3leon.model import ModelConfig, build_model
 from lit_cm3leon.model.parallelize import parallelize
 from lit_cm3leon.tokenizer.vocab import Vocab
-from lit_cm3leon.training.checkpoint import load_decoder, save_decoder
+from lit_cm3leon.training.checkpoint import CheckpointError, load_decoder, save_decoder
 
 
 def modality_masks(targets: torch.Tensor, vocab: Vocab) -> dict[str, torch.Tensor]:
@@ -93,7 +92,11 @@ class CM3LeonModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self._shared_step(batch, "train")
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        distributed = self.trainer.world_size > 1
+        if distributed:  # every rank must take the same branch, or the gradient all-reduce hangs
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             self._bad_steps += 1
             self.log("train/skipped_nonfinite", float(self._bad_steps))
             if self._bad_steps >= self.hparams.max_bad_steps:
@@ -101,10 +104,36 @@ class CM3LeonModule(L.LightningModule):
                     f"loss was NaN/inf for {self._bad_steps} steps in a row (step {self.global_step}): "
                     "lower the learning rate or check the data"
                 )
-            return None  # Lightning skips the optimizer step
+            if not distributed:
+                return None  # Lightning skips backward and the parameters keep their values
+            # DDP needs a backward on every rank: a zero loss over all parameters, whose gradients
+            # are then dropped in on_before_optimizer_step so the optimizer leaves them untouched
+            self._drop_grads = True
+            return sum(p.sum() for p in self.net.parameters() if p.requires_grad) * 0.0
         self._bad_steps = 0
         self._log_throughput(batch["ids"])
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if getattr(self, "_drop_grads", False):
+            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient
+            self._drop_grads = False
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a resume checkpoint of another model size or vocabulary, naming what differs."""
+        theirs = (checkpoint.get("hyper_parameters") or {}).get("model") or {}
+        ours = self.hparams.model
+        diff = [f"{k}: checkpoint {theirs[k]} vs config {ours.get(k)}"
+                for k in ("n_layer", "n_head", "d_model", "max_seq_len", "mlp_ratio")
+                if k in theirs and theirs[k] != ours.get(k)]
+        emb = checkpoint.get("state_dict", {}).get("net.tok_emb.weight")
+        if emb is not None and emb.shape[0] != self.vocab.size:
+            diff.append(f"vocabulary size: checkpoint {emb.shape[0]} vs tokenizers {self.vocab.size}")
+        if diff:
+            raise CheckpointError(
+                f"the checkpoint to resume from was trained with another model ({'; '.join(diff)}): "
+                "resume with the same model preset and tokenizers, or start fresh with ckpt_path=null"
+            )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")

@@ -1,0 +1,56 @@
+"""NaN/inf losses: the step is skipped (parameters untouched), logged, and K in a row stop the run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_cm3leon.fit import train
+from tests.fixtures import make_text_tokenizer, make_token_shards
+from tests.reliability_callbacks import PoisonAt
+
+
+@pytest.fixture
+def artifacts(tmp_path):
+    out = tmp_path / "outputs"
+    make_text_tokenizer(out / "text_tokenizer")
+    make_token_shards(out / "tokens" / "shapes-train", 40)
+    make_token_shards(out / "tokens" / "shapes-heldout", 8, seed=1)
+    PoisonAt.instances.clear()
+    return out
+
+
+def overrides(steps: int, poison: list[int], precision: str = "32-true", value: str = "nan") -> list[str]:
+    return [
+        "experiment=pretrain", "model=debug", "data.index_dir=null", "data.n_retrieved=0",
+        "data.val_retrieve_k=0", "data.seq_len=48", "data.image_tokens=16", "data.batch_size=2",
+        f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1",
+        f"trainer.precision={precision}", "trainer.gradient_clip_val=1.0", "trainer.log_every_n_steps=1",
+        "logger=csv", "trainer.enable_model_summary=false", "~callbacks.progress_bar",
+        "module.warmup_steps=1", "module.max_bad_steps=3",
+        "+callbacks.poison._target_=tests.reliability_callbacks.PoisonAt",
+        f"+callbacks.poison.steps={poison}", f"+callbacks.poison.value={value}",
+    ]
+
+
+@pytest.mark.parametrize(("precision", "value"), [("32-true", "nan"), ("bf16-mixed", "inf")])
+def test_nonfinite_step_is_skipped_and_run_continues(compose, artifacts, precision, value):
+    """With gradient clipping on, a None from training_step leaves every parameter as it was;
+    the steps around it train normally and the run reaches max_steps."""
+    metrics = train(compose(overrides(6, [2, 4], precision, value)))
+    (cb,) = PoisonAt.instances
+    assert sorted(cb.changed) == list(range(6))
+    assert not cb.changed[2] and not cb.changed[4], "a non-finite step changed the parameters"
+    assert all(cb.changed[s] for s in (0, 1, 3, 5)), cb.changed
+    assert cb.bad_logged[2] == 1.0 and cb.bad_logged[4] == 1.0  # counter resets after a good step
+    record = torch.load(artifacts / "pretrain" / "model.pt", weights_only=True)
+    assert record["step"] == 6
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_k_nonfinite_steps_in_a_row_stop_the_run(compose, artifacts):
+    with pytest.raises(FloatingPointError, match=r"NaN/inf for 3 steps in a row \(step 4\).*learning rate"):
+        train(compose(overrides(8, [2, 3, 4])))
+    (cb,) = PoisonAt.instances
+    assert not cb.changed[2] and not cb.changed[3]
+    assert not (artifacts / "pretrain" / "model.pt").exists()  # nothing published

@@ -1,0 +1,82 @@
+"""Safe loading through `fit`: pickle payloads are refused unrun, checkpoints of another model
+size or vocabulary are refused naming what differs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from lit_cm3leon.fit import train
+from lit_cm3leon.model import ModelConfig, build_model
+from lit_cm3leon.tokenizer.vocab import Vocab
+from lit_cm3leon.training.checkpoint import CheckpointError, save_decoder
+from tests.fixtures import make_text_tokenizer, make_token_shards
+
+
+@pytest.fixture
+def artifacts(tmp_path):
+    out = tmp_path / "outputs"
+    make_text_tokenizer(out / "text_tokenizer")
+    make_token_shards(out / "tokens" / "shapes-train", 40)
+    make_token_shards(out / "tokens" / "shapes-heldout", 8, seed=1)
+    return out
+
+
+def overrides(steps: int = 2) -> list[str]:
+    return [
+        "experiment=pretrain", "model=debug", "data.index_dir=null", "data.n_retrieved=0",
+        "data.val_retrieve_k=0", "data.seq_len=48", "data.image_tokens=16", "data.batch_size=2",
+        f"trainer.max_steps={steps}", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+        "trainer.precision=32-true", "logger=csv", "trainer.enable_model_summary=false",
+        "~callbacks.progress_bar",
+    ]
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_fit_refuses_pickle_payload_checkpoint_unrun(compose, artifacts, tmp_path, writer):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "evil.ckpt"
+    record = {"state_dict": {}, "global_step": 3, "payload": Payload(marker)}
+    if writer == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump(record, f)
+    else:
+        torch.save(record, path)
+    with pytest.raises(CheckpointError, match=r"ckpt_path=.*evil.ckpt.*safe load refuses.*ckpt_path=null"):
+        train(compose([*overrides(), f"ckpt_path={path}"]))
+    assert not marker.exists(), "the payload ran"
+
+
+def test_resume_checkpoint_of_another_size_names_the_difference(compose, artifacts, tmp_path):
+    train(compose(overrides()))  # writes last.ckpt with the debug preset (2 layers, d 64)
+    last = tmp_path / "logs" / "pretrain" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    cfg = compose([*overrides(4), "model.n_layer=3", "model.d_model=32"])
+    with pytest.raises(CheckpointError, match=r"n_layer: checkpoint 2 vs config 3; d_model: checkpoint 64 vs config 32"):
+        train(cfg)
+
+
+def test_init_from_decoder_of_another_size_or_vocab_is_refused(compose, artifacts, tmp_path):
+    vocab = Vocab.load(artifacts / "text_tokenizer" / "vocab.json")
+    base = {"n_layer": 2, "n_head": 4, "d_model": 64, "max_seq_len": 256}
+    other_size = build_model(ModelConfig.from_dict({**base, "n_layer": 1, "vocab_size": vocab.size}))
+    save_decoder(tmp_path / "small" / "model.pt", other_size, vocab)
+    with pytest.raises(CheckpointError, match=r"another model size \(n_layer: checkpoint 1 vs config 2\)"):
+        train(compose([*overrides(), f"module.init_from={tmp_path / 'small'}"]))
+
+    other_vocab = Vocab(n_text=vocab.n_text, n_image=32, image_h=4, image_w=4)
+    wrong = build_model(ModelConfig.from_dict({**base, "vocab_size": other_vocab.size}))
+    save_decoder(tmp_path / "vocab" / "model.pt", wrong, other_vocab)
+    with pytest.raises(ValueError, match=r"checkpoint .*made with .*but this run uses"):
+        train(compose([*overrides(), f"module.init_from={tmp_path / 'vocab'}"]))
