@@ -17,6 +17,9 @@ PRESETS: dict[str, dict] = {
     "debug": dict(n_layer=2, n_head=4, d_model=64, max_seq_len=256),
     # 6 x 256, 8 heads: the shapes world on CPU. Blocks 4,718,592.
     "shapes": dict(n_layer=6, n_head=8, d_model=256, max_seq_len=1024),
+    # 12 x 768, 12 heads, 1,024 positions: the ~100M benchmark size (bench/train.py). Blocks
+    # 84,934,656; total 100,051,968 with Vocab(n_text=8192, n_image=1024) (9,330 ids).
+    "100m": dict(n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
     # paper 350M: 24 x 1024, 16 heads. Blocks 301,989,888; total 438,538,240 (paper vocab).
     "350m": dict(n_layer=24, n_head=16, d_model=1024, max_seq_len=4096),
     # paper 760M: 24 x 1536, 24 heads (head dim 64). Blocks 679,477,248; total 884,299,776 (paper vocab).
@@ -52,7 +55,7 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:
-        """A named size (``debug shapes 350m 760m 7b``) with optional field overrides."""
+        """A named size (``debug shapes 100m 350m 760m 7b``) with optional field overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

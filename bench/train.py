@@ -1,0 +1,271 @@
+"""Training throughput: tokens/s and MFU of a full step, ours vs transformers' OPTForCausalLM.
+
+One step = forward, token-weighted cross-entropy (``weighted_token_loss``), backward, AdamW step,
+under bf16 autocast on CPU. The peer is Hugging Face ``OPTForCausalLM`` built with identical
+dimensions (no biases, affine-free pre-LN, GELU, untied head, same vocabulary and sequence
+length) and loaded with our weights, so both compute the same function; the first-step losses
+are recorded as a check. Each configuration (preset x eager/compile) is timed ``--repeats`` times,
+ours and the peer alternating, and reported as medians: the machine may be shared, so the ratio
+of the two within a repeat is the number that matters.
+
+MFU = tokens/s * FLOPs/token / peak, FLOPs/token from ``CM3LeonModule.flops_per_token`` (6 N + 12 L d T)
+and the peak = best bf16 2048^3 matmul rate measured in the same run.
+
+    PYTHONPATH=. python bench/train.py            # ~5-8 minutes on 2 CPU cores
+    PYTHONPATH=. python bench/train.py --quick    # smoke run (debug-sized, seconds)
+
+Writes ``bench/results/train.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from lit_cm3leon.model import ModelConfig, build_model  # noqa: E402
+from lit_cm3leon.model.interop import opt_config_kwargs, to_opt_state_dict  # noqa: E402
+from lit_cm3leon.tokenizer.vocab import Vocab  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name -> model preset, vocabulary, batch, sequence length, timed steps per repeat
+CONFIGS = {
+    # the shapes-world training run: configs/experiment/pretrain.yaml (seq 384, batch 8)
+    "shapes": dict(preset="shapes", vocab=(1024, 256), batch=8, seq=384, steps=6),
+    # ~100M parameters (100,051,968 with this 9,330-id vocabulary), context 1,024
+    "100m": dict(preset="100m", vocab=(8192, 1024), batch=1, seq=1024, steps=2),
+}
+QUICK = {"debug": dict(preset="debug", vocab=(256, 16), batch=2, seq=64, steps=2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# machine
+# ---------------------------------------------------------------------------------------------
+
+
+def matmul_peak(n: int = 2048, tries: int = 10, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Best FLOP/s of an ``n^3`` matmul in ``dtype`` over ``tries`` runs (after one warm-up)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# models and the training step
+# ---------------------------------------------------------------------------------------------
+
+
+def make_models(cfg: dict, seed: int = 0) -> tuple[ModelConfig, torch.nn.Module, torch.nn.Module]:
+    """Ours and transformers' OPT with identical dimensions and weights."""
+    import transformers
+
+    vocab = Vocab(n_text=cfg["vocab"][0], n_image=cfg["vocab"][1])
+    mcfg = ModelConfig.preset(cfg["preset"], vocab_size=vocab.size)
+    torch.manual_seed(seed)
+    ours = build_model(mcfg)
+    # the paper zero-inits the head; give it weights so both models produce non-trivial logits
+    torch.nn.init.normal_(ours.lm_head.weight, std=mcfg.init_std)
+    hf_cfg = transformers.OPTConfig(**opt_config_kwargs(mcfg, pad_token_id=vocab.pad))
+    hf_cfg._attn_implementation = "sdpa"
+    hf = transformers.OPTForCausalLM(hf_cfg)
+    missing, unexpected = hf.load_state_dict(to_opt_state_dict(ours), strict=False)
+    if unexpected or any("bias" not in k and "layer_norm" not in k for k in missing):
+        raise RuntimeError(f"OPT layout mismatch: missing {missing}, unexpected {unexpected}")
+    ours.train()
+    hf.train()
+    return mcfg, ours, hf
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    from lit_cm3leon.training.cm3leon_module import CM3LeonModule
+
+    return CM3LeonModule.flops_per_token(SimpleNamespace(net=model), seq_len)
+
+
+def make_step(model: torch.nn.Module, is_hf: bool, compiled: bool):
+    """A closure running one training step on ``(ids [B, T+1], weights [B, T])``; returns the loss."""
+    from lit_cm3leon.training.cm3leon_module import weighted_token_loss
+
+    net = torch.compile(model) if compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        if is_hf:
+            return net(input_ids=inputs, use_cache=False).logits
+        return net(inputs)
+
+    def step(ids: torch.Tensor, weights: torch.Tensor) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = forward(ids[:, :-1])
+            _, loss = weighted_token_loss(logits, ids[:, 1:], weights)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def time_steps(step, batch, n: int) -> float:
+    """Seconds per step, averaged over ``n`` steps."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step(*batch)
+    return (time.perf_counter() - t0) / n
+
+
+def random_batch(cfg: dict, vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (cfg["batch"], cfg["seq"] + 1), generator=g)
+    return ids, torch.ones(cfg["batch"], cfg["seq"])
+
+
+def bench_config(name: str, cfg: dict, modes: list[str], repeats: int, warmup: int, peaks: list[float], log) -> list[dict]:
+    """Rows (one per mode x impl) for one preset; ours and OPT alternate within each repeat."""
+    rows = []
+    for mode in modes:
+        mcfg, ours, hf = make_models(cfg)
+        batch = random_batch(cfg, mcfg.vocab_size)
+        tokens = cfg["batch"] * cfg["seq"]
+        fpt = flops_per_token(ours, cfg["seq"])
+        impls = {"ours": make_step(ours, False, mode == "compile"), "transformers OPT": make_step(hf, True, mode == "compile")}
+        first_loss, warm_s = {}, {}
+        for impl, step in impls.items():
+            t0 = time.perf_counter()
+            first_loss[impl] = step(*batch)  # identical weights and batch: the losses must agree
+            for _ in range(warmup - 1):
+                step(*batch)
+            warm_s[impl] = time.perf_counter() - t0
+            log(f"  {name} {mode} {impl}: warm-up {warm_s[impl]:.1f}s, first loss {first_loss[impl]:.4f}")
+        times: dict[str, list[float]] = {impl: [] for impl in impls}
+        for r in range(repeats):
+            order = list(impls) if r % 2 == 0 else list(impls)[::-1]  # alternate who goes first
+            for impl in order:
+                times[impl].append(time_steps(impls[impl], batch, cfg["steps"]))
+            peaks.append(matmul_peak(tries=5))
+            log(f"  {name} {mode} repeat {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()))
+        ratios = [h / o for o, h in zip(times["ours"], times["transformers OPT"], strict=True)]
+        for impl, ts in times.items():
+            med = statistics.median(ts)
+            rows.append(
+                dict(
+                    config=name, preset=cfg["preset"], mode=mode, impl=impl, batch=cfg["batch"], seq=cfg["seq"],
+                    params=sum(p.numel() for p in ours.parameters()), vocab_size=mcfg.vocab_size,
+                    flops_per_token=fpt, steps_per_repeat=cfg["steps"], step_s=ts, step_s_median=med,
+                    tokens_per_s=tokens / med, tokens_per_s_all=[tokens / t for t in ts],
+                    first_loss=first_loss[impl], warmup_s=warm_s[impl],
+                    speedup_vs_opt=statistics.median(ratios) if impl == "ours" else None,
+                    speedup_vs_opt_all=ratios if impl == "ours" else None,
+                )
+            )
+        del ours, hf, impls
+        torch._dynamo.reset()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+def table(rows: list[dict], peak: float) -> str:
+    out = [
+        "| config | mode | impl | step (ms, median) | tokens/s (median) | MFU | ours / OPT (median of per-repeat ratios) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        mfu = r["tokens_per_s"] * r["flops_per_token"] / peak
+        ratio = f"{r['speedup_vs_opt']:.2f}x" if r["speedup_vs_opt"] is not None else ""
+        out.append(
+            f"| {r['config']} (B{r['batch']} x T{r['seq']}, {r['params'] / 1e6:.1f}M) | {r['mode']} | {r['impl']} "
+            f"| {r['step_s_median'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | {100 * mfu:.1f}% | {ratio} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: debug-sized model, 1 repeat")
+    p.add_argument("--configs", nargs="+", default=None, help=f"subset of {sorted(CONFIGS)}")
+    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (medians)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, optimizer state)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--out", default=str(RESULTS / "train.json"), help="JSON output path")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = QUICK if args.quick else {k: CONFIGS[k] for k in (args.configs or CONFIGS)}
+    repeats = 1 if args.quick else args.repeats
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t_start = time.perf_counter()
+    info = machine()
+    peaks = [matmul_peak(tries=10)]
+    log(f"bf16 matmul 2048^3: {peaks[0] / 1e9:.0f} GFLOP/s")
+    rows = []
+    for name, cfg in configs.items():
+        rows += bench_config(name, cfg, args.modes, repeats, args.warmup, peaks, log)
+    peak = max(peaks)
+    for r in rows:
+        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
+    info["loadavg_end"] = os.getloadavg()
+    result = dict(
+        benchmark="train", command="PYTHONPATH=. python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        machine=info, peak_bf16_flops=peak, peak_bf16_flops_all=peaks, repeats=repeats, warmup_steps=args.warmup,
+        wall_s=time.perf_counter() - t_start, rows=rows,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"bf16 matmul peak (2048^3, best of {len(peaks) * 5 + 5}): {peak / 1e9:.0f} GFLOP/s; "
+          f"{repeats} repeats, medians; wall {result['wall_s']:.0f} s; load avg {info['loadavg_start'][0]:.1f} -> "
+          f"{info['loadavg_end'][0]:.1f}\n")
+    print(table(rows, peak))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
