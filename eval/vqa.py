@@ -6,7 +6,20 @@
 `results.json` is the official results format `[{"question_id": int, "answer": str}, ...]`
 with exactly one answer per annotated question. Writes metrics.json with `overall`,
 `perAnswerType`, `perQuestionType` (percent, 2 decimals, as the official tool prints them)
-and bootstrap 95% intervals over questions. (`--ckpt` generation comes with the decoder.)
+and bootstrap 95% intervals over questions.
+
+Generate and score a checkpoint on the shapes world::
+
+    python eval/vqa.py --ckpt outputs/sft [--outputs outputs] [--n 1000] [--temperature 0]
+
+Answers the first ``--n`` held-out questions (``reasoning`` template for yes/no questions,
+``vqa`` for the rest; greedy by default) and writes, in
+``<outputs>/eval/vqa/<ckpt>_shapes-heldout_n<n>_vqa_<decoding>_seed<s>/``, the official files
+``questions.json``, ``annotations.json`` (10 human answers = the exact answer 10 times),
+``results.json`` and ``baseline_results.json``, and ``metrics.json`` scored with the official
+metric: ``overall``, ``perAnswerType``, ``perQuestionType`` and the same prefixed ``baseline_``
+for the question-only prior (the most frequent training answer of each question type,
+``baseline_prior``). A finished run folder is not redone (``--force`` redoes it).
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from lit_cm3leon.evaluation.metrics_io import (
     header_from_args,
     write_metrics,
 )
+from lit_cm3leon.evaluation.shapes_i2t import add_i2t_args, i2t_run_dir, i2t_setup
 from lit_cm3leon.evaluation.vqa_accuracy import load_vqa, score_vqa, vqa_bootstrap_statistic
 
 
@@ -34,18 +48,25 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--predictions", required=True, help="official results file [{question_id, answer}]"
+        "--predictions", default=None, help="official results file [{question_id, answer}]"
     )
     p.add_argument(
-        "--questions", required=True, help="official question file (an object with 'questions')"
+        "--questions", default=None, help="official question file (an object with 'questions')"
     )
     p.add_argument(
         "--annotations",
-        required=True,
+        default=None,
         help="official annotation file (an object with 'annotations')",
     )
-    add_run_args(p, protocol="vqa2")
+    add_i2t_args(p, n=1000, max_text_tokens=8)
+    add_run_args(p, protocol="vqa2", out_required=False)
     args = p.parse_args(argv)
+    if args.predictions is None:
+        if not args.ckpt:
+            p.error("give --ckpt PATH (answer shapes-world questions) or --predictions, --questions, --annotations")
+        return ckpt_main(args)
+    if args.questions is None or args.annotations is None or args.out is None:
+        p.error("scoring a results file needs --predictions, --questions, --annotations and --out")
     try:
         out = check_out(args.out, args.force)
         preds, anns = load_vqa(args.predictions, args.questions, args.annotations)
@@ -83,6 +104,69 @@ def main(argv: list[str] | None = None) -> int:
 
 def _r(pair: list[float]) -> list[float]:
     return [round(x, 4) for x in pair]
+
+
+def _nested_ci(scores, n_bootstrap: int, seed: int) -> dict:
+    flat = bootstrap.bootstrap_ci(len(scores.accuracy), vqa_bootstrap_statistic(scores), n_bootstrap, seed)
+    if not flat:
+        return {}
+    return {"overall": _r(flat.pop("overall")), "perAnswerType": {k.split("/", 1)[1]: _r(v) for k, v in flat.items()}}
+
+
+def ckpt_main(args: argparse.Namespace) -> int:
+    import json
+
+    from lit_cm3leon.data.templates import inference_prompt
+    from lit_cm3leon.evaluation import shapes_i2t as si
+    from lit_cm3leon.evaluation.metrics_io import run_header
+
+    folder = i2t_run_dir(args, "vqa", "vqa")
+    out = folder / "metrics.json"
+    if out.is_file() and not args.force:
+        print(f"{out} exists (a finished run); pass --force to redo it")
+        print(out.read_text())
+        return 0
+    protocol = "shapes-vqa" if args.protocol == "vqa2" else args.protocol
+    items = si.vqa_items(args.n)
+    _, images, _, _ = si.caption_items(items[-1].scene_index + 1)
+    engine, dec, hdr = i2t_setup(args)
+    codes = engine.image_tokenizer.encode(images).numpy()
+    prompts = [inference_prompt(it.task, engine.codec, image=codes[it.scene_index], question=it.question) for it in items]
+    answers = si.generate_texts(engine, prompts, dec, args.seed, args.batch_size)
+    prior = si.answer_prior(args.baseline_train)
+    questions, annotations = si.official_vqa_files(items)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "questions.json": questions,
+        "annotations.json": annotations,
+        "results.json": [{"question_id": it.question_id, "answer": a} for it, a in zip(items, answers, strict=True)],
+        "baseline_results.json": [{"question_id": it.question_id, "answer": prior.get(it.qtype, "")} for it in items],
+    }
+    for name, data in files.items():
+        (folder / name).write_text(json.dumps(data, indent=1))
+    record: dict = {}
+    ci95: dict = {}
+    for prefix, results in (("", "results.json"), ("baseline_", "baseline_results.json")):
+        preds, anns = load_vqa(folder / results, folder / "questions.json", folder / "annotations.json")
+        scores = score_vqa(preds, anns)
+        record.update({prefix + k: v for k, v in scores.summary().items()})
+        ci95.update({prefix + k: v for k, v in _nested_ci(scores, args.bootstrap, args.seed).items()})
+    record["baseline_prior"] = prior
+    record["baseline_definition"] = (
+        f"question-only prior: the most frequent answer of each question type in the first "
+        f"{args.baseline_train} training scenes (ties: alphabetically first)"
+    )
+    written = write_metrics(
+        out, run_header(protocol, args.seed, len(items), **hdr), record, ci95,
+        bootstrap.info(args.bootstrap, args.seed, unit="question"), extra={"run_dir": str(folder)},
+    )  # fmt: skip
+    print(f"Overall Accuracy is: {written['overall']:.2f}  (baseline prior {written['baseline_overall']:.2f})")
+    for t, v in written["perAnswerType"].items():
+        print(f"{t} : {v:.2f}  (baseline {written['baseline_perAnswerType'].get(t, float('nan')):.2f})")
+    for it, a in list(zip(items, answers, strict=True))[:3]:
+        print(f"  {it.question!r} -> {a!r} (truth {it.answer!r})")
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

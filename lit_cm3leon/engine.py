@@ -131,16 +131,28 @@ class Engine:
         out = np.zeros((len(captions), n, self.vocab.image_h, self.vocab.image_w), dtype=np.int64)
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            with self._amp():
-                new = generate(
-                    self.model, [cond[i] for i, _ in chunk], self.vocab, self.vocab.image_tokens + 2,
-                    strategy=dec.strategy, cfg_scale=dec.cfg_scale, temperature=dec.temperature,
-                    top_p=dec.top_p, top_k=dec.top_k, cdk_alpha=dec.cdk_alpha, cdk_k=dec.cdk_k,
-                    uncond_prompts=[uncond[i] for i, _ in chunk], mode="image", seed=seed + start,
-                )
-            for (i, j), toks in zip(chunk, new, strict=True):
-                out[i, j] = self.image_codes_from(toks)
+            # ``mixed`` is per prompt: its first ceil(n/2) samples use cfg_topp, the rest cdk
+            # (the decode loop's own ``mixed`` splits the rows of a batch, not of a prompt).
+            strategies = [self.sample_strategy(dec.strategy, j, n) for _, j in chunk]
+            for name in dict.fromkeys(strategies):
+                part = [r for r, s in zip(chunk, strategies, strict=True) if s == name]
+                with self._amp():
+                    new = generate(
+                        self.model, [cond[i] for i, _ in part], self.vocab, self.vocab.image_tokens + 2,
+                        strategy=name, cfg_scale=dec.cfg_scale, temperature=dec.temperature,
+                        top_p=dec.top_p, top_k=dec.top_k, cdk_alpha=dec.cdk_alpha, cdk_k=dec.cdk_k,
+                        uncond_prompts=[uncond[i] for i, _ in part], mode="image", seed=seed + start,
+                    )
+                for (i, j), toks in zip(part, new, strict=True):
+                    out[i, j] = self.image_codes_from(toks)
         return out
+
+    @staticmethod
+    def sample_strategy(strategy: str, j: int, n: int) -> str:
+        """The strategy of sample ``j`` of ``n`` of one prompt (``mixed``: cfg_topp, then cdk)."""
+        if strategy != "mixed":
+            return strategy
+        return "cfg_topp" if j < (n + 1) // 2 else "cdk"
 
     def image_codes_from(self, tokens: Sequence[int]) -> np.ndarray:
         codes = [t - self.vocab.image_offset for t in tokens if self.vocab.is_image(t)]

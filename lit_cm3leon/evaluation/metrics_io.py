@@ -69,8 +69,9 @@ def run_header(
     }
 
 
-def add_run_args(parser: argparse.ArgumentParser, protocol: str) -> None:
-    """The flags shared by every eval script (same names as the Hydra keys, kebab-case)."""
+def add_run_args(parser: argparse.ArgumentParser, protocol: str, out_required: bool = True) -> None:
+    """The flags shared by every eval script (same names as the Hydra keys, kebab-case).
+    ``out_required=False`` for scripts that can name their own metrics.json (``--ckpt`` runs)."""
     g = parser.add_argument_group("run header (recorded in metrics.json)")
     g.add_argument(
         "--protocol",
@@ -104,7 +105,11 @@ def add_run_args(parser: argparse.ArgumentParser, protocol: str) -> None:
         default=1000,
         help="bootstrap resamples for the 95%% intervals (0: none)",
     )
-    g.add_argument("--out", required=True, help="metrics.json to write")
+    g.add_argument(
+        "--out",
+        required=out_required,
+        help="metrics.json to write" + ("" if out_required else " (with --ckpt: default inside the run folder)"),
+    )
     g.add_argument("--force", action="store_true", help="overwrite an existing --out")
 
 

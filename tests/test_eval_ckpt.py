@@ -1,0 +1,217 @@
+"""The ``--ckpt`` modes of the eval scripts and the decoding ablation, end to end on fixture
+artifacts built here: a text tokenizer, a fresh shapes image tokenizer, a fresh debug decoder and
+two tiny fresh CLIPs (retriever and evaluation CLIP)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+SCHEMA = ("protocol", "seed", "ckpt", "strategy", "cfg_scale", "num_samples", "retrieve_k", "n", "ci95", "bootstrap")
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"eval_{name}", ROOT / "eval" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Same numerics in this process and the child (and no oversubscription on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    from lit_cm3leon.model import ModelConfig, build_model
+    from lit_cm3leon.retrieval.encoder import ClipEncoder
+    from lit_cm3leon.tokenizer.codec import DocumentCodec
+    from lit_cm3leon.tokenizer.image import load_image_tokenizer
+    from lit_cm3leon.tokenizer.text import cli as text_cli
+    from lit_cm3leon.training.checkpoint import save_decoder
+
+    out = tmp_path_factory.mktemp("ckpt") / "outputs"
+    assert text_cli(["--out", str(out / "text_tokenizer"), "--vocab-size", "300", "--shapes-samples", "100"]) == 0
+    load_image_tokenizer("shapes").save(out / "image_tokenizer")
+    codec = DocumentCodec.load(out / "text_tokenizer")
+    torch.manual_seed(0)
+    save_decoder(out / "pretrain", build_model(ModelConfig.preset("debug", vocab_size=codec.vocab.size)), codec.vocab)
+    arch = out.parent / "tiny-clip.json"
+    arch.write_text(json.dumps(TINY_CLIP))
+    for seed, name in ((0, "retriever"), (1, "eval_clip")):
+        torch.manual_seed(seed)
+        ClipEncoder.from_arch(str(arch)).save(out / name)
+    return out
+
+
+def fid_args(out: Path, *extra: str) -> list[str]:
+    return ["--ckpt", str(out / "pretrain"), "--outputs", str(out), "--n", "6", "--chunk", "2",
+            "--bootstrap", "10", "--no-progress", *extra]  # fmt: skip
+
+
+def metric_values(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("run_dir",)}
+
+
+def test_coco_fid_ckpt_resume_and_determinism(outputs, tmp_path):
+    coco_fid = script("coco_fid")
+    # 1. a clean run into the default folder, named after its settings
+    assert coco_fid.main(fid_args(outputs)) == 0
+    runs = outputs / "eval" / "t2i"
+    folder = runs / "pretrain_shapes-heldout_n6_cfg_topp_cfg3_s1_k0_seed0"
+    clean = json.loads((folder / "metrics.json").read_text())
+    for key in (*SCHEMA, "fid", "features", "metric", "clip_score", "attr_acc", "exact"):
+        assert key in clean, key
+    assert clean["metric"] == "FID-CLIP" and clean["n"] == 6 and clean["ckpt"].endswith("pretrain")
+    assert set(clean["ci95"]) >= {"fid", "clip_score", "attr_acc", "exact"}
+    assert 0.0 <= clean["attr_acc"] <= 1.0 and np.isfinite(clean["fid"])
+    assert len(list((folder / "samples").glob("*.png"))) == 6
+    assert len(list((runs / "reference" / "shapes-heldout-n6").glob("*.png"))) == 6
+    # a finished run is reported again, not regenerated
+    stamp = {p.name: p.stat().st_mtime_ns for p in (folder / "samples").glob("*.png")}
+    assert coco_fid.main(fid_args(outputs)) == 0
+    assert stamp == {p.name: p.stat().st_mtime_ns for p in (folder / "samples").glob("*.png")}
+
+    # 2. the same settings into another folder give the same metrics (seeded)
+    again = tmp_path / "again"
+    assert coco_fid.main(fid_args(outputs, "--run-dir", str(again))) == 0
+    assert metric_values(json.loads((again / "metrics.json").read_text())) == metric_values(clean)
+
+    # 3. killed after its first chunk, then resumed: finished chunks are kept, metrics are a clean run's
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "eval" / "coco_fid.py"), *fid_args(outputs, "--run-dir", str(killed))],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    first = [killed / "samples" / f"{i:05d}.png" for i in (0, 1)]
+    deadline = time.time() + 120
+    while not all(p.is_file() for p in first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert all(p.is_file() for p in first), "the child never finished its first chunk"
+    assert not (killed / "metrics.json").is_file(), "the child finished before it was killed"
+    kept = {p: p.stat().st_mtime_ns for p in first}
+    assert coco_fid.main(fid_args(outputs, "--run-dir", str(killed))) == 0
+    assert kept == {p: p.stat().st_mtime_ns for p in first}
+    assert metric_values(json.loads((killed / "metrics.json").read_text())) == metric_values(clean)
+
+
+def test_run_folder_of_another_checkpoint_is_refused(outputs, tmp_path):
+    from lit_cm3leon.evaluation.metrics_io import InputError
+    from lit_cm3leon.evaluation.t2i_run import RunSpec
+
+    RunSpec("a", "digest1", "shapes-heldout", 4, 0, 2, {"strategy": "cfg_topp"}).check_against(tmp_path)
+    RunSpec("moved/a", "digest1", "shapes-heldout", 4, 0, 2, {"strategy": "cfg_topp"}).check_against(tmp_path)
+    with pytest.raises(InputError, match="ckpt_digest"):
+        RunSpec("a", "digest2", "shapes-heldout", 4, 0, 2, {"strategy": "cfg_topp"}).check_against(tmp_path)
+
+
+def test_prefix_helpers():
+    from lit_cm3leon.evaluation.t2i_run import best_of_prefix, interleave
+
+    a = np.arange(6).reshape(1, 3, 2) * 10  # [n=1, K=3, ...]
+    b = a + 1
+    mixed = interleave(a, b)
+    assert mixed.shape == (1, 6, 2) and mixed[0, :, 0].tolist() == [0, 1, 20, 21, 40, 41]
+    scores = np.array([[0.1, 0.5, 0.5, 0.9]])
+    assert best_of_prefix(scores, 1).tolist() == [0]
+    assert best_of_prefix(scores, 3).tolist() == [1]  # ties keep the earlier candidate
+    assert best_of_prefix(scores, 4).tolist() == [3]
+
+
+def test_caption_claim_accuracy():
+    from lit_cm3leon.data.shapes import Scene, Shape
+    from lit_cm3leon.evaluation.shapes_i2t import caption_attr_scores
+
+    scene = Scene("white", (Shape("circle", "red", "large", 0, 0), Shape("square", "blue", "small", 1, 1)))
+    preds = {0: "a large red circle at the top left and a green square", 1: "", 2: "a red circle and a blue square"}
+    s = caption_attr_scores(preds, {0: scene, 1: scene, 2: scene})
+    assert s["caption_attr_precision"].tolist() == [0.5, 0.0, 1.0]
+    assert s["caption_attr_recall"].tolist() == [0.5, 0.0, 1.0]
+    assert s["caption_attr_acc"].tolist() == [0.5, 0.0, 1.0]
+
+
+def test_captioning_and_vqa_ckpt(outputs):
+    from lit_cm3leon.evaluation.metrics_io import read_metrics
+    from lit_cm3leon.evaluation.vqa_accuracy import load_vqa
+
+    common = ["--ckpt", str(outputs / "pretrain"), "--outputs", str(outputs), "--bootstrap", "10",
+              "--baseline-train", "300"]  # fmt: skip
+    assert script("captioning").main([*common, "--n", "3", "--max-text-tokens", "8", "--metrics", "Bleu_4,CIDEr"]) == 0
+    cap = outputs / "eval" / "captioning" / "pretrain_shapes-heldout_n3_caption_long_greedy_seed0"
+    preds = json.loads((cap / "predictions.json").read_text())
+    assert [p["image_id"] for p in preds] == [0, 1, 2] and all(isinstance(p["caption"], str) for p in preds)
+    anns = json.loads((cap / "annotations.json").read_text())
+    assert len(anns["images"]) == 3 and len(anns["annotations"]) == 6
+    m = read_metrics(cap / "metrics.json")
+    assert m["protocol"] == "shapes-captions" and m["strategy"] == "greedy" and m["n"] == 3
+    for key in ("Bleu_4", "CIDEr", "caption_attr_acc", "baseline_Bleu_4", "baseline_CIDEr", "baseline_caption_attr_acc"):
+        assert key in m and key in m["ci95"], key
+    assert isinstance(m["baseline_caption"], str) and m["baseline_caption"].endswith("background")
+    # an untrained decoder's captions are no better than the most frequent caption
+    assert m["baseline_Bleu_4"] >= m["Bleu_4"]
+
+    assert script("vqa").main([*common, "--n", "8"]) == 0
+    vq = outputs / "eval" / "vqa" / "pretrain_shapes-heldout_n8_vqa_greedy_seed0"
+    _, annotations = load_vqa(vq / "results.json", vq / "questions.json", vq / "annotations.json")
+    assert len(annotations) == 8 and all(len(a["answers"]) == 10 for a in annotations)
+    assert {a["answer_type"] for a in annotations} <= {"yes/no", "number", "other"}
+    m = read_metrics(vq / "metrics.json")
+    assert m["protocol"] == "shapes-vqa" and "perQuestionType" in m
+    assert set(m["baseline_prior"]) == {"color", "shape", "count", "position", "yesno"}
+    assert "baseline_overall" in m and "overall" in m["ci95"] and "baseline_overall" in m["ci95"]
+    # the prior baseline is scored with the official metric: its yes/no accuracy is that of
+    # always answering its prior's yes/no answer
+    yn = [a for a in annotations if a["answer_type"] == "yes/no"]
+    expect = 100 * np.mean([a["answers"][0]["answer"] == m["baseline_prior"]["yesno"] for a in yn])
+    assert m["baseline_perAnswerType"]["yes/no"] == pytest.approx(expect, abs=0.01)
+
+
+def test_ablation_tiny_grid(outputs):
+    ablate = script("ablate_decoding")
+    args = ["ablation=shapes", f"outputs={outputs}", f"ckpts=[debug={outputs / 'pretrain'}]", "n=4", "chunk=2",
+            "cfg_scales=[1,3]", "samples=[1,2]", "strategies=[cfg_topp,mixed]", "bootstrap=5", "--no-progress"]  # fmt: skip
+    assert ablate.main(args) == 0
+    out = outputs / "eval" / "ablation" / "shapes"
+    rows = (out / "figure4.csv").read_text().splitlines()
+    assert rows[0].startswith("panel,size,strategy,cfg_scale,num_samples")
+    assert len(rows) == 1 + 2 + 2 * 2  # 2 CFG cells, 2 strategies x 2 sample counts
+    md = (out / "figure4.md").read_text()
+    assert "against CFG scale" in md and "against samples" in md and "Figure 4" in md
+    assert (out / "figure4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # re-ranking the first 2 of 2 candidates is exactly a 2-sample run of coco_fid (same seed, chunks)
+    runs = outputs / "eval" / "t2i"
+    prefix = runs / "pretrain_shapes-heldout_n4_cfg_topp_cfg3_s2_k0_seed0_prefix2"
+    assert script("coco_fid").main(["--ckpt", str(outputs / "pretrain"), "--outputs", str(outputs), "--n", "4",
+                                    "--chunk", "2", "--num-samples", "2", "--bootstrap", "5", "--no-progress"]) == 0  # fmt: skip
+    direct = runs / "pretrain_shapes-heldout_n4_cfg_topp_cfg3_s2_k0_seed0"
+    for i in range(4):
+        a = np.asarray(Image.open(prefix / "samples" / f"{i:05d}.png"))
+        b = np.asarray(Image.open(direct / "samples" / f"{i:05d}.png"))
+        assert np.array_equal(a, b), i
+    # a rerun reuses every finished cell
+    stamp = (prefix / "metrics.json").stat().st_mtime_ns
+    assert ablate.main(args) == 0
+    assert (prefix / "metrics.json").stat().st_mtime_ns == stamp
