@@ -48,7 +48,8 @@ def prepare(*args: str) -> list[str]:
 
 
 def evaluate(script: str, name: str, *args: str) -> list[str]:
-    return [PY, str(ROOT / "eval" / f"{script}.py"), "--outputs", "{o}", "--out", f"{{o}}/{name}/metrics.json", *args]
+    run = ["--run-dir", f"{{o}}/{name}/run"] if script in ("coco_fid", "captioning", "vqa") else []
+    return [PY, str(ROOT / "eval" / f"{script}.py"), "--outputs", "{o}", "--out", f"{{o}}/{name}/metrics.json", *run, *args]
 
 
 def stages(out: Path) -> list[Stage]:
@@ -85,6 +86,9 @@ def stages(out: Path) -> list[Stage]:
             budget_min=1.0,
         ),
         Stage("pretrain", fit("pretrain"), ["trainer.max_steps=150", "trainer.val_check_interval=150"], budget_min=7.0),
+        Stage("pretrain_small", fit("pretrain", "model=shapes_small", "task=pretrain_small", "stage=pretrain_small",
+                                    "~callbacks.sample_grid"),
+              ["trainer.max_steps=100", "trainer.val_check_interval=100"], budget_min=2.0),
         Stage("untrained", fit("pretrain", "trainer.max_steps=0", "task=untrained", "stage=untrained",
                                "~callbacks.sample_grid"), budget_min=0.2),
         Stage("sft", fit("sft"), ["trainer.max_steps=100", "trainer.val_check_interval=100"], budget_min=4.0),
@@ -101,6 +105,10 @@ def stages(out: Path) -> list[Stage]:
           for m in ("pretrain", "sft")],
         *[ev("vqa", f"eval/vqa_{m}", "--ckpt", f"{o}/{m}", "--n", "1000", reduced=("--n", "200"))
           for m in ("pretrain", "sft")],
+        Stage("eval/ablation/shapes",
+              [PY, str(ROOT / "eval" / "ablate_decoding.py"), "--ablation", "shapes", "--outputs", o,
+               "--ckpts", f"shapes={o}/pretrain", f"shapes_small={o}/pretrain_small"],
+              ["--n", "40", "--samples", "1", "2", "4", "8"], budget_min=5.0, marker="figure4.csv"),
     ]
 
 

@@ -135,19 +135,68 @@ class Report:
                  f"{_num(c.get('baseline_caption_attr_acc'))} | {_num(v.get('baseline_overall'), 2)} |", "")
         return {"cap": caps, "vqa": vqas}
 
+    def _grid(self, name: str, n: int = 24, cols: int = 8) -> Path | None:
+        """A PNG grid of the first n samples of an eval run (written beside the report)."""
+        from PIL import Image
+
+        from lit_cm3leon.generate import save_grid
+
+        files = sorted((self.out / "eval" / name / "run" / "samples").glob("*.png"))[:n]
+        if not files:
+            return None
+        images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        rows = len(images) // cols
+        if rows == 0:
+            return None
+        path = self.out / "figures" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images[: rows * cols].reshape(rows, cols, *images.shape[1:]), path)
+        return path
+
     def figures(self) -> None:
         self.add("## Figures", "")
-        for name, title in (("t2i_k2", "Text to image, 2 retrieved documents"), ("t2i_k0", "Text to image, no retrieval")):
-            grid = self.out / "eval" / name / "grid.png"
-            if grid.is_file():
-                self.add(f"### {title}", "", f"![{title}]({grid.relative_to(self.out)})", "")
-        plot = next(iter(sorted((self.out / "eval").glob("ablation*/*.png"))), None) if (self.out / "eval").is_dir() else None
-        if plot:
+        for name, title in (("t2i_k2", "Text to image, 2 retrieved documents"), ("t2i_k0", "Text to image, no retrieval"),
+                            ("t2i_untrained", "Untrained decoder (baseline)")):
+            grid = self._grid(name)
+            if grid is not None:
+                prompts = _load(self.out / "eval" / name / "run" / "prompts.json") or {}
+                first = "; ".join(list(prompts.values())[:3])
+                self.add(f"### {title}", "", f"![{title}]({grid.relative_to(self.out)})", "",
+                         f"First prompts (row-major): {first}" if first else "", "")
+        plot = self.out / "eval" / "ablation" / "shapes" / "figure4.png"
+        if plot.is_file():
             self.add("### Decoding ablation (paper Figure 4 layout)", "", f"![ablation]({plot.relative_to(self.out)})", "")
-        for m in ("sft",):
-            preds = _load(self.out / "eval" / f"captioning_{m}" / "predictions.json")
+        for m in ("pretrain", "sft"):
+            preds = _load(self.out / "eval" / f"captioning_{m}" / "run" / "predictions.json")
             if preds:
-                self.add(f"### Captions ({m})", "", *[f"- {p['caption']}" for p in preds[:8]], "")
+                self.add(f"### Captions ({m}, first held-out images)", "", *[f"- {p['caption']}" for p in preds[:6]], "")
+
+    def ablation_findings(self) -> tuple[bool | None, str, bool | None, str]:
+        import csv
+
+        path = self.out / "eval" / "ablation" / "shapes" / "figure4.csv"
+        if not path.is_file():
+            return None, "", None, ""
+        rows = [r for r in csv.DictReader(path.open()) if r["fid"]]
+        best: dict[str, tuple[float, float]] = {}
+        scales = sorted({float(r["cfg_scale"]) for r in rows if r["panel"] == "cfg"})
+        for r in rows:
+            if r["panel"] == "cfg":
+                key = (float(r["fid"]), float(r["cfg_scale"]))
+                best[r["size"]] = min(best.get(r["size"], key), key)
+        steps = [scales.index(v[1]) for v in best.values()]
+        ok2 = (max(steps) - min(steps) <= 1) if len(best) > 1 else None
+        d2 = "best CFG scale " + ", ".join(f"{k}: {v[1]:g} (FID-CLIP {v[0]:.3f})" for k, v in best.items())
+        gains = {}
+        for strategy in sorted({r["strategy"] for r in rows if r["panel"] == "samples"}):
+            pts = sorted((int(r["num_samples"]), float(r["fid"])) for r in rows if r["panel"] == "samples" and r["strategy"] == strategy)
+            if len(pts) >= 2:
+                gains[strategy] = (pts[-2][1] - pts[-1][1], pts)
+        ok3 = None
+        if {"mixed", "cfg_topp", "cdk"} <= set(gains):
+            ok3 = gains["mixed"][0] > max(gains["cfg_topp"][0], gains["cdk"][0])
+        d3 = "; ".join(f"{s}: " + " -> ".join(f"{f:.3f}" for _, f in g[1]) for s, g in gains.items())
+        return ok2, d2, ok3, ("FID-CLIP by samples " + d3) if d3 else ""
 
     def findings(self, t1: dict, dec: dict, ppl: dict | None, t2: dict) -> None:
         self.add("## The paper's findings on the shapes world", "")
@@ -161,11 +210,10 @@ class Report:
         if ppl:
             ppl_note = f"; image perplexity k0 {_num(ppl.get('ppl_image_k0'))}, k2 {_num(ppl.get('ppl_image_k2'))}"
         self.add(f"1. Retrieval lowers FID (0 -> 1 -> 2 documents): {verdict(ok1)}: FID-CLIP {', '.join(_num(f) for f in fids)}{ppl_note}.")
-        abl = _load(self.out / "eval" / "ablation" / "findings.json")
-        self.add(f"2. The best CFG scale is about the same across model sizes: {verdict(None if abl is None else abl.get('finding2'))}"
-                 + (f": {abl.get('finding2_detail', '')}" if abl else "."))
-        self.add(f"3. The mixed strategy keeps improving with more samples: {verdict(None if abl is None else abl.get('finding3'))}"
-                 + (f": {abl.get('finding3_detail', '')}" if abl else "."))
+        ok2, d2, ok3, d3 = self.ablation_findings()
+        self.add(f"2. The best CFG scale is about the same across model sizes (at most one grid step apart): {verdict(ok2)}: {d2}.")
+        self.add(f"3. The mixed strategy keeps improving with more samples where cfg_topp and cdk flatten "
+                 f"(its last doubling gains more than theirs): {verdict(ok3)}: {d3}.")
         cp, cs = (t2["cap"]["pretrain"] or {}).get("CIDEr"), (t2["cap"]["sft"] or {}).get("CIDEr")
         vp, vs = (t2["vqa"]["pretrain"] or {}).get("overall"), (t2["vqa"]["sft"] or {}).get("overall")
         ok4 = None if None in (cp, cs, vp, vs) else (cs > cp and vs > vp)
