@@ -196,6 +196,41 @@ class Engine:
             )
         return [self.codec.decode_text([t for t in toks if self.vocab.is_text(t) or self.vocab.is_loc(t)]).strip() for toks in new]
 
+    # --- infilling (CM3: the hole becomes <mask:0>, the model writes the span after <infill> <mask:0>)
+    def infill_text(self, codes: np.ndarray, text: str, dec: Decoding, seed: int = 0, hole: str = "<mask>") -> str:
+        """Fill ``hole`` in ``text`` describing the image ``codes``:
+        ``<bos> IMG <break> before <mask:0> after <infill> <mask:0>`` -> the span, up to ``<eos>``."""
+        if text.count(hole) != 1:
+            raise ValueError(f"text infilling needs exactly one {hole!r} in the text, got {text!r}")
+        before, after = text.split(hole)
+        v = self.vocab
+        prompt = (
+            [v.bos] + self.codec.encode(Document([Image(codes)])) + [v.brk]
+            + self.codec.encode_text(before) + [v.mask(0)] + self.codec.encode_text(after) + [v.infill, v.mask(0)]
+        )
+        with self._amp():
+            new = generate(self.model, [prompt], v, dec.max_text_tokens, strategy="temperature",
+                           temperature=dec.temperature, top_k=dec.top_k, mode="text", seed=seed,
+                           stop_ids=[v.mask(1)])[0]
+        return self.codec.decode_text([t for t in new if v.is_text(t)])
+
+    def infill_image(self, caption: str, codes: np.ndarray, start: int, stop: int, dec: Decoding, seed: int = 0) -> np.ndarray:
+        """Regenerate image tokens ``[start, stop)`` (row-major) given the caption and the rest:
+        ``<bos> caption <break> IMG[:start] <mask:0> IMG[stop:] <infill> <mask:0>`` -> stop - start codes."""
+        v = self.vocab
+        flat = np.asarray(codes).reshape(-1)
+        if not 0 <= start < stop <= flat.size:
+            raise ValueError(f"infill region [{start}, {stop}) outside the image's {flat.size} tokens")
+        img = [v.image_offset + int(c) for c in flat]
+        prompt = [v.bos] + self.codec.encode_text(caption) + [v.brk] + img[:start] + [v.mask(0)] + img[stop:] + [v.infill, v.mask(0)]
+        with self._amp():
+            new = generate(self.model, [prompt], v, stop - start + 1, strategy="temperature",
+                           temperature=dec.temperature, top_k=dec.top_k, mode="any", seed=seed)[0]
+        span = [t - v.image_offset for t in new if v.is_image(t)][: stop - start]
+        out = flat.copy()
+        out[start : start + len(span)] = span
+        return out.reshape(np.asarray(codes).shape)
+
     # --- scoring -------------------------------------------------------------------------
     @torch.no_grad()
     def image_nll(self, captions: Sequence[str], codes: np.ndarray, retrieve_k: int = 0, batch_size: int = 16) -> np.ndarray:
