@@ -75,6 +75,31 @@ def text_to_image(cfg: DictConfig, engine, out: Path) -> dict:
     return {"prompts": prompts, "reranked": scorer is not None}
 
 
+def infill(cfg: DictConfig, engine, out: Path) -> dict:
+    """task=infill_text: fill the <mask> of prompt= about image=; task=infill_image: redraw
+    the token rows region=[r0,r1) of image= given the caption prompt=."""
+    from PIL import Image
+
+    from lit_cm3leon.engine import Decoding
+    from lit_cm3leon.tokenizer.image import open_image
+
+    if not cfg.image or not cfg.prompt:
+        raise ValueError(f"task={cfg.task} needs image=PATH and prompt=...")
+    dec = Decoding.from_mapping(cfg)
+    codes = engine.image_tokenizer.encode(open_image(cfg.image)).numpy()[0]
+    if cfg.task == "infill_text":
+        text = engine.infill_text(codes, cfg.prompt, dec, seed=cfg.seed)
+        print(text)
+        return {"image": str(cfg.image), "prompt": cfg.prompt, "output": text}
+    r0, r1 = cfg.region
+    w = engine.vocab.image_w
+    filled = engine.infill_image(cfg.prompt, codes, r0 * w, r1 * w, dec, seed=cfg.seed)
+    pixels = engine.decode_images(np.stack([codes, filled]))
+    Image.fromarray(pixels[1]).save(out / "infilled.png")
+    save_grid(pixels[None], out / "grid.png")
+    return {"image": str(cfg.image), "prompt": cfg.prompt, "region_rows": [r0, r1]}
+
+
 def image_to_text(cfg: DictConfig, engine) -> dict:
     from lit_cm3leon.data.templates import inference_prompt
     from lit_cm3leon.engine import Decoding
@@ -97,8 +122,9 @@ def main(cfg: DictConfig) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lit_cm3leon.engine import Engine
 
-    if cfg.task not in ("text_to_image", "caption", "vqa"):
-        raise ValueError(f"task={cfg.task!r}: choose text_to_image, caption or vqa")
+    tasks = ("text_to_image", "caption", "vqa", "infill_text", "infill_image")
+    if cfg.task not in tasks:
+        raise ValueError(f"task={cfg.task!r}: choose one of {', '.join(tasks)}")
     output_dir = Path(cfg.paths.output_dir)
     ckpt = Path(cfg.ckpt) if cfg.ckpt else default_ckpt(output_dir)
     out = run_folder(cfg, ckpt)
@@ -108,7 +134,12 @@ def main(cfg: DictConfig) -> None:
         return
     engine = Engine.load(ckpt, output_dir, retrieval=cfg.retrieve_k > 0)
     out.mkdir(parents=True, exist_ok=True)
-    result = text_to_image(cfg, engine, out) if cfg.task == "text_to_image" else image_to_text(cfg, engine)
+    if cfg.task == "text_to_image":
+        result = text_to_image(cfg, engine, out)
+    elif cfg.task.startswith("infill"):
+        result = infill(cfg, engine, out)
+    else:
+        result = image_to_text(cfg, engine)
     settings = {"ckpt": str(ckpt), **OmegaConf.to_container(cfg, resolve=False), **result}
     settings.pop("hydra", None)
     (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
