@@ -6,7 +6,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from shapes_standin import StandinWorld
+from tests.shapes_standin import StandinWorld
 
 from lit_cm3leon.data.pairs import ShapesPairDataModule
 from lit_cm3leon.retrieval.encoder import ClipEncoder
@@ -92,7 +92,7 @@ def test_experiment_configs_compose_and_instantiate(name, parity, seed, tmp_path
     assert cfg.stage == name and cfg.data.parity == parity and cfg.seed == seed
     assert cfg.data.seed == seed and cfg.retrieval.max_score == 0.9
     assert cfg.module.max_steps == cfg.trainer.max_steps
-    cfg.data.world = {"_target_": "shapes_standin.StandinWorld"}
+    cfg.data.world = {"_target_": "tests.shapes_standin.StandinWorld"}
     dm = instantiate(cfg.data)
     assert isinstance(dm, ShapesPairDataModule) and dm.parity == parity
     module = instantiate(cfg.module)

@@ -83,7 +83,7 @@ def saved_encoder(tmp_path_factory):
     return d, enc
 
 
-STANDIN = json.dumps({"_target_": "shapes_standin.StandinWorld", "seed": 0})
+STANDIN = json.dumps({"_target_": "tests.shapes_standin.StandinWorld", "seed": 0})
 
 
 def test_cli_shapes_source(saved_encoder, tmp_path, capsys):
@@ -92,7 +92,7 @@ def test_cli_shapes_source(saved_encoder, tmp_path, capsys):
                 "--out", str(tmp_path / "idx"), "--shard-size", "16"]) == 0
     bank = MemoryBank.open(tmp_path / "idx", enc)
     assert len(bank) == 40 and bank.multimodal.all()
-    from shapes_standin import StandinWorld
+    from tests.shapes_standin import StandinWorld
 
     s = StandinWorld(seed=0).sample("train", 7)
     v = enc.embed_document(s.caption_long, s.image)
@@ -123,7 +123,7 @@ def test_cli_token_shards_with_files_and_bad_records(saved_encoder, tmp_path):
 
 
 def test_cli_shapes_token_shards_rerender_by_index(saved_encoder, tmp_path):
-    from shapes_standin import StandinWorld
+    from tests.shapes_standin import StandinWorld
 
     d, enc = saved_encoder
     tok = tmp_path / "tokens"
