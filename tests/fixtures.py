@@ -40,3 +40,35 @@ def make_text_tokenizer(root: Path, n_codes: int = 16, hw: int = 4, vocab_size: 
     tok.save(root)
     Vocab(n_text=tok.vocab_size, n_image=n_codes, image_h=hw, image_w=hw).save(root / "vocab.json")
     return root
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def make_tiny_outputs(out: Path) -> Path:
+    """An outputs/ folder of fresh, tiny artifacts in the published formats: text tokenizer,
+    shapes image tokenizer, a debug decoder under pretrain/, and two tiny CLIPs."""
+    import torch
+
+    from lit_cm3leon.model import ModelConfig, build_model
+    from lit_cm3leon.retrieval.encoder import ClipEncoder
+    from lit_cm3leon.tokenizer.codec import DocumentCodec
+    from lit_cm3leon.tokenizer.image import load_image_tokenizer
+    from lit_cm3leon.tokenizer.text import cli as text_cli
+    from lit_cm3leon.training.checkpoint import save_decoder
+
+    assert text_cli(["--out", str(out / "text_tokenizer"), "--vocab-size", "300", "--shapes-samples", "100"]) == 0
+    load_image_tokenizer("shapes").save(out / "image_tokenizer")
+    codec = DocumentCodec.load(out / "text_tokenizer")
+    torch.manual_seed(0)
+    save_decoder(out / "pretrain", build_model(ModelConfig.preset("debug", vocab_size=codec.vocab.size, max_seq_len=512)), codec.vocab)
+    arch = out.parent / "tiny-clip.json"
+    arch.write_text(json.dumps(TINY_CLIP))
+    for seed, name in ((0, "retriever"), (1, "eval_clip")):
+        torch.manual_seed(seed)
+        ClipEncoder.from_arch(str(arch)).save(out / name)
+    return out

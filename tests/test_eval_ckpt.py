@@ -18,12 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.fixtures import make_tiny_outputs
+
 ROOT = Path(__file__).resolve().parent.parent
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 SCHEMA = ("protocol", "seed", "ckpt", "strategy", "cfg_scale", "num_samples", "retrieve_k", "n", "ci95", "bootstrap")
 
 
@@ -45,25 +42,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    from lit_cm3leon.model import ModelConfig, build_model
-    from lit_cm3leon.retrieval.encoder import ClipEncoder
-    from lit_cm3leon.tokenizer.codec import DocumentCodec
-    from lit_cm3leon.tokenizer.image import load_image_tokenizer
-    from lit_cm3leon.tokenizer.text import cli as text_cli
-    from lit_cm3leon.training.checkpoint import save_decoder
-
-    out = tmp_path_factory.mktemp("ckpt") / "outputs"
-    assert text_cli(["--out", str(out / "text_tokenizer"), "--vocab-size", "300", "--shapes-samples", "100"]) == 0
-    load_image_tokenizer("shapes").save(out / "image_tokenizer")
-    codec = DocumentCodec.load(out / "text_tokenizer")
-    torch.manual_seed(0)
-    save_decoder(out / "pretrain", build_model(ModelConfig.preset("debug", vocab_size=codec.vocab.size)), codec.vocab)
-    arch = out.parent / "tiny-clip.json"
-    arch.write_text(json.dumps(TINY_CLIP))
-    for seed, name in ((0, "retriever"), (1, "eval_clip")):
-        torch.manual_seed(seed)
-        ClipEncoder.from_arch(str(arch)).save(out / name)
-    return out
+    return make_tiny_outputs(tmp_path_factory.mktemp("ckpt") / "outputs")
 
 
 def fid_args(out: Path, *extra: str) -> list[str]:
