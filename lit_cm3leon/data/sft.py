@@ -426,7 +426,8 @@ class SFTDataModule(L.LightningDataModule):
         world = max(1, self.trainer.world_size if self.trainer else 1)
         length = hp.max_steps * hp.batch_size * world
         self.train_ds = SFTSequences(train, codec, hp.seq_len, length, rates, hp.seed, hp.loss_on)
-        val = {t: v[: hp.val_per_task] for t, v in val.items() if v}
+        # spread over each pool (consecutive examples often share a scene or an image)
+        val = {t: v[:: max(1, len(v) // hp.val_per_task)][: hp.val_per_task] for t, v in val.items() if v}
         self.val_ds = SFTSequences(val, codec, hp.seq_len, seed=hp.seed + 1, loss_on=hp.loss_on, sample=False) if val else None
 
     def train_dataloader(self) -> DataLoader:
