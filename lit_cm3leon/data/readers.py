@@ -63,6 +63,7 @@ class Records:
     split: str
     examples: list[dict] = field(default_factory=list)
     reasons: Counter = field(default_factory=Counter)  # why records were skipped
+    _exists: dict = field(default_factory=dict, repr=False)  # image path -> is a file
 
     @property
     def skipped(self) -> int:
@@ -110,7 +111,10 @@ def _text(x: Any) -> str | None:
 
 def _with_image(rec: Records, example: dict, *keys: str) -> None:
     for k in keys:
-        if not Path(example[k]).is_file():
+        path = str(example[k])
+        if path not in rec._exists:  # VQA questions share images: stat each file once per read
+            rec._exists[path] = Path(path).is_file()
+        if not rec._exists[path]:
             rec.skip("image file missing")
             return
     rec.examples.append(example)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,7 @@ def encode_cached(tokenizer, images_fn, n: int, cache: Path | None, batch_size: 
         out[a:b] = tokenizer.encode(images_fn(a, b), batch_size=batch_size).numpy().astype(np.int16)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")  # ranks may race: replace is atomic
         np.savez(tmp, codes=out)
         tmp.replace(cache)
     return out
