@@ -51,11 +51,11 @@ def make_karpathy(root: Path, name: str, with_filepath: bool, image_dir: str = "
     dump(root / name, {"images": images, "dataset": "coco" if with_filepath else "flickr30k"})
 
 
-def make_vqa(root: Path, split: str, questions: str, annotations: str, n: int = 4) -> None:
+def make_vqa(root: Path, split: str, questions: str, annotations: str, n: int = 4, images: Path | None = None) -> None:
     qs, anns = [], []
     for k in range(n):
         image_id = 10 + k
-        write_image(root / split / f"COCO_{split}_{image_id:012d}.jpg")
+        write_image((images or root) / split / f"COCO_{split}_{image_id:012d}.jpg")
         qid = image_id * 10
         qs.append({"image_id": image_id, "question": f"is it red {k}?", "question_id": qid})
         answers = [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(["yes"] * 6 + ["no"] * 4)]
@@ -142,6 +142,12 @@ def test_vqa2_and_okvqa(tmp_path):
     assert len(read_source("okvqa", tmp_path / "okvqa", "train2014")) == 2
     with pytest.raises(LayoutError, match="v2_OpenEnded_mscoco_train2014_questions.json"):
         read_source("vqa2", tmp_path / "vqa2", "train2014")
+    make_vqa(tmp_path / "v", "val2014", "v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json",
+             n=2, images=tmp_path / "coco")
+    rec = read_source("vqa2", tmp_path / "v", "val2014", image_dir=tmp_path / "coco")
+    assert len(rec) == 2 and rec[0]["image"].startswith(str(tmp_path / "coco" / "val2014"))
+    with pytest.raises(LayoutError, match="val2014"):
+        read_source("vqa2", tmp_path / "v", "val2014")  # images are not under the root
 
 
 def test_vizwiz(tmp_path):
@@ -202,8 +208,9 @@ def test_real_data_mixture_from_its_config(compose, tmp_path):
     data, out = tmp_path / "data", tmp_path / "outputs"
     make_karpathy(data / "coco", "dataset_coco.json", with_filepath=True)
     for split in ("train2014", "val2014"):
-        make_vqa(data / "vqa2", split, f"v2_OpenEnded_mscoco_{split}_questions.json", f"v2_mscoco_{split}_annotations.json")
-        make_vqa(data / "okvqa", split, f"OpenEnded_mscoco_{split}_questions.json", f"mscoco_{split}_annotations.json", n=2)
+        coco = data / "coco"  # VQA images live with the COCO captions' images (image_dir)
+        make_vqa(data / "vqa2", split, f"v2_OpenEnded_mscoco_{split}_questions.json", f"v2_mscoco_{split}_annotations.json", images=coco)
+        make_vqa(data / "okvqa", split, f"OpenEnded_mscoco_{split}_questions.json", f"mscoco_{split}_annotations.json", n=2, images=coco)
     make_vizwiz(data / "vizwiz", "train")
     make_vizwiz(data / "vizwiz", "val")
     make_paragraphs(data / "image_paragraph")
@@ -211,7 +218,7 @@ def test_real_data_mixture_from_its_config(compose, tmp_path):
     (data / "coco" / "val2014" / "img0.jpg").write_bytes(b"not a jpeg")  # unreadable: skipped, counted
     make_text_tokenizer(out / "text_tokenizer", n_codes=256, hw=8)
     load_image_tokenizer("shapes").save(out / "image_tokenizer")
-    cfg = compose(["experiment=sft", "data=sft_coco_vqa", "data.max_steps=10", "data.batch_size=2"])
+    cfg = compose(["experiment=sft", "data=sft_coco_vqa", "data.max_steps=10", "data.batch_size=2", "data.max_bad_fraction=0.9"])
     dm = instantiate(cfg.data)
     dm.setup("fit")
     sizes = {t: len(p) for t, p in dm.train_ds.pools.items()}
@@ -226,3 +233,10 @@ def test_real_data_mixture_from_its_config(compose, tmp_path):
     assert len(dm.val_ds) > 0 and {dm.val_ds.task_of(i)[0] for i in range(len(dm.val_ds))} >= {"vqa", "edit", "paragraph"}
     assert list((out / "cache").glob("sft-*.npz"))  # codes cached
     np.testing.assert_array_equal(dm.train_ds[5]["ids"], dm.train_ds[5]["ids"])
+    # a source that is mostly unusable stops the run and says why
+    for f in (data / "vizwiz" / "train").glob("*.jpg"):
+        f.write_bytes(b"broken")
+    cfg = compose(["experiment=sft", "data=sft_coco_vqa", "data.max_steps=10", f"data.cache_dir={tmp_path}/cache2",
+                   "data.max_bad_fraction=0.9"])
+    with pytest.raises(ValueError, match=r"vizwiz:train .*unreadable image"):
+        instantiate(cfg.data).setup("fit")

@@ -131,8 +131,8 @@ def artifacts(tmp_path, image_tokenizer):
 
 def overrides(steps: int) -> list[str]:
     return [
-        "experiment=sft", "model=debug", "data.shapes.n_train=24", "data.shapes.n_val=4", "data.val_per_task=2",
-        "data.batch_size=4", f"trainer.max_steps={steps}", "trainer.val_check_interval=5", "trainer.limit_val_batches=3",
+        "experiment=sft", "model=debug", "data.shapes.n_train=16", "data.shapes.n_val=4", "data.val_per_task=2",
+        "data.batch_size=4", f"trainer.max_steps={steps}", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
         "trainer.precision=32-true", "logger=csv", "module.warmup_steps=2", "module.lr=3e-3",
     ]
 
@@ -141,10 +141,10 @@ def test_sft_fit_starts_from_pretrain_and_publishes(compose, artifacts):
     from lit_cm3leon.training.checkpoint import load_decoder
 
     before, _, _ = load_decoder(artifacts / "pretrain")
-    metrics = train(compose(overrides(10)))
+    metrics = train(compose(overrides(6)))
     assert np.isfinite(metrics["train/loss"]) and "val/loss" in metrics
     model, vocab, record = load_decoder(artifacts / "sft", vocab=Vocab.load(artifacts / "text_tokenizer" / "vocab.json"))
-    assert record["step"] == 10 and (artifacts / "sft" / "manifest.json").is_file()
+    assert record["step"] == 6 and (artifacts / "sft" / "manifest.json").is_file()
     # training started from the pretrained weights (their mark is still there) and moved them
     pos = record["state_dict"]["pos_emb.weight"]
     assert (pos - 0.25).abs().max() < 0.1

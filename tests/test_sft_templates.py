@@ -8,6 +8,7 @@ import pytest
 from lit_cm3leon.data.templates import (
     TASKS,
     TEMPLATES,
+    decode_target,
     encode_example,
     get_template,
     inference_prompt,
@@ -61,6 +62,11 @@ def test_render_round_trips_and_masks_the_prompt(codec, task):
         assert len(t_ids) == v.image_tokens and all(v.is_image(t) for t in t_ids)
     else:
         assert all(v.is_text(t) for t in t_ids)
+    out = decode_target(task, codec, [*t_ids, v.eos, v.pad])  # what generation returns -> the answer
+    if TEMPLATES[task].target == "image":
+        assert np.array_equal(out, target.segments[0].codes)
+    else:
+        assert out == target.segments[0].text
     _, w_all = render_ids(codec, task, example(task), loss_on="all")
     assert w_all[0] == 0 and (w_all[1:] == 1).all()
 
@@ -135,3 +141,27 @@ def test_image_segments_compare_by_codes():
     a = Document([Image(np.arange(16).reshape(4, 4)), Text("x")])
     b = Document([Image(np.arange(16).reshape(4, 4)), Text("x")])
     assert a == b
+
+
+@pytest.mark.parametrize("task", ["edit", "vqa", "text2image", "caption_short"])
+def test_generation_from_an_inference_prompt(codec, task):
+    """The decode loop continues an inference prompt with exactly one target of the right modality."""
+    import torch
+
+    from lit_cm3leon.decode.generate import generate
+    from lit_cm3leon.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    v = codec.vocab
+    model = build_model(ModelConfig(vocab_size=v.size, n_layer=1, n_head=2, d_model=32, max_seq_len=128)).eval()
+    mode = TEMPLATES[task].target
+    prompt = inference_prompt(task, codec, **example(task))
+    (new,) = generate(model, [prompt], v, max_new_tokens=v.image_tokens + 1 if mode == "image" else 12,
+                      strategy="temperature", mode=mode, seed=1)
+    if mode == "image":
+        assert all(v.is_image(t) for t in new[: v.image_tokens]) and new[v.image_tokens :] == [v.brk]
+        assert decode_target(task, codec, new).shape == (v.image_h, v.image_w)
+    else:
+        body = new[:-1] if new[-1] == v.eos else new
+        assert all(v.is_text(t) or v.is_loc(t) for t in body)
+        assert isinstance(decode_target(task, codec, new), str)

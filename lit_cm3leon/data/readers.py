@@ -63,6 +63,7 @@ class Records:
     split: str
     examples: list[dict] = field(default_factory=list)
     reasons: Counter = field(default_factory=Counter)  # why records were skipped
+    _exists: dict = field(default_factory=dict, repr=False)  # image path -> is a file
 
     @property
     def skipped(self) -> int:
@@ -110,7 +111,10 @@ def _text(x: Any) -> str | None:
 
 def _with_image(rec: Records, example: dict, *keys: str) -> None:
     for k in keys:
-        if not Path(example[k]).is_file():
+        path = str(example[k])
+        if path not in rec._exists:  # VQA questions share images: stat each file once per read
+            rec._exists[path] = Path(path).is_file()
+        if not rec._exists[path]:
             rec.skip("image file missing")
             return
     rec.examples.append(example)
@@ -199,7 +203,9 @@ def _majority(answers: list[str]) -> str | None:
     return max(counts, key=lambda a: (counts[a], -answers.index(a)))
 
 
-def _vqa_layout(name: str, root: str | Path, split: str, questions: str, annotations: str) -> Records:
+def _vqa_layout(
+    name: str, root: str | Path, split: str, questions: str, annotations: str, image_dir: str | Path | None = None
+) -> Records:
     expected = f"{questions} and {annotations} (the VQA layout), images in {split}/COCO_{split}_<image_id:012d>.jpg"
     root = _root(root, name, expected)
     qpath = _first(root, [questions, f"Questions/{questions}", f"questions/{questions}"], name, expected)
@@ -209,7 +215,7 @@ def _vqa_layout(name: str, root: str | Path, split: str, questions: str, annotat
         raise LayoutError(f"{name}: {qpath} has no 'questions'; expected {expected}")
     if not isinstance(adata, dict) or "annotations" not in adata:
         raise LayoutError(f"{name}: {apath} has no 'annotations'; expected {expected}")
-    image_dir = _first(root, [split, f"images/{split}"], name, expected)
+    image_dir = _first(Path(image_dir) if image_dir else root, [split, f"images/{split}"], name, expected)
     rec = Records(name, split)
     anns: dict[int, dict] = {}
     for a in adata["annotations"]:
@@ -236,14 +242,19 @@ def _vqa_layout(name: str, root: str | Path, split: str, questions: str, annotat
     return rec
 
 
-def read_vqa2(root: str | Path, split: str) -> Records:
-    """VQA v2 (``v2_OpenEnded_mscoco_<split>_questions.json`` + ``v2_mscoco_<split>_annotations.json``)."""
-    return _vqa_layout("vqa2", root, split, f"v2_OpenEnded_mscoco_{split}_questions.json", f"v2_mscoco_{split}_annotations.json")
+def read_vqa2(root: str | Path, split: str, image_dir: str | Path | None = None) -> Records:
+    """VQA v2 (``v2_OpenEnded_mscoco_<split>_questions.json`` + ``v2_mscoco_<split>_annotations.json``).
+
+    ``image_dir``: the folder holding ``<split>/`` of COCO images when it is not ``root``
+    (e.g. ``data/coco``, shared with the caption datasets)."""
+    q, a = f"v2_OpenEnded_mscoco_{split}_questions.json", f"v2_mscoco_{split}_annotations.json"
+    return _vqa_layout("vqa2", root, split, q, a, image_dir)
 
 
-def read_okvqa(root: str | Path, split: str) -> Records:
+def read_okvqa(root: str | Path, split: str, image_dir: str | Path | None = None) -> Records:
     """OK-VQA (``OpenEnded_mscoco_<split>_questions.json`` + ``mscoco_<split>_annotations.json``)."""
-    return _vqa_layout("okvqa", root, split, f"OpenEnded_mscoco_{split}_questions.json", f"mscoco_{split}_annotations.json")
+    q, a = f"OpenEnded_mscoco_{split}_questions.json", f"mscoco_{split}_annotations.json"
+    return _vqa_layout("okvqa", root, split, q, a, image_dir)
 
 
 def read_vizwiz(root: str | Path, split: str) -> Records:
@@ -345,7 +356,7 @@ def read_instructpix2pix(root: str | Path, split: str) -> Records:
     return rec
 
 
-READERS: dict[str, Callable[[str | Path, str], Records]] = {
+READERS: dict[str, Callable[..., Records]] = {
     "coco_captions": read_coco_captions,
     "coco_karpathy": read_coco_karpathy,
     "flickr30k": read_flickr30k,
@@ -357,11 +368,19 @@ READERS: dict[str, Callable[[str | Path, str], Records]] = {
 }
 
 
-def read_source(reader: str, root: str | Path, split: str, max_examples: int | None = None) -> Records:
-    """Run a reader by name; keep the first ``max_examples`` examples when set."""
+def read_source(
+    reader: str, root: str | Path, split: str, max_examples: int | None = None, image_dir: str | Path | None = None
+) -> Records:
+    """Run a reader by name; keep the first ``max_examples`` examples when set. ``image_dir``
+    (vqa2, okvqa only) points at the COCO images when they are not under ``root``."""
     if reader not in READERS:
         raise KeyError(f"unknown reader {reader!r}; readers: {', '.join(READERS)}")
-    rec = READERS[reader](root, split)
+    if image_dir is not None:
+        if reader not in ("vqa2", "okvqa"):
+            raise ValueError(f"image_dir is an option of the vqa2 and okvqa readers, not of {reader}")
+        rec = READERS[reader](root, split, image_dir=image_dir)
+    else:
+        rec = READERS[reader](root, split)
     if max_examples is not None:
         rec.examples = rec.examples[: int(max_examples)]
     return rec

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,7 @@ def encode_cached(tokenizer, images_fn, n: int, cache: Path | None, batch_size: 
         out[a:b] = tokenizer.encode(images_fn(a, b), batch_size=batch_size).numpy().astype(np.int16)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")  # ranks may race: replace is atomic
         np.savez(tmp, codes=out)
         tmp.replace(cache)
     return out
@@ -260,13 +261,18 @@ IMAGE_KEYS = ("image", "target", "condition")  # example keys that hold image pa
 
 
 def file_pools(
-    sources: Sequence[Mapping[str, Any]], split_key: str, tokenizer, cache_dir: str | Path | None
+    sources: Sequence[Mapping[str, Any]],
+    split_key: str,
+    tokenizer,
+    cache_dir: str | Path | None,
+    max_bad_fraction: float = 0.5,
 ) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """Examples per task from reader sources; returns ``(pools, skipped counts per source)``.
 
     Each source is ``{reader, root, <split_key>: split name, tasks: [...], max_examples}``
     (``split_key`` is ``split`` for training and ``val_split`` for validation). Images that
-    cannot be read are skipped and counted with the reader's own skipped records.
+    cannot be read are skipped and counted with the reader's own skipped records; a source
+    whose skipped fraction passes ``max_bad_fraction`` stops the run with the reasons.
     """
     from lit_cm3leon.data.readers import read_source
     from lit_cm3leon.tokenizer.image import open_image, resize_center_crop_pil
@@ -278,8 +284,8 @@ def file_pools(
         if split is None:
             continue
         name = f"{src['reader']}:{split}"
-        records = read_source(src["reader"], src["root"], split, max_examples=src.get("max_examples"))
-        skipped[name] = records.skipped
+        records = read_source(src["reader"], src["root"], split, src.get("max_examples"), src.get("image_dir"))
+        skipped[name] = read_skipped = records.skipped
         paths = sorted({str(r[k]) for r in records for k in IMAGE_KEYS if k in r})
         ok = np.ones(len(paths), dtype=bool)
 
@@ -310,12 +316,22 @@ def file_pools(
         for r in records:
             if any(k in r and not ok[row[str(r[k])]] for k in IMAGE_KEYS):
                 skipped[name] += 1
+                records.skip("unreadable image")
                 continue
             ex = {k: (codes[row[str(v)]] if k in IMAGE_KEYS else v) for k, v in r.items()}
             for task in src["tasks"]:
                 if task == "reasoning" and str(ex.get("answer", "")).lower() not in ("yes", "no"):
                     continue
                 pools.setdefault(task, []).append(ex)
+        total = len(records) + read_skipped
+        if records.skipped:
+            log.warning("%s: skipped %d of %d records (%s)", name, records.skipped, total, dict(records.reasons))
+        if total and records.skipped / total > max_bad_fraction:
+            raise ValueError(
+                f"{name} under {src['root']}: {records.skipped} of {total} records are unusable "
+                f"({dict(records.reasons)}), more than max_bad_fraction={max_bad_fraction}: check the "
+                "dataset's files (or raise data.max_bad_fraction)"
+            )
     return pools, skipped
 
 
@@ -341,6 +357,7 @@ class SFTDataModule(L.LightningDataModule):
         max_steps: int = 1000,
         val_per_task: int = 16,
         loss_on: str = "target",
+        max_bad_fraction: float = 0.5,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -383,8 +400,8 @@ class SFTDataModule(L.LightningDataModule):
         else:
             if not hp.sources:
                 raise ValueError("data.source=files needs data.sources: [{reader, root, split, tasks}, ...]")
-            train, skipped = file_pools(hp.sources, "split", tok, hp.cache_dir)
-            val, vskipped = file_pools(hp.sources, "val_split", tok, hp.cache_dir)
+            train, skipped = file_pools(hp.sources, "split", tok, hp.cache_dir, hp.max_bad_fraction)
+            val, vskipped = file_pools(hp.sources, "val_split", tok, hp.cache_dir, hp.max_bad_fraction)
             self.skipped = {**skipped, **{f"{k} (val)": n for k, n in vskipped.items()}}
             train = {t: train[t] for t in tasks if t in train}
             val = {t: val[t] for t in tasks if t in val}
@@ -410,7 +427,8 @@ class SFTDataModule(L.LightningDataModule):
         world = max(1, self.trainer.world_size if self.trainer else 1)
         length = hp.max_steps * hp.batch_size * world
         self.train_ds = SFTSequences(train, codec, hp.seq_len, length, rates, hp.seed, hp.loss_on)
-        val = {t: v[: hp.val_per_task] for t, v in val.items() if v}
+        # spread over each pool (consecutive examples often share a scene or an image)
+        val = {t: v[:: max(1, len(v) // hp.val_per_task)][: hp.val_per_task] for t, v in val.items() if v}
         self.val_ds = SFTSequences(val, codec, hp.seq_len, seed=hp.seed + 1, loss_on=hp.loss_on, sample=False) if val else None
 
     def train_dataloader(self) -> DataLoader:

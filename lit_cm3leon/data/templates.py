@@ -236,6 +236,18 @@ def inference_prompt(task: str, codec: DocumentCodec, **inputs: Any) -> list[int
     return prompt_ids(codec, get_template(task).prompt(inputs, codec.vocab.n_loc))
 
 
+def decode_target(task: str, codec: DocumentCodec, new_ids: Sequence[int]) -> str | np.ndarray:
+    """What the decode loop produced after :func:`inference_prompt`, as the task's answer: the
+    text (stripped; up to ``<eos>``/``<break>``) or the image code grid ``int64[h, w]``."""
+    v = codec.vocab
+    ids = [int(t) for t in new_ids]
+    if get_template(task).target == "image":
+        codes = [t for t in ids if v.is_image(t)][: v.image_tokens]
+        return codec.decode_image(codes, strict=False)
+    stop = next((k for k, t in enumerate(ids) if t in (v.eos, v.brk)), len(ids))
+    return codec.decode_text([t for t in ids[:stop] if v.is_text(t) or v.is_loc(t)]).strip()
+
+
 def split_target(ids: Sequence[int], codec: DocumentCodec) -> tuple[list[int], list[int]]:
     """Inverse of the layout: ``(prompt ids incl. <bos> ... <break>, target ids without <eos>)``."""
     v = codec.vocab
