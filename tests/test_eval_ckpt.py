@@ -75,13 +75,18 @@ def metric_values(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("run_dir",)}
 
 
-def test_coco_fid_ckpt_resume_and_determinism(outputs, tmp_path):
+@pytest.fixture(scope="module")
+def clean(outputs):
+    """A clean --ckpt run into the default folder (named after its settings): its metrics."""
+    assert script("coco_fid").main(fid_args(outputs)) == 0
+    folder = outputs / "eval" / "t2i" / "pretrain_shapes-heldout_n6_cfg_topp_cfg3_s1_k0_seed0"
+    return folder, json.loads((folder / "metrics.json").read_text())
+
+
+def test_coco_fid_ckpt_resume_and_determinism(outputs, clean, tmp_path):
     coco_fid = script("coco_fid")
-    # 1. a clean run into the default folder, named after its settings
-    assert coco_fid.main(fid_args(outputs)) == 0
+    folder, clean = clean
     runs = outputs / "eval" / "t2i"
-    folder = runs / "pretrain_shapes-heldout_n6_cfg_topp_cfg3_s1_k0_seed0"
-    clean = json.loads((folder / "metrics.json").read_text())
     for key in (*SCHEMA, "fid", "features", "metric", "clip_score", "attr_acc", "exact"):
         assert key in clean, key
     assert clean["metric"] == "FID-CLIP" and clean["n"] == 6 and clean["ckpt"].endswith("pretrain")
@@ -215,3 +220,79 @@ def test_ablation_tiny_grid(outputs):
     stamp = (prefix / "metrics.json").stat().st_mtime_ns
     assert ablate.main(args) == 0
     assert (prefix / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_rank_sharding_scores_once_all_samples_exist(outputs, clean, tmp_path):
+    coco_fid = script("coco_fid")
+    run = tmp_path / "sharded"
+    assert coco_fid.main(fid_args(outputs, "--run-dir", str(run), "--rank", "0", "--world-size", "2")) == 0
+    made = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert made == ["00000.png", "00001.png", "00004.png", "00005.png"]  # chunks 0 and 2 of 3
+    assert not (run / "metrics.json").is_file()
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = "1", "2"
+    try:
+        assert coco_fid.main(fid_args(outputs, "--run-dir", str(run))) == 0
+    finally:
+        del os.environ["RANK"], os.environ["WORLD_SIZE"]
+    assert metric_values(json.loads((run / "metrics.json").read_text())) == metric_values(clean[1])
+
+
+def test_coco_captions_prompts(outputs, tmp_path):
+    coco_fid = script("coco_fid")
+    from lit_cm3leon.data.shapes import ShapesWorld
+
+    world, ref = ShapesWorld(), tmp_path / "val"
+    ref.mkdir()
+    images, annotations = [], []
+    for i in range(4):
+        s = world.sample("train", i)
+        Image.fromarray(s.image).save(ref / f"{i:012d}.jpg", quality=95)
+        images.append({"id": 100 + i, "file_name": f"{i:012d}.jpg"})
+        annotations += [{"id": 2 * i, "image_id": 100 + i, "caption": s.caption_long},
+                        {"id": 2 * i + 1, "image_id": 100 + i, "caption": s.caption_short}]  # fmt: skip
+    captions = tmp_path / "captions_val.json"
+    captions.write_text(json.dumps({"images": images, "annotations": annotations}))
+    base = fid_args(outputs, "--n", "4", "--captions", str(captions))
+    assert coco_fid.main(base) == 2  # needs --reference
+    assert coco_fid.main([*base, "--reference", str(ref), "--features", "clip", "--run-dir", str(tmp_path / "run")]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["protocol"] == "coco-captions_val" and "attr_acc" not in m and "clip_score" in m
+    prompts = json.loads((tmp_path / "run" / "prompts.json").read_text())
+    assert prompts["00001.png"] == world.sample("train", 1).caption_long  # the first caption of each image
+
+
+def test_engine_mixed_splits_each_prompts_samples(monkeypatch):
+    from lit_cm3leon import engine as engine_mod
+
+    calls = []
+
+    def fake_generate(model, prompts, vocab, n, strategy, **kw):
+        calls.append((strategy, len(prompts)))
+        return [[vocab.image_offset] * vocab.image_tokens for _ in prompts]
+
+    class Codec:
+        class vocab:  # noqa: N801 - a stand-in namespace
+            image_h = image_w = 2
+            image_tokens = 4
+            image_offset = 10
+            bos, brk = 1, 2
+
+            @staticmethod
+            def mask(i):
+                return 3
+
+            @staticmethod
+            def is_image(t):
+                return t >= 10
+
+        @staticmethod
+        def encode(doc):
+            return [5]
+
+    monkeypatch.setattr(engine_mod, "generate", fake_generate)
+    eng = engine_mod.Engine(torch.nn.Linear(1, 1), Codec())
+    eng.text_to_image_codes(["a", "b"], engine_mod.Decoding(strategy="mixed", num_samples=3), batch_size=64)
+    assert calls == [("cfg_topp", 4), ("cdk", 2)]  # samples 0-1 of each prompt, then sample 2
+    calls.clear()
+    eng.text_to_image_codes(["a", "b"], engine_mod.Decoding(strategy="cdk", num_samples=3), batch_size=64)
+    assert calls == [("cdk", 6)]
