@@ -296,3 +296,27 @@ def test_engine_mixed_splits_each_prompts_samples(monkeypatch):
     calls.clear()
     eng.text_to_image_codes(["a", "b"], engine_mod.Decoding(strategy="cdk", num_samples=3), batch_size=64)
     assert calls == [("cdk", 6)]
+
+
+def test_scoring_an_oracle_run(outputs, tmp_path):
+    """Samples equal to the references: FID-CLIP ~ 0, every scene parsed right, and the
+    attribute scores follow the prompt order (one swapped sample is caught)."""
+    from lit_cm3leon.evaluation import t2i_run as tr
+    from lit_cm3leon.evaluation.fid import load_clip_encoder
+
+    pset = tr.prompt_set(6, outputs)
+    folder = tmp_path / "oracle"
+    refs = [np.asarray(Image.open(pset.reference / f"{i:05d}.png")) for i in range(6)]
+    tr.write_images(folder / "samples", np.stack(refs))
+    spec = tr.RunSpec("oracle", "-", pset.protocol, 6, 0, 2, {})
+    dec = type("D", (), {"strategy": None, "cfg_scale": None, "num_samples": 1, "retrieve_k": 0})
+    scorers = tr.Scorers("clip", load_clip_encoder(outputs / "eval_clip"))
+    rec = tr.score_run(folder, pset.prompts, pset.reference, tr.header_for(spec, dec), scorers, pset.scenes, 5, 0)
+    assert rec["fid"] == pytest.approx(0.0, abs=1e-3) and rec["attr_acc"] == 1.0 and rec["exact"] == 1.0
+    (folder / "metrics.json").unlink()
+    swapped = np.stack([refs[1], refs[0], *refs[2:]])
+    for p in (folder / "samples").glob("*.png"):
+        p.unlink()
+    tr.write_images(folder / "samples", swapped)
+    rec = tr.score_run(folder, pset.prompts, pset.reference, tr.header_for(spec, dec), scorers, pset.scenes, 5, 0)
+    assert rec["exact"] == pytest.approx(4 / 6) and rec["fid"] == pytest.approx(0.0, abs=1e-3)
