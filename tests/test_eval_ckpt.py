@@ -192,6 +192,12 @@ def test_captioning_and_vqa_ckpt(outputs):
     yn = [a for a in annotations if a["answer_type"] == "yes/no"]
     expect = 100 * np.mean([a["answers"][0]["answer"] == m["baseline_prior"]["yesno"] for a in yn])
     assert m["baseline_perAnswerType"]["yes/no"] == pytest.approx(expect, abs=0.01)
+    # Table 2 shows our rows and each baseline row
+    md = script("tables").build([str(cap / "metrics.json"), str(vq / "metrics.json")])
+    assert "shapes-captions CIDEr" in md and "shapes-vqa acc." in md
+    row = next(line for line in md.splitlines() if "question-only answer prior" in line)
+    assert f"{m['baseline_overall']:.1f}" in row
+    assert "most frequent training caption" in md
 
 
 def test_ablation_tiny_grid(outputs):
