@@ -382,6 +382,11 @@ def evaluate_ckpt(
     f = ckpt_file(ckpt)
     if not f.is_file():
         raise InputError(f"--ckpt {ckpt}: no checkpoint file {f} (publish one with `python -m lit_cm3leon.fit experiment=pretrain`)")
+    if dec.retrieve_k > 0 and not (res.outputs / "index" / "manifest.json").is_file():
+        raise InputError(
+            f"retrieve_k={dec.retrieve_k} needs the memory bank at {res.outputs / 'index'} "
+            "(`python -m lit_cm3leon.prepare index`); or use --retrieve-k 0"
+        )
     spec = RunSpec(str(ckpt), file_digest(f), pset.protocol, n, seed, chunk, asdict(dec))
     spec.check_against(folder)
     scorers = Scorers(features, res.eval_clip(required=features == "clip"), inception_weights)
