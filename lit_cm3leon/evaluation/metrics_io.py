@@ -87,17 +87,17 @@ def add_run_args(parser: argparse.ArgumentParser, protocol: str, out_required: b
     g.add_argument(
         "--strategy",
         default=None,
-        help="decoding strategy of the predictions (recorded; --ckpt mode: used, default cfg_topp)",
+        help="decoding strategy of the predictions (recorded; coco_fid.py --ckpt: used, default cfg_topp)",
     )
-    g.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (recorded; --ckpt mode: used, default 3)")
+    g.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (recorded; coco_fid.py --ckpt: used, default 3)")
     g.add_argument(
-        "--num-samples", type=int, default=None, help="samples per prompt (recorded; --ckpt mode: used, default 1)"
+        "--num-samples", type=int, default=None, help="samples per prompt (recorded; coco_fid.py --ckpt: used, default 1)"
     )
     g.add_argument(
         "--retrieve-k",
         type=int,
         default=None,
-        help="retrieved documents per prompt (recorded; --ckpt mode: used, default 0)",
+        help="retrieved documents per prompt (recorded; coco_fid.py --ckpt: used, default 0)",
     )
     g.add_argument(
         "--bootstrap",
