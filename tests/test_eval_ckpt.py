@@ -57,7 +57,9 @@ def outputs(tmp_path_factory):
     load_image_tokenizer("shapes").save(out / "image_tokenizer")
     codec = DocumentCodec.load(out / "text_tokenizer")
     torch.manual_seed(0)
-    save_decoder(out / "pretrain", build_model(ModelConfig.preset("debug", vocab_size=codec.vocab.size)), codec.vocab)
+    model = build_model(ModelConfig.preset("debug", vocab_size=codec.vocab.size))
+    torch.nn.init.normal_(model.lm_head.weight, std=2.0)  # a fresh head is zero: make prompts matter
+    save_decoder(out / "pretrain", model, codec.vocab)
     arch = out.parent / "tiny-clip.json"
     arch.write_text(json.dumps(TINY_CLIP))
     for seed, name in ((0, "retriever"), (1, "eval_clip")):
@@ -67,7 +69,7 @@ def outputs(tmp_path_factory):
 
 
 def fid_args(out: Path, *extra: str) -> list[str]:
-    return ["--ckpt", str(out / "pretrain"), "--outputs", str(out), "--n", "6", "--chunk", "2",
+    return ["--ckpt", str(out / "pretrain"), "--outputs", str(out), "--n", "4", "--chunk", "2",
             "--bootstrap", "10", "--no-progress", *extra]  # fmt: skip
 
 
@@ -79,7 +81,7 @@ def metric_values(record: dict) -> dict:
 def clean(outputs):
     """A clean --ckpt run into the default folder (named after its settings): its metrics."""
     assert script("coco_fid").main(fid_args(outputs)) == 0
-    folder = outputs / "eval" / "t2i" / "pretrain_shapes-heldout_n6_cfg_topp_cfg3_s1_k0_seed0"
+    folder = outputs / "eval" / "t2i" / "pretrain_shapes-heldout_n4_cfg_topp_cfg3_s1_k0_seed0"
     return folder, json.loads((folder / "metrics.json").read_text())
 
 
@@ -89,11 +91,11 @@ def test_coco_fid_ckpt_resume_and_determinism(outputs, clean, tmp_path):
     runs = outputs / "eval" / "t2i"
     for key in (*SCHEMA, "fid", "features", "metric", "clip_score", "attr_acc", "exact"):
         assert key in clean, key
-    assert clean["metric"] == "FID-CLIP" and clean["n"] == 6 and clean["ckpt"].endswith("pretrain")
+    assert clean["metric"] == "FID-CLIP" and clean["n"] == 4 and clean["ckpt"].endswith("pretrain")
     assert set(clean["ci95"]) >= {"fid", "clip_score", "attr_acc", "exact"}
     assert 0.0 <= clean["attr_acc"] <= 1.0 and np.isfinite(clean["fid"])
-    assert len(list((folder / "samples").glob("*.png"))) == 6
-    assert len(list((runs / "reference" / "shapes-heldout-n6").glob("*.png"))) == 6
+    assert len(list((folder / "samples").glob("*.png"))) == 4
+    assert len(list((runs / "reference" / "shapes-heldout-n4").glob("*.png"))) == 4
     # a finished run is reported again, not regenerated
     stamp = {p.name: p.stat().st_mtime_ns for p in (folder / "samples").glob("*.png")}
     assert coco_fid.main(fid_args(outputs)) == 0
@@ -212,8 +214,12 @@ def test_ablation_tiny_grid(outputs):
     md = (out / "figure4.md").read_text()
     assert "against CFG scale" in md and "against samples" in md and "Figure 4" in md
     assert (out / "figure4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # re-ranking the first 2 of 2 candidates is exactly a 2-sample run of coco_fid (same seed, chunks)
+    # the CFG axis reaches the decoder: guidance changes the samples
     runs = outputs / "eval" / "t2i"
+    cfg1, cfg3 = (runs / f"pretrain_shapes-heldout_n4_cfg_topp_cfg{s}_s1_k0_seed0" for s in (1, 3))
+    assert any((cfg1 / "samples" / f"{i:05d}.png").read_bytes() != (cfg3 / "samples" / f"{i:05d}.png").read_bytes()
+               for i in range(4))  # fmt: skip
+    # re-ranking the first 2 of 2 candidates is exactly a 2-sample run of coco_fid (same seed, chunks)
     prefix = runs / "pretrain_shapes-heldout_n4_cfg_topp_cfg3_s2_k0_seed0_prefix2"
     assert script("coco_fid").main(["--ckpt", str(outputs / "pretrain"), "--outputs", str(outputs), "--n", "4",
                                     "--chunk", "2", "--num-samples", "2", "--bootstrap", "5", "--no-progress"]) == 0  # fmt: skip
@@ -233,7 +239,7 @@ def test_rank_sharding_scores_once_all_samples_exist(outputs, clean, tmp_path):
     run = tmp_path / "sharded"
     assert coco_fid.main(fid_args(outputs, "--run-dir", str(run), "--rank", "0", "--world-size", "2")) == 0
     made = sorted(p.name for p in (run / "samples").glob("*.png"))
-    assert made == ["00000.png", "00001.png", "00004.png", "00005.png"]  # chunks 0 and 2 of 3
+    assert made == ["00000.png", "00001.png"]  # chunk 0 of 2
     assert not (run / "metrics.json").is_file()
     os.environ["RANK"], os.environ["WORLD_SIZE"] = "1", "2"
     try:
@@ -319,6 +325,7 @@ def test_scoring_an_oracle_run(outputs, tmp_path):
     scorers = tr.Scorers("clip", load_clip_encoder(outputs / "eval_clip"))
     rec = tr.score_run(folder, pset.prompts, pset.reference, tr.header_for(spec, dec), scorers, pset.scenes, 5, 0)
     assert rec["fid"] == pytest.approx(0.0, abs=1e-3) and rec["attr_acc"] == 1.0 and rec["exact"] == 1.0
+    assert rec["count_acc"] == 1.0
     (folder / "metrics.json").unlink()
     swapped = np.stack([refs[1], refs[0], *refs[2:]])
     for p in (folder / "samples").glob("*.png"):
