@@ -42,7 +42,7 @@ KNOB_ABBREV = {"temperature": "t", "top_p": "p", "top_k": "topk", "cdk_alpha": "
 
 def ckpt_file(ckpt: str | Path) -> Path:
     p = Path(ckpt)
-    return p / "model.pt" if p.is_dir() else p
+    return p / "model.pt" if p.is_dir() or p.suffix != ".pt" else p
 
 
 def ckpt_label(ckpt: str | Path) -> str:
