@@ -32,11 +32,12 @@ from lit_cm3leon.evaluation.metrics_io import InputError
 LIST_KEYS = {"ckpts", "cfg_scales", "samples", "strategies"}
 
 
-def hydra_style(argv: list[str]) -> list[str]:
-    """``key=value`` / ``key=[a,b]`` tokens -> ``--key value`` / ``--key a b``."""
+def hydra_style(argv: list[str], keys: set[str]) -> list[str]:
+    """``key=value`` / ``key=[a,b]`` tokens (``key`` one of ``keys``) -> ``--key value`` /
+    ``--key a b``; anything else (flags, ``size=path`` values of --ckpts) is kept."""
     out: list[str] = []
     for tok in argv:
-        if tok.startswith("-") or "=" not in tok:
+        if tok.startswith("-") or "=" not in tok or tok.split("=", 1)[0] not in keys:
             out.append(tok)
             continue
         key, value = tok.split("=", 1)
@@ -78,7 +79,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(hydra_style(list(sys.argv[1:] if argv is None else argv)))
+    p = parser()
+    keys = {a.dest for a in p._actions if a.option_strings}
+    args = p.parse_args(hydra_style(list(sys.argv[1:] if argv is None else argv), keys))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lit_cm3leon.evaluation import ablation as ab
     from lit_cm3leon.evaluation import t2i_run as tr

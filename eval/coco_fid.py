@@ -218,7 +218,7 @@ def ckpt_main(args: argparse.Namespace) -> int:
         shutil.copyfile(folder / "metrics.json", out)
     print(table1_markdown([record]))
     ci = record["ci95"]
-    for k in ("clip_score", "attr_acc", "exact"):
+    for k in ("clip_score", "attr_acc", "exact", "count_acc"):
         if k in record:
             print(f"{k}: {record[k]:.4f}  95% CI {ci.get(k, '-')}")
     print(f"run folder: {folder}")

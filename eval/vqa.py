@@ -165,6 +165,11 @@ def ckpt_main(args: argparse.Namespace) -> int:
         print(f"{t} : {v:.2f}  (baseline {written['baseline_perAnswerType'].get(t, float('nan')):.2f})")
     for it, a in list(zip(items, answers, strict=True))[:3]:
         print(f"  {it.question!r} -> {a!r} (truth {it.answer!r})")
+    if args.out:
+        import shutil
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, args.out)
     print(f"wrote {out}")
     return 0
 

@@ -65,7 +65,9 @@ def make_tiny_outputs(out: Path) -> Path:
     load_image_tokenizer("shapes").save(out / "image_tokenizer")
     codec = DocumentCodec.load(out / "text_tokenizer")
     torch.manual_seed(0)
-    save_decoder(out / "pretrain", build_model(ModelConfig.preset("debug", vocab_size=codec.vocab.size, max_seq_len=512)), codec.vocab)
+    model = build_model(ModelConfig.preset("debug", vocab_size=codec.vocab.size, max_seq_len=512))
+    torch.nn.init.normal_(model.lm_head.weight, std=2.0)  # a fresh head is zero: make prompts matter
+    save_decoder(out / "pretrain", model, codec.vocab)
     arch = out.parent / "tiny-clip.json"
     arch.write_text(json.dumps(TINY_CLIP))
     for seed, name in ((0, "retriever"), (1, "eval_clip")):

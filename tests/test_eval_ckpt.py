@@ -46,7 +46,7 @@ def outputs(tmp_path_factory):
 
 
 def fid_args(out: Path, *extra: str) -> list[str]:
-    return ["--ckpt", str(out / "pretrain"), "--outputs", str(out), "--n", "6", "--chunk", "2",
+    return ["--ckpt", str(out / "pretrain"), "--outputs", str(out), "--n", "4", "--chunk", "2",
             "--bootstrap", "10", "--no-progress", *extra]  # fmt: skip
 
 
@@ -54,20 +54,25 @@ def metric_values(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("run_dir",)}
 
 
-def test_coco_fid_ckpt_resume_and_determinism(outputs, tmp_path):
+@pytest.fixture(scope="module")
+def clean(outputs):
+    """A clean --ckpt run into the default folder (named after its settings): its metrics."""
+    assert script("coco_fid").main(fid_args(outputs)) == 0
+    folder = outputs / "eval" / "t2i" / "pretrain_shapes-heldout_n4_cfg_topp_cfg3_s1_k0_seed0"
+    return folder, json.loads((folder / "metrics.json").read_text())
+
+
+def test_coco_fid_ckpt_resume_and_determinism(outputs, clean, tmp_path):
     coco_fid = script("coco_fid")
-    # 1. a clean run into the default folder, named after its settings
-    assert coco_fid.main(fid_args(outputs)) == 0
+    folder, clean = clean
     runs = outputs / "eval" / "t2i"
-    folder = runs / "pretrain_shapes-heldout_n6_cfg_topp_cfg3_s1_k0_seed0"
-    clean = json.loads((folder / "metrics.json").read_text())
     for key in (*SCHEMA, "fid", "features", "metric", "clip_score", "attr_acc", "exact"):
         assert key in clean, key
-    assert clean["metric"] == "FID-CLIP" and clean["n"] == 6 and clean["ckpt"].endswith("pretrain")
+    assert clean["metric"] == "FID-CLIP" and clean["n"] == 4 and clean["ckpt"].endswith("pretrain")
     assert set(clean["ci95"]) >= {"fid", "clip_score", "attr_acc", "exact"}
     assert 0.0 <= clean["attr_acc"] <= 1.0 and np.isfinite(clean["fid"])
-    assert len(list((folder / "samples").glob("*.png"))) == 6
-    assert len(list((runs / "reference" / "shapes-heldout-n6").glob("*.png"))) == 6
+    assert len(list((folder / "samples").glob("*.png"))) == 4
+    assert len(list((runs / "reference" / "shapes-heldout-n4").glob("*.png"))) == 4
     # a finished run is reported again, not regenerated
     stamp = {p.name: p.stat().st_mtime_ns for p in (folder / "samples").glob("*.png")}
     assert coco_fid.main(fid_args(outputs)) == 0
@@ -166,6 +171,12 @@ def test_captioning_and_vqa_ckpt(outputs):
     yn = [a for a in annotations if a["answer_type"] == "yes/no"]
     expect = 100 * np.mean([a["answers"][0]["answer"] == m["baseline_prior"]["yesno"] for a in yn])
     assert m["baseline_perAnswerType"]["yes/no"] == pytest.approx(expect, abs=0.01)
+    # Table 2 shows our rows and each baseline row
+    md = script("tables").build([str(cap / "metrics.json"), str(vq / "metrics.json")])
+    assert "shapes-captions CIDEr" in md and "shapes-vqa acc." in md
+    row = next(line for line in md.splitlines() if "question-only answer prior" in line)
+    assert f"{m['baseline_overall']:.1f}" in row
+    assert "most frequent training caption" in md
 
 
 def test_ablation_tiny_grid(outputs):
@@ -180,8 +191,12 @@ def test_ablation_tiny_grid(outputs):
     md = (out / "figure4.md").read_text()
     assert "against CFG scale" in md and "against samples" in md and "Figure 4" in md
     assert (out / "figure4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # re-ranking the first 2 of 2 candidates is exactly a 2-sample run of coco_fid (same seed, chunks)
+    # the CFG axis reaches the decoder: guidance changes the samples
     runs = outputs / "eval" / "t2i"
+    cfg1, cfg3 = (runs / f"pretrain_shapes-heldout_n4_cfg_topp_cfg{s}_s1_k0_seed0" for s in (1, 3))
+    assert any((cfg1 / "samples" / f"{i:05d}.png").read_bytes() != (cfg3 / "samples" / f"{i:05d}.png").read_bytes()
+               for i in range(4))  # fmt: skip
+    # re-ranking the first 2 of 2 candidates is exactly a 2-sample run of coco_fid (same seed, chunks)
     prefix = runs / "pretrain_shapes-heldout_n4_cfg_topp_cfg3_s2_k0_seed0_prefix2"
     assert script("coco_fid").main(["--ckpt", str(outputs / "pretrain"), "--outputs", str(outputs), "--n", "4",
                                     "--chunk", "2", "--num-samples", "2", "--bootstrap", "5", "--no-progress"]) == 0  # fmt: skip
@@ -194,3 +209,104 @@ def test_ablation_tiny_grid(outputs):
     stamp = (prefix / "metrics.json").stat().st_mtime_ns
     assert ablate.main(args) == 0
     assert (prefix / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_rank_sharding_scores_once_all_samples_exist(outputs, clean, tmp_path):
+    coco_fid = script("coco_fid")
+    run = tmp_path / "sharded"
+    assert coco_fid.main(fid_args(outputs, "--run-dir", str(run), "--rank", "0", "--world-size", "2")) == 0
+    made = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert made == ["00000.png", "00001.png"]  # chunk 0 of 2
+    assert not (run / "metrics.json").is_file()
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = "1", "2"
+    try:
+        assert coco_fid.main(fid_args(outputs, "--run-dir", str(run))) == 0
+    finally:
+        del os.environ["RANK"], os.environ["WORLD_SIZE"]
+    assert metric_values(json.loads((run / "metrics.json").read_text())) == metric_values(clean[1])
+
+
+def test_coco_captions_prompts(outputs, tmp_path):
+    coco_fid = script("coco_fid")
+    from lit_cm3leon.data.shapes import ShapesWorld
+
+    world, ref = ShapesWorld(), tmp_path / "val"
+    ref.mkdir()
+    images, annotations = [], []
+    for i in range(4):
+        s = world.sample("train", i)
+        Image.fromarray(s.image).save(ref / f"{i:012d}.jpg", quality=95)
+        images.append({"id": 100 + i, "file_name": f"{i:012d}.jpg"})
+        annotations += [{"id": 2 * i, "image_id": 100 + i, "caption": s.caption_long},
+                        {"id": 2 * i + 1, "image_id": 100 + i, "caption": s.caption_short}]  # fmt: skip
+    captions = tmp_path / "captions_val.json"
+    captions.write_text(json.dumps({"images": images, "annotations": annotations}))
+    base = fid_args(outputs, "--n", "4", "--captions", str(captions))
+    assert coco_fid.main(base) == 2  # needs --reference
+    assert coco_fid.main([*base, "--reference", str(ref), "--features", "clip", "--run-dir", str(tmp_path / "run")]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["protocol"] == "coco-captions_val" and "attr_acc" not in m and "clip_score" in m
+    prompts = json.loads((tmp_path / "run" / "prompts.json").read_text())
+    assert prompts["00001.png"] == world.sample("train", 1).caption_long  # the first caption of each image
+
+
+def test_engine_mixed_splits_each_prompts_samples(monkeypatch):
+    from lit_cm3leon import engine as engine_mod
+
+    calls = []
+
+    def fake_generate(model, prompts, vocab, n, strategy, **kw):
+        calls.append((strategy, len(prompts)))
+        return [[vocab.image_offset] * vocab.image_tokens for _ in prompts]
+
+    class Codec:
+        class vocab:  # noqa: N801 - a stand-in namespace
+            image_h = image_w = 2
+            image_tokens = 4
+            image_offset = 10
+            bos, brk = 1, 2
+
+            @staticmethod
+            def mask(i):
+                return 3
+
+            @staticmethod
+            def is_image(t):
+                return t >= 10
+
+        @staticmethod
+        def encode(doc):
+            return [5]
+
+    monkeypatch.setattr(engine_mod, "generate", fake_generate)
+    eng = engine_mod.Engine(torch.nn.Linear(1, 1), Codec())
+    eng.text_to_image_codes(["a", "b"], engine_mod.Decoding(strategy="mixed", num_samples=3), batch_size=64)
+    assert calls == [("cfg_topp", 4), ("cdk", 2)]  # samples 0-1 of each prompt, then sample 2
+    calls.clear()
+    eng.text_to_image_codes(["a", "b"], engine_mod.Decoding(strategy="cdk", num_samples=3), batch_size=64)
+    assert calls == [("cdk", 6)]
+
+
+def test_scoring_an_oracle_run(outputs, tmp_path):
+    """Samples equal to the references: FID-CLIP ~ 0, every scene parsed right, and the
+    attribute scores follow the prompt order (one swapped sample is caught)."""
+    from lit_cm3leon.evaluation import t2i_run as tr
+    from lit_cm3leon.evaluation.fid import load_clip_encoder
+
+    pset = tr.prompt_set(6, outputs)
+    folder = tmp_path / "oracle"
+    refs = [np.asarray(Image.open(pset.reference / f"{i:05d}.png")) for i in range(6)]
+    tr.write_images(folder / "samples", np.stack(refs))
+    spec = tr.RunSpec("oracle", "-", pset.protocol, 6, 0, 2, {})
+    dec = type("D", (), {"strategy": None, "cfg_scale": None, "num_samples": 1, "retrieve_k": 0})
+    scorers = tr.Scorers("clip", load_clip_encoder(outputs / "eval_clip"))
+    rec = tr.score_run(folder, pset.prompts, pset.reference, tr.header_for(spec, dec), scorers, pset.scenes, 5, 0)
+    assert rec["fid"] == pytest.approx(0.0, abs=1e-3) and rec["attr_acc"] == 1.0 and rec["exact"] == 1.0
+    assert rec["count_acc"] == 1.0
+    (folder / "metrics.json").unlink()
+    swapped = np.stack([refs[1], refs[0], *refs[2:]])
+    for p in (folder / "samples").glob("*.png"):
+        p.unlink()
+    tr.write_images(folder / "samples", swapped)
+    rec = tr.score_run(folder, pset.prompts, pset.reference, tr.header_for(spec, dec), scorers, pset.scenes, 5, 0)
+    assert rec["exact"] == pytest.approx(4 / 6) and rec["fid"] == pytest.approx(0.0, abs=1e-3)

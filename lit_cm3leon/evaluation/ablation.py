@@ -185,7 +185,7 @@ def prefix_cell(ckpt, strategy: str, k: int, K: int, cand: dict[str, Path], cfg:
 
 # ----------------------------------------------------------------------------- outputs
 COLUMNS = ("panel", "size", "strategy", "cfg_scale", "num_samples", "n", "metric", "fid", "fid_lo", "fid_hi",
-           "clip_score", "attr_acc", "exact", "ckpt", "run_dir")  # fmt: skip
+           "clip_score", "attr_acc", "exact", "count_acc", "ckpt", "run_dir")  # fmt: skip
 
 
 def rows(cells: Sequence[Cell]) -> list[dict]:
@@ -197,7 +197,7 @@ def rows(cells: Sequence[Cell]) -> list[dict]:
             "panel": c.panel, "size": c.size, "strategy": c.strategy, "cfg_scale": c.cfg_scale,
             "num_samples": c.num_samples, "n": r.get("n"), "metric": r.get("metric"), "fid": r.get("fid"),
             "fid_lo": ci[0], "fid_hi": ci[1], "clip_score": r.get("clip_score"), "attr_acc": r.get("attr_acc"),
-            "exact": r.get("exact"), "ckpt": c.ckpt, "run_dir": str(c.folder),
+            "exact": r.get("exact"), "count_acc": r.get("count_acc"), "ckpt": c.ckpt, "run_dir": str(c.folder),
         })  # fmt: skip
     return out
 

@@ -82,22 +82,22 @@ def add_run_args(parser: argparse.ArgumentParser, protocol: str, out_required: b
         "--seed", type=int, default=0, help="run seed; also seeds the bootstrap resampling"
     )
     g.add_argument(
-        "--ckpt", default=None, help="checkpoint that produced the predictions (recorded only)"
+        "--ckpt", default=None, help="checkpoint that produced the predictions (recorded); scripts with a --ckpt mode generate from it when no predictions are given"
     )
     g.add_argument(
         "--strategy",
         default=None,
-        help="decoding strategy that produced the predictions (recorded only)",
+        help="decoding strategy of the predictions (recorded; coco_fid.py --ckpt: used, default cfg_topp)",
     )
-    g.add_argument("--cfg-scale", type=float, default=None, help="CFG scale used (recorded only)")
+    g.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (recorded; coco_fid.py --ckpt: used, default 3)")
     g.add_argument(
-        "--num-samples", type=int, default=None, help="samples per prompt used (recorded only)"
+        "--num-samples", type=int, default=None, help="samples per prompt (recorded; coco_fid.py --ckpt: used, default 1)"
     )
     g.add_argument(
         "--retrieve-k",
         type=int,
         default=None,
-        help="retrieved documents per prompt (recorded only)",
+        help="retrieved documents per prompt (recorded; coco_fid.py --ckpt: used, default 0)",
     )
     g.add_argument(
         "--bootstrap",

@@ -37,6 +37,13 @@ TABLE2 = {
 }
 
 
+# Row labels of the baselines that `eval/captioning.py --ckpt` / `eval/vqa.py --ckpt` score.
+BASELINE_LABELS = {
+    "CIDEr": "baseline: most frequent training caption",
+    "overall": "baseline: question-only answer prior",
+}
+
+
 def _fmt(x: Any, digits: int = 2) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -115,6 +122,10 @@ def table2_markdown(records: Iterable[Mapping[str, Any]]) -> str:
         ci = _ci(rec.get("ci95", {}).get(key), scale, 1)
         cell = f"{rec[key] * scale:.1f} {ci}" if ci != "–" else f"{rec[key] * scale:.1f}"
         ours.setdefault(_run_label(rec), {})[title] = cell
+        if f"baseline_{key}" in rec:  # the honest baseline scored in the same run (shapes --ckpt)
+            bci = _ci(rec.get("ci95", {}).get(f"baseline_{key}"), scale, 1)
+            bval = rec[f"baseline_{key}"] * scale
+            ours.setdefault(BASELINE_LABELS[key], {})[title] = f"{bval:.1f} {bci}" if bci != "–" else f"{bval:.1f}"
     lines = [
         "Table 2: image-to-text after SFT (CIDEr x 100, VQA accuracy %; our 95% CI in brackets)",
         "",

@@ -13,8 +13,9 @@ another checkpoint file or other settings is refused rather than mixed.
 
 Scores: FID on the evaluation CLIP's features (``FID-CLIP``, the shapes protocol) or clean-fid's
 Inception, the CLIP score of each sample against its prompt (evaluation CLIP), and on the shapes
-world the scene parser's attribute accuracy (``attr_acc``) and exact-scene rate (``exact``)
-against the prompt's scene; bootstrap 95% intervals over prompts (FID: both sets resampled).
+world the scene parser's attribute accuracy (``attr_acc``), exact-scene rate (``exact``) and
+shape-count accuracy (``count_acc``) against the prompt's scene; bootstrap 95% intervals over
+prompts (FID: both sets resampled).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ KNOB_ABBREV = {"temperature": "t", "top_p": "p", "top_k": "topk", "cdk_alpha": "
 
 def ckpt_file(ckpt: str | Path) -> Path:
     p = Path(ckpt)
-    return p / "model.pt" if p.is_dir() else p
+    return p / "model.pt" if p.is_dir() or p.suffix != ".pt" else p
 
 
 def ckpt_label(ckpt: str | Path) -> str:
@@ -199,10 +200,12 @@ def score_run(
     if scenes is not None:
         images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
         att = attribute_scores(images, scenes)
-        per["attr_acc"], per["exact"] = att["attributes"], att["exact"]
+        per["attr_acc"], per["exact"], per["count_acc"] = att["attributes"], att["exact"], att["count"]
         metrics["attr_acc_definition"] = (
             "scene parser on each sample vs the prompt's scene: mean of colour/kind/size/position "
-            "accuracy of matched shapes (exact: the whole scene right)"
+            "accuracy of matched shapes (exact: the whole scene right; count_acc: as many shapes "
+            "as the prompt). Matching favours images with many shapes, so read attr_acc with "
+            "count_acc and exact"
         )
     for k, v in per.items():
         metrics[k] = float(v.mean())
@@ -382,6 +385,11 @@ def evaluate_ckpt(
     f = ckpt_file(ckpt)
     if not f.is_file():
         raise InputError(f"--ckpt {ckpt}: no checkpoint file {f} (publish one with `python -m lit_cm3leon.fit experiment=pretrain`)")
+    if dec.retrieve_k > 0 and not (res.outputs / "index" / "manifest.json").is_file():
+        raise InputError(
+            f"retrieve_k={dec.retrieve_k} needs the memory bank at {res.outputs / 'index'} "
+            "(`python -m lit_cm3leon.prepare index`); or use --retrieve-k 0"
+        )
     spec = RunSpec(str(ckpt), file_digest(f), pset.protocol, n, seed, chunk, asdict(dec))
     spec.check_against(folder)
     scorers = Scorers(features, res.eval_clip(required=features == "clip"), inception_weights)
