@@ -20,7 +20,13 @@ if __package__ in (None, ""):  # run as `python eval/perplexity.py`
 import numpy as np
 
 from lit_cm3leon.evaluation import bootstrap
-from lit_cm3leon.evaluation.metrics_io import InputError, add_run_args, check_out, header_from_args, write_metrics
+from lit_cm3leon.evaluation.metrics_io import (
+    InputError,
+    add_run_args,
+    check_out,
+    header_from_args,
+    write_metrics,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,3 +74,15 @@ def make_tiny_outputs(out: Path) -> Path:
         torch.manual_seed(seed)
         ClipEncoder.from_arch(str(arch)).save(out / name)
     return out
+
+
+def tiny_pretrain_overrides(steps: int, *extra: str, seq_len: int = 48, batch_size: int = 2) -> list[str]:
+    """`fit experiment=pretrain` at the debug size on fixture shards: no retrieval, no image
+    tokenizer (so no sample grid and no artifact requirements), fp32, CSV logs."""
+    return [
+        "experiment=pretrain", "model=debug", "data.index_dir=null", "data.n_retrieved=0",
+        "data.val_retrieve_k=0", f"data.seq_len={seq_len}", "data.image_tokens=16", f"data.batch_size={batch_size}",
+        f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1",
+        "trainer.precision=32-true", "trainer.enable_model_summary=false", "logger=csv",
+        "~callbacks.progress_bar", "~callbacks.sample_grid", "requires=[]", *extra,
+    ]

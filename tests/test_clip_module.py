@@ -6,12 +6,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from tests.shapes_standin import StandinWorld
 
 from lit_cm3leon.data.pairs import ShapesPairDataModule
 from lit_cm3leon.retrieval.encoder import ClipEncoder
 from lit_cm3leon.retrieval.metrics import chance_recall, group_ids, recall_at_k
 from lit_cm3leon.training.clip_module import CLIPModule
+from tests.shapes_standin import StandinWorld
 
 torch.set_num_threads(1)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -14,7 +14,7 @@ from lit_cm3leon.tokenizer.codec import DocumentCodec
 from lit_cm3leon.tokenizer.text import TextTokenizer
 from lit_cm3leon.tokenizer.vocab import Vocab
 from lit_cm3leon.training.checkpoint import CheckpointError, load_decoder
-from tests.fixtures import make_text_tokenizer, make_token_shards
+from tests.fixtures import make_text_tokenizer, make_token_shards, tiny_pretrain_overrides
 
 
 @pytest.fixture
@@ -27,13 +27,10 @@ def artifacts(tmp_path):
 
 
 def overrides(steps: int) -> list[str]:
-    return [
-        "experiment=pretrain", "model=debug", "data.index_dir=null", "data.n_retrieved=0",
-        "data.val_retrieve_k=0", "data.seq_len=64", "data.image_tokens=16", "data.batch_size=4",
-        f"trainer.max_steps={steps}", "trainer.val_check_interval=10", "trainer.limit_val_batches=2",
-        "trainer.precision=32-true", "logger=csv", "module.warmup_steps=5", "module.lr=3e-3",
-        "callbacks.model_checkpoint.every_n_train_steps=10", "~callbacks.sample_grid", "requires=[]",
-    ]
+    return tiny_pretrain_overrides(
+        steps, "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "module.warmup_steps=5",
+        "module.lr=3e-3", "callbacks.model_checkpoint.every_n_train_steps=10", seq_len=64, batch_size=4,
+    )
 
 
 def test_sequences_are_deterministic_and_padded(artifacts):

@@ -9,7 +9,7 @@ import pytest
 
 from lit_cm3leon.data.shards import TokenShards
 from lit_cm3leon.fit import train
-from tests.fixtures import make_text_tokenizer, make_token_shards
+from tests.fixtures import make_text_tokenizer, make_token_shards, tiny_pretrain_overrides
 
 
 def damage(root):
@@ -62,10 +62,7 @@ def test_fit_stops_on_bad_shards_naming_the_setting(compose, tmp_path):
     make_text_tokenizer(out / "text_tokenizer")
     damage(make_token_shards(out / "tokens" / "shapes-train", 60, per_shard=20))
     make_token_shards(out / "tokens" / "shapes-heldout", 8, seed=1)
-    args = ["experiment=pretrain", "model=debug", "data.index_dir=null", "data.n_retrieved=0",
-            "data.val_retrieve_k=0", "data.seq_len=48", "data.image_tokens=16", "data.batch_size=2",
-            "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-            "trainer.precision=32-true", "logger=csv", "~callbacks.progress_bar"]
+    args = tiny_pretrain_overrides(2)
     with pytest.raises(ValueError, match=r"shard-00001.npz.*raise data.max_bad_fraction"):
         train(compose(args))
     train(compose([*args, "data.max_bad_fraction=0.5"]))  # tolerated: trains on the 37 good rows

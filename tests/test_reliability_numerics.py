@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_cm3leon.fit import train
-from tests.fixtures import make_text_tokenizer, make_token_shards
+from tests.fixtures import make_text_tokenizer, make_token_shards, tiny_pretrain_overrides
 from tests.reliability_callbacks import PoisonAt
 
 
@@ -21,16 +21,12 @@ def artifacts(tmp_path):
 
 
 def overrides(steps: int, poison: list[int], precision: str = "32-true", value: str = "nan") -> list[str]:
-    return [
-        "experiment=pretrain", "model=debug", "data.index_dir=null", "data.n_retrieved=0",
-        "data.val_retrieve_k=0", "data.seq_len=48", "data.image_tokens=16", "data.batch_size=2",
-        f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1",
-        f"trainer.precision={precision}", "trainer.gradient_clip_val=1.0", "trainer.log_every_n_steps=1",
-        "logger=csv", "trainer.enable_model_summary=false", "~callbacks.progress_bar",
+    return tiny_pretrain_overrides(
+        steps, f"trainer.precision={precision}", "trainer.gradient_clip_val=1.0", "trainer.log_every_n_steps=1",
         "module.warmup_steps=1", "module.max_bad_steps=3",
         "+callbacks.poison._target_=tests.reliability_callbacks.PoisonAt",
         f"+callbacks.poison.steps={poison}", f"+callbacks.poison.value={value}",
-    ]
+    )
 
 
 @pytest.mark.parametrize(("precision", "value"), [("32-true", "nan"), ("bf16-mixed", "inf")])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.fixtures import make_text_tokenizer, make_token_shards
+from tests.fixtures import make_text_tokenizer, make_token_shards, tiny_pretrain_overrides
 
 N = 6  # checkpoint period; runs end at 2N
 CB = "tests.reliability_callbacks"
@@ -29,14 +29,11 @@ def make_root(root: Path) -> Path:
 
 
 def fit_args(root: Path, steps: int = 2 * N) -> list[str]:
-    return [
-        "experiment=pretrain", "model=debug", f"paths.root_dir={root}", "data.index_dir=null",
-        "data.n_retrieved=0", "data.val_retrieve_k=0", "data.seq_len=48", "data.image_tokens=16",
-        "data.batch_size=4", f"trainer.max_steps={steps}", "trainer.val_check_interval=4",
-        "trainer.limit_val_batches=1", "trainer.precision=32-true", "trainer.log_every_n_steps=1",
-        "trainer.enable_model_summary=false", "logger=csv", "module.warmup_steps=3", "module.lr=3e-3",
-        f"callbacks.model_checkpoint.every_n_train_steps={N}", "~callbacks.progress_bar",
-    ]
+    return tiny_pretrain_overrides(
+        steps, f"paths.root_dir={root}", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
+        "module.warmup_steps=3", "module.lr=3e-3", f"callbacks.model_checkpoint.every_n_train_steps={N}",
+        batch_size=4,
+    )
 
 
 def run_fit(args: list[str], timeout: float = 240, **kw) -> subprocess.CompletedProcess:

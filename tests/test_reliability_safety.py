@@ -13,7 +13,7 @@ from lit_cm3leon.fit import train
 from lit_cm3leon.model import ModelConfig, build_model
 from lit_cm3leon.tokenizer.vocab import Vocab
 from lit_cm3leon.training.checkpoint import CheckpointError, save_decoder
-from tests.fixtures import make_text_tokenizer, make_token_shards
+from tests.fixtures import make_text_tokenizer, make_token_shards, tiny_pretrain_overrides
 
 
 @pytest.fixture
@@ -26,13 +26,7 @@ def artifacts(tmp_path):
 
 
 def overrides(steps: int = 2) -> list[str]:
-    return [
-        "experiment=pretrain", "model=debug", "data.index_dir=null", "data.n_retrieved=0",
-        "data.val_retrieve_k=0", "data.seq_len=48", "data.image_tokens=16", "data.batch_size=2",
-        f"trainer.max_steps={steps}", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-        "trainer.precision=32-true", "logger=csv", "trainer.enable_model_summary=false",
-        "~callbacks.progress_bar",
-    ]
+    return tiny_pretrain_overrides(steps)
 
 
 class Payload:

@@ -45,7 +45,6 @@ class PairSequences(Dataset):
         length: int,
         seed: int = 0,
         n_retrieved: int = 3,
-        candidate_pool: int = 8,
         p_fewer: float = 0.25,
         image_first_prob: float = 0.5,
         cm3: CM3Transform | None = None,
@@ -210,8 +209,8 @@ class PretrainDataModule(L.LightningDataModule):
         length = hp.max_steps * accumulate * hp.batch_size * world  # every optimizer step's batches
         cm3 = CM3Transform(codec.vocab, **(hp.cm3 or {})) if hp.cm3 is not None else None
         self.train_ds = PairSequences(
-            train, codec, cands, hp.seq_len, length, hp.seed, hp.n_retrieved, hp.p_fewer,
-            hp.image_first_prob, cm3, hp.query_weight,
+            train, codec, cands, hp.seq_len, length, seed=hp.seed, n_retrieved=hp.n_retrieved,
+            p_fewer=hp.p_fewer, image_first_prob=hp.image_first_prob, cm3=cm3, query_weight=hp.query_weight,
         )
         n_val = min(hp.val_size, len(heldout))
         val_cands = None
@@ -220,7 +219,7 @@ class PretrainDataModule(L.LightningDataModule):
 
             val_cands = prompt_rows(retriever, train, [heldout.text(i) for i in range(n_val)], hp.val_retrieve_k)
         self.val_ds = PairSequences(
-            heldout, codec, val_cands, hp.seq_len, n_val, hp.seed + 1, hp.val_retrieve_k,
+            heldout, codec, val_cands, hp.seq_len, n_val, seed=hp.seed + 1, n_retrieved=hp.val_retrieve_k,
             p_fewer=0.0, image_first_prob=0.0, cm3=None, shuffle=False, bank=train,
         )
 
