@@ -1,0 +1,66 @@
+"""Two CPU processes (trainer=ddp_sim, gloo) against one process at the same global batch, and a
+rank that raises brings the whole job down without a hang."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+from tests.test_reliability_resume import CB, make_root, run_fit
+
+STEPS = 6
+
+
+def args(root, trainer: str, batch: int) -> list[str]:
+    return [
+        "experiment=pretrain", "model=debug", f"paths.root_dir={root}", "data.index_dir=null",
+        "data.n_retrieved=0", "data.val_retrieve_k=0", "data.seq_len=48", "data.image_tokens=16",
+        f"trainer={trainer}", f"data.batch_size={batch}", f"trainer.max_steps={STEPS}",
+        f"trainer.val_check_interval={STEPS}", "trainer.limit_val_batches=1", "trainer.precision=32-true",
+        "trainer.log_every_n_steps=1", "trainer.enable_model_summary=false", "logger=csv",
+        "module.warmup_steps=2", "module.lr=3e-3", "~callbacks.progress_bar",
+        f"+callbacks.rec._target_={CB}.RecordBatches", f"+callbacks.rec.path={root}/batches.txt",
+    ]
+
+
+def batch_sums(path) -> dict[int, int]:
+    """global step -> sum over ranks of the ids of the batch each rank trained."""
+    sums: dict[int, int] = defaultdict(int)
+    for line in path.read_text().splitlines():
+        step, _rank, _idx, _lr, ids_sum, _loss = line.split()
+        sums[int(step)] += int(ids_sum)
+    return dict(sums)
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """2 procs x batch 2 == 1 proc x batch 4: identical global batches (the sampler interleaves
+    ranks) and the same weights after 6 AdamW steps to fp32 reduction-order noise."""
+    one, two = make_root(tmp_path / "one"), make_root(tmp_path / "two")
+    out = run_fit(args(one, "cpu", 4))
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_fit(args(two, "ddp_sim", 2), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert batch_sums(one / "batches.txt") == batch_sums(two / "batches.txt")
+    assert len(batch_sums(one / "batches.txt")) == STEPS
+    a = torch.load(one / "outputs" / "pretrain" / "model.pt", weights_only=True)
+    b = torch.load(two / "outputs" / "pretrain" / "model.pt", weights_only=True)
+    assert a["step"] == b["step"] == STEPS
+    worst = max(float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in a["state_dict"])
+    moved = max(float((a["state_dict"][k] - torch.zeros(())).abs().max()) for k in a["state_dict"])
+    print(f"max |w_1proc - w_2proc| = {worst:.3g}")
+    assert moved > 0 and worst < 1e-5, worst
+
+
+def test_failing_rank_brings_the_job_down(tmp_path):
+    root = make_root(tmp_path)
+    fail = [f"+callbacks.fail._target_={CB}.RaiseAt", "+callbacks.fail.step=2", "+callbacks.fail.rank=1"]
+    t0 = time.monotonic()
+    out = run_fit(args(root, "ddp_sim", 2) + fail, timeout=180)
+    elapsed = time.monotonic() - t0
+    assert out.returncode != 0
+    assert "injected failure on rank 1 at step 2" in out.stdout + out.stderr
+    assert not (root / "outputs" / "pretrain" / "model.pt").exists()
+    print(f"job down after {elapsed:.0f} s, exit code {out.returncode}")
+    assert elapsed < 150
