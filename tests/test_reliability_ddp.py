@@ -36,7 +36,7 @@ def batch_sums(path) -> dict[int, int]:
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     """2 procs x batch 2 == 1 proc x batch 4: identical global batches (the sampler interleaves
-    ranks) and the same weights after 6 AdamW steps to fp32 reduction-order noise."""
+    ranks) and the same weights after 6 AdamW steps up to fp32 reduction-order noise (5e-5)."""
     one, two = make_root(tmp_path / "one"), make_root(tmp_path / "two")
     out = run_fit(args(one, "cpu", 4))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -48,9 +48,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     b = torch.load(two / "outputs" / "pretrain" / "model.pt", weights_only=True)
     assert a["step"] == b["step"] == STEPS
     worst = max(float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in a["state_dict"])
-    moved = max(float((a["state_dict"][k] - torch.zeros(())).abs().max()) for k in a["state_dict"])
     print(f"max |w_1proc - w_2proc| = {worst:.3g}")
-    assert moved > 0 and worst < 1e-5, worst
+    # measured 6.4e-6; 1.5e-2 when each rank normalizes its loss by its own token count
+    assert worst < 5e-5, worst
 
 
 def test_failing_rank_brings_the_job_down(tmp_path):
