@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -54,8 +55,8 @@ class PoisonAt(L.Callback):
 
     instances: list[PoisonAt] = []
 
-    def __init__(self, steps: list[int], value: str = "nan", rank: int | None = None) -> None:
-        self.steps, self.value, self.rank = set(steps), value, rank
+    def __init__(self, steps: list[int], value: str = "nan", rank: int | None = None, out: str | None = None) -> None:
+        self.steps, self.value, self.rank, self.out = set(steps), value, rank, out
         self.changed: dict[int, bool] = {}
         self.bad_logged: dict[int, float] = {}
         self._before: list[torch.Tensor] | None = None
@@ -74,6 +75,11 @@ class PoisonAt(L.Callback):
         bad = trainer.callback_metrics.get("train/skipped_nonfinite")
         if bad is not None:
             self.bad_logged[self._step] = float(bad)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.out:  # for runs in a subprocess: one file per rank
+            with open(f"{self.out}.rank{trainer.global_rank}.json", "w") as f:
+                json.dump({str(k): v for k, v in self.changed.items()}, f)
 
 
 class RecordBatches(L.Callback):

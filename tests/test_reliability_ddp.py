@@ -3,6 +3,7 @@ rank that raises brings the whole job down without a hang."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 
@@ -64,3 +65,16 @@ def test_failing_rank_brings_the_job_down(tmp_path):
     assert not (root / "outputs" / "pretrain" / "model.pt").exists()
     print(f"job down after {elapsed:.0f} s, exit code {out.returncode}")
     assert elapsed < 150
+
+
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_all(tmp_path):
+    """NaN on rank 1 only: the ranks agree to skip (no hang, no divergence) and the run ends."""
+    root = make_root(tmp_path)
+    poison = [f"+callbacks.poison._target_={CB}.PoisonAt", "+callbacks.poison.steps=[2]",
+              "+callbacks.poison.rank=1", f"+callbacks.poison.out={root}/changed"]
+    out = run_fit(args(root, "ddp_sim", 2) + poison, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in (0, 1):
+        changed = json.loads((root / f"changed.rank{rank}.json").read_text())
+        assert changed == {str(s): s != 2 for s in range(STEPS)}, (rank, changed)
+    assert torch.load(root / "outputs" / "pretrain" / "model.pt", weights_only=True)["step"] == STEPS
