@@ -52,8 +52,11 @@ def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if cfg.ckpt_path in (None, "null", ""):
         return None
     if cfg.ckpt_path == "auto":
-        last = Path(cfg.paths.ckpt_dir) / "last.ckpt"
-        return str(last) if last.is_file() else None
+        # the newest resume point: last.ckpt (periodic or on preemption) or a SLURM requeue's
+        # hpc_ckpt_N.ckpt (trainer=slurm writes them into the checkpoint folder too)
+        ckpt_dir = Path(cfg.paths.ckpt_dir)
+        found = [p for p in (ckpt_dir / "last.ckpt", *ckpt_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+        return str(max(found, key=lambda p: p.stat().st_mtime_ns)) if found else None
     path = Path(cfg.ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (use ckpt_path=null to start fresh)")

@@ -55,3 +55,21 @@ def test_bad_config_fails_before_anything_is_built(compose, artifacts, case):
 def test_valid_config_passes_validation(compose, artifacts):
     with pytest.raises(AssertionError, match="instantiated"):  # validation passed, then building began
         train(compose(BASE))
+
+
+def test_auto_resume_takes_the_newest_checkpoint(compose, tmp_path):
+    """ckpt_path=auto picks the newest of last.ckpt and SLURM's hpc_ckpt_N.ckpt (requeue)."""
+    import os
+
+    from lit_cm3leon.fit import _resolve_ckpt_path
+
+    cfg = compose(["experiment=pretrain"])
+    ckpt_dir = tmp_path / "logs" / "pretrain" / "checkpoints"
+    assert _resolve_ckpt_path(cfg) is None  # nothing yet: start fresh
+    ckpt_dir.mkdir(parents=True)
+    (ckpt_dir / "last.ckpt").write_bytes(b"x")
+    os.utime(ckpt_dir / "last.ckpt", (1_000, 1_000))
+    assert _resolve_ckpt_path(cfg) == str(ckpt_dir / "last.ckpt")
+    (ckpt_dir / "hpc_ckpt_1.ckpt").write_bytes(b"x")
+    assert _resolve_ckpt_path(cfg) == str(ckpt_dir / "hpc_ckpt_1.ckpt")
+    assert compose(["trainer=slurm"]).trainer.default_root_dir == str(ckpt_dir.parent.parent / "fit" / "checkpoints")
