@@ -7,6 +7,7 @@ import json
 import time
 from collections import defaultdict
 
+import pytest
 import torch
 
 from tests.test_reliability_resume import CB, make_root, run_fit
@@ -78,3 +79,21 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_all(tmp_path):
         changed = json.loads((root / f"changed.rank{rank}.json").read_text())
         assert changed == {str(s): s != 2 for s in range(STEPS)}, (rank, changed)
     assert torch.load(root / "outputs" / "pretrain" / "model.pt", weights_only=True)["step"] == STEPS
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sigterm_to_one_rank_checkpoints_and_stops_all_ranks(tmp_path, rank):
+    """SIGTERM to one rank during step 3: the ranks agree to stop after it, last.ckpt holds
+    step 3, the job exits 0 without a hang (Lightning's own handler ran a collective inside the
+    signal handler and hung this job)."""
+    import signal
+
+    root = make_root(tmp_path)
+    sig = [f"+callbacks.sig._target_={CB}.SignalAt", "+callbacks.sig.step=2", f"+callbacks.sig.rank={rank}",
+           f"+callbacks.sig.signum={int(signal.SIGTERM)}", "+callbacks.sig.when=start"]
+    out = run_fit(args(root, "ddp_sim", 2) + sig, timeout=180)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    assert "preempted at step 3" in out.stdout + out.stderr
+    last = root / "logs" / "pretrain" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert not (root / "outputs" / "pretrain" / "model.pt").exists()
