@@ -57,9 +57,12 @@ def test_valid_config_passes_validation(compose, artifacts):
         train(compose(BASE))
 
 
-def test_auto_resume_takes_the_newest_checkpoint(compose, tmp_path):
-    """ckpt_path=auto picks the newest of last.ckpt and SLURM's hpc_ckpt_N.ckpt (requeue)."""
+def test_auto_resume_takes_the_newest_complete_checkpoint(compose, tmp_path):
+    """ckpt_path=auto picks the newest of last.ckpt, SLURM's hpc_ckpt_N.ckpt and the periodic
+    checkpoints, passing over a file cut short by a kill during its write."""
     import os
+
+    import torch
 
     from lit_cm3leon.fit import _resolve_ckpt_path
 
@@ -67,9 +70,14 @@ def test_auto_resume_takes_the_newest_checkpoint(compose, tmp_path):
     ckpt_dir = tmp_path / "logs" / "pretrain" / "checkpoints"
     assert _resolve_ckpt_path(cfg) is None  # nothing yet: start fresh
     ckpt_dir.mkdir(parents=True)
-    (ckpt_dir / "last.ckpt").write_bytes(b"x")
-    os.utime(ckpt_dir / "last.ckpt", (1_000, 1_000))
-    assert _resolve_ckpt_path(cfg) == str(ckpt_dir / "last.ckpt")
-    (ckpt_dir / "hpc_ckpt_1.ckpt").write_bytes(b"x")
+    for t, name in enumerate(["step000010.ckpt", "last.ckpt", "hpc_ckpt_1.ckpt"]):
+        torch.save({"global_step": 10 + t}, ckpt_dir / name)
+        os.utime(ckpt_dir / name, (1_000 + t, 1_000 + t))
     assert _resolve_ckpt_path(cfg) == str(ckpt_dir / "hpc_ckpt_1.ckpt")
+    (ckpt_dir / "hpc_ckpt_1.ckpt").unlink()
+    assert _resolve_ckpt_path(cfg) == str(ckpt_dir / "last.ckpt")
+    last = ckpt_dir / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # killed mid-write
+    os.utime(last, (2_000, 2_000))
+    assert _resolve_ckpt_path(cfg) == str(ckpt_dir / "step000010.ckpt")
     assert compose(["trainer=slurm"]).trainer.default_root_dir == str(ckpt_dir.parent.parent / "fit" / "checkpoints")
