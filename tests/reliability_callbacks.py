@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 
 import lightning as L
 import torch
@@ -83,7 +84,8 @@ class PoisonAt(L.Callback):
 
 
 class RecordBatches(L.Callback):
-    """Append ``global_step rank lr sum(ids) loss`` per trained batch to a text file."""
+    """Append ``global_step rank batch_idx lr sum(ids) loss crc32,crc32,...`` (one crc per
+    sequence) per trained batch to a text file."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -92,4 +94,5 @@ class RecordBatches(L.Callback):
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         loss = outputs["loss"].item() if isinstance(outputs, dict) and outputs.get("loss") is not None else float("nan")
         with open(self.path, "a") as f:
-            f.write(f"{trainer.global_step} {trainer.global_rank} {batch_idx} {lr!r} {int(batch['ids'].sum())} {loss!r}\n")
+            crcs = ",".join(str(zlib.crc32(row.numpy().tobytes())) for row in batch["ids"].cpu())
+            f.write(f"{trainer.global_step} {trainer.global_rank} {batch_idx} {lr!r} {int(batch['ids'].sum())} {loss!r} {crcs}\n")

@@ -27,13 +27,13 @@ def args(root, trainer: str, batch: int) -> list[str]:
     ]
 
 
-def batch_sums(path) -> dict[int, int]:
-    """global step -> sum over ranks of the ids of the batch each rank trained."""
-    sums: dict[int, int] = defaultdict(int)
+def global_batches(path) -> dict[int, list[int]]:
+    """global step -> sorted crc32 of every sequence any rank trained at that step."""
+    rows: dict[int, list[int]] = defaultdict(list)
     for line in path.read_text().splitlines():
-        step, _rank, _idx, _lr, ids_sum, _loss = line.split()
-        sums[int(step)] += int(ids_sum)
-    return dict(sums)
+        step, _rank, _idx, _lr, _ids_sum, _loss, crcs = line.split()
+        rows[int(step)].extend(int(c) for c in crcs.split(","))
+    return {step: sorted(v) for step, v in rows.items()}
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
@@ -44,8 +44,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     out = run_fit(args(two, "ddp_sim", 2), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert batch_sums(one / "batches.txt") == batch_sums(two / "batches.txt")
-    assert len(batch_sums(one / "batches.txt")) == STEPS
+    batches = global_batches(one / "batches.txt")
+    assert batches == global_batches(two / "batches.txt")  # the same 4 sequences at every step
+    assert len(batches) == STEPS and all(len(v) == 4 for v in batches.values())
     a = torch.load(one / "outputs" / "pretrain" / "model.pt", weights_only=True)
     b = torch.load(two / "outputs" / "pretrain" / "model.pt", weights_only=True)
     assert a["step"] == b["step"] == STEPS
