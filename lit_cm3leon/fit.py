@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,16 @@ def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if cfg.ckpt_path in (None, "null", ""):
         return None
     if cfg.ckpt_path == "auto":
-        last = Path(cfg.paths.ckpt_dir) / "last.ckpt"
-        return str(last) if last.is_file() else None
+        # the newest complete resume point: last.ckpt (periodic or on preemption), a SLURM
+        # requeue's hpc_ckpt_N.ckpt (trainer=slurm writes them here too) or a periodic checkpoint.
+        # A file cut short by a kill during its write (no zip directory) is passed over.
+        found = sorted((p for p in Path(cfg.paths.ckpt_dir).glob("*.ckpt") if p.is_file()),
+                       key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for path in found:
+            if zipfile.is_zipfile(path):
+                return str(path)
+            log.warning("skipping %s: incomplete or not a checkpoint (killed while writing?)", path)
+        return None
     path = Path(cfg.ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (use ckpt_path=null to start fresh)")

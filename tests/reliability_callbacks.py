@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import zlib
 
 import lightning as L
 import torch
@@ -54,8 +56,8 @@ class PoisonAt(L.Callback):
 
     instances: list[PoisonAt] = []
 
-    def __init__(self, steps: list[int], value: str = "nan", rank: int | None = None) -> None:
-        self.steps, self.value, self.rank = set(steps), value, rank
+    def __init__(self, steps: list[int], value: str = "nan", rank: int | None = None, out: str | None = None) -> None:
+        self.steps, self.value, self.rank, self.out = set(steps), value, rank, out
         self.changed: dict[int, bool] = {}
         self.bad_logged: dict[int, float] = {}
         self._before: list[torch.Tensor] | None = None
@@ -75,9 +77,15 @@ class PoisonAt(L.Callback):
         if bad is not None:
             self.bad_logged[self._step] = float(bad)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.out:  # for runs in a subprocess: one file per rank
+            with open(f"{self.out}.rank{trainer.global_rank}.json", "w") as f:
+                json.dump({str(k): v for k, v in self.changed.items()}, f)
+
 
 class RecordBatches(L.Callback):
-    """Append ``global_step rank lr sum(ids) loss`` per trained batch to a text file."""
+    """Append ``global_step rank batch_idx lr sum(ids) loss crc32,crc32,...`` (one crc per
+    sequence) per trained batch to a text file."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -86,4 +94,5 @@ class RecordBatches(L.Callback):
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         loss = outputs["loss"].item() if isinstance(outputs, dict) and outputs.get("loss") is not None else float("nan")
         with open(self.path, "a") as f:
-            f.write(f"{trainer.global_step} {trainer.global_rank} {batch_idx} {lr!r} {int(batch['ids'].sum())} {loss!r}\n")
+            crcs = ",".join(str(zlib.crc32(row.numpy().tobytes())) for row in batch["ids"].cpu())
+            f.write(f"{trainer.global_step} {trainer.global_rank} {batch_idx} {lr!r} {int(batch['ids'].sum())} {loss!r} {crcs}\n")

@@ -36,10 +36,25 @@ def fit_args(root: Path, steps: int = 2 * N) -> list[str]:
     )
 
 
-def run_fit(args: list[str], timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+def run_fit(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m lit_cm3leon.fit args` in its own process group; on timeout the whole group
+    (DDP ranks included) is killed and TimeoutExpired raised."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "lit_cm3leon.fit", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout, **kw)
+    cmd = [sys.executable, "-m", "lit_cm3leon.fit", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    finally:
+        try:  # no rank outlives the job
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def published_state(root: Path) -> dict[str, torch.Tensor]:
@@ -106,11 +121,11 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, reference):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_checkpoints_and_exits_cleanly(tmp_path, reference, signum):
-    """SIGTERM / SIGUSR1 at step N+1 (between periodic checkpoints): the step finishes, last.ckpt
-    is written at N+1, the process exits 0 without publishing, and resuming is bit-exact."""
+    """SIGTERM / SIGUSR1 during step N+1 (between periodic checkpoints): the step finishes,
+    last.ckpt is written at N+1, the process exits 0 without publishing, resuming is bit-exact."""
     root = make_root(tmp_path)
-    sig = [f"+callbacks.sig._target_={CB}.SignalAt", f"+callbacks.sig.step={N + 1}",
-           f"+callbacks.sig.signum={int(signum)}"]
+    sig = [f"+callbacks.sig._target_={CB}.SignalAt", f"+callbacks.sig.step={N}",
+           f"+callbacks.sig.signum={int(signum)}", "+callbacks.sig.when=start"]
     out = run_fit(fit_args(root) + sig)
     assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
     assert "preempted at step" in out.stdout + out.stderr

@@ -14,42 +14,46 @@ log = logging.getLogger(__name__)
 
 
 class PreemptionCheckpoint(L.Callback):
-    """Finish the current step, write ``<dirpath>/last.ckpt`` and exit 0 on a preemption signal.
+    """On SIGTERM or SIGUSR1: finish the current step on every rank, write
+    ``<dirpath>/last.ckpt`` and exit 0, so ``ckpt_path=auto`` resumes from the interrupted step.
 
-    Lightning already turns SIGTERM into a stop at the next step boundary (it forwards the
-    signal to the other local ranks and broadcasts it to all of them, then raises
-    ``SIGTERMException``, a ``SystemExit``); this callback saves the resume point there, so
-    ``ckpt_path=auto`` continues from the interrupted step instead of the last periodic
-    checkpoint. The extra ``signals`` (default SIGUSR1, what schedulers send some time before
-    the end of an allocation) take the same path, unless someone else already handles them:
-    under SLURM with ``auto_requeue`` Lightning's own SIGUSR1 handler (HPC checkpoint and
-    requeue) is left alone.
+    The signal handler only sets a flag; at the end of each training batch the ranks agree on
+    it with one all-reduce (any rank signalled -> all stop), then Lightning's own stop path is
+    taken at the same step everywhere (``SIGTERMException``, a ``SystemExit`` with code 0).
+    Lightning's default SIGTERM handler runs a collective inside the handler, which can pair
+    with another collective on the other ranks and hang a DDP job; this one replaces it for
+    the training loop. A signal already handled by someone else (SLURM ``auto_requeue``'s
+    SIGUSR1: HPC checkpoint and requeue) is left alone.
     """
 
     def __init__(self, dirpath: str, filename: str = "last", signals: tuple[str, ...] | list[str] = ("SIGUSR1",)) -> None:
         self.path = Path(dirpath) / f"{filename}.ckpt"
-        self.signals = [getattr(signal, name) if isinstance(name, str) else signal.Signals(name) for name in signals]
+        extra = [getattr(signal, name) if isinstance(name, str) else signal.Signals(name) for name in signals]
+        self.signals = [signal.SIGTERM, *[s for s in extra if s != signal.SIGTERM]]
         self._installed: list[signal.Signals] = []
+        self._received: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning registers its handlers before this hook and restores all of them at teardown
         if threading.current_thread() is not threading.main_thread():
             return
+        self._received = None
         for signum in self.signals:
-            if signal.getsignal(signum) in (None, signal.SIG_DFL):
-                signal.signal(signum, self._notifier(trainer))
-                self._installed.append(signum)
+            if signum != signal.SIGTERM and signal.getsignal(signum) not in (None, signal.SIG_DFL):
+                continue
+            signal.signal(signum, self._on_signal)
+            self._installed.append(signum)
 
-    @staticmethod
-    def _notifier(trainer: L.Trainer):
-        def handler(signum, frame) -> None:
-            connector = trainer._signal_connector
-            log.warning("received signal %d: stopping after the current step", signum)
-            if not connector.received_sigterm and trainer.strategy.launcher is not None:
-                trainer.strategy.launcher.kill(signum)  # the other local ranks, as for SIGTERM
-            connector.received_sigterm = True  # rank 0's flag is broadcast to all ranks each step
+    def _on_signal(self, signum, frame) -> None:
+        self._received = signum  # no logging or collectives inside a signal handler
 
-        return handler
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        stop = self._received is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and not trainer._signal_connector.received_sigterm:
+            log.warning("rank %d: preemption signal: stopping after step %d", trainer.global_rank, trainer.global_step)
+            trainer._signal_connector.received_sigterm = True  # Lightning stops after this batch
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):

@@ -79,6 +79,11 @@ class CM3LeonModule(L.LightningModule):
         inputs, targets = ids[:, :-1], ids[:, 1:]
         logits = self.net(inputs)
         ce, loss = weighted_token_loss(logits, targets, weights)
+        if stage == "train" and self.trainer.world_size > 1:
+            # normalize by the global batch's loss tokens, so the gradient DDP averages over ranks
+            # is that of one process holding the whole batch (per-rank token counts differ)
+            mean_tokens = self.trainer.strategy.reduce(weights.sum().detach(), reduce_op="mean")
+            loss = (ce * weights).sum() / mean_tokens.clamp_min(1e-8)
         bsz = ids.shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bsz, sync_dist=stage != "train")
         with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -52,4 +53,72 @@ def validate_fit_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "retrieval is on (data.n_retrieved/val_retrieve_k > 0) but data.index_dir is null: set "
             "data.n_retrieved=0 data.val_retrieve_k=0, or point data.index_dir at a memory bank"
+        )
+    _check_vocab_image_tokens(cfg)
+    _check_training_budget(cfg)
+    _check_checkpoints(cfg)
+    _check_callbacks(cfg)
+
+
+def _check_vocab_image_tokens(cfg: DictConfig) -> None:
+    """data.image_tokens must be the image grid of the tokenizers the run uses."""
+    image_tokens, tok_dir = cfg.data.get("image_tokens"), cfg.data.get("text_tokenizer_dir")
+    vocab_file = Path(tok_dir) / "vocab.json" if tok_dir else None
+    if not image_tokens or vocab_file is None or not vocab_file.is_file():
+        return
+    try:
+        record = json.loads(vocab_file.read_text())
+        h, w = int(record["image_h"]), int(record["image_w"])
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"{vocab_file} is not a vocabulary record: remake it with `python -m lit_cm3leon.prepare text-tokenizer`"
+        ) from None
+    if h * w != image_tokens:
+        raise ConfigError(
+            f"data.image_tokens={image_tokens} but the tokenizers in {tok_dir} make {h}x{w}={h * w} tokens "
+            f"per image: set data.image_tokens={h * w}"
+        )
+
+
+def _check_training_budget(cfg: DictConfig) -> None:
+    trainer = cfg.get("trainer") or {}
+    max_steps = trainer.get("max_steps")
+    if not max_steps or max_steps < 0:
+        return
+    data_steps = cfg.data.get("max_steps")
+    if data_steps is not None and data_steps < max_steps:
+        raise ConfigError(
+            f"data.max_steps={data_steps} is less than trainer.max_steps={max_steps}: the sample stream "
+            "would run out mid-run. Leave data.max_steps at ${trainer.max_steps}"
+        )
+    fraction = cfg.data.get("max_bad_fraction")
+    if fraction is not None and not 0 <= fraction < 1:
+        raise ConfigError(f"data.max_bad_fraction={fraction} must be in [0, 1)")
+
+
+def _check_checkpoints(cfg: DictConfig) -> None:
+    ckpt = cfg.get("ckpt_path")
+    if ckpt not in (None, "", "null", "auto") and not Path(ckpt).is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt} does not exist: give a Lightning checkpoint (logs/<task>/checkpoints/"
+            "last.ckpt), ckpt_path=auto to resume when one exists, or ckpt_path=null to start fresh"
+        )
+    init_from = (cfg.get("module") or {}).get("init_from")
+    if init_from:
+        path = Path(init_from)
+        if not (path.is_file() or (path / "model.pt").is_file()):
+            raise ConfigError(
+                f"module.init_from={init_from} holds no model.pt: publish a decoder first "
+                "(`python -m lit_cm3leon.fit experiment=pretrain` writes outputs/pretrain/model.pt)"
+            )
+
+
+def _check_callbacks(cfg: DictConfig) -> None:
+    callbacks = cfg.get("callbacks") or {}
+    loggers = [v for v in (cfg.get("logger") or {}).values() if isinstance(v, DictConfig) and "_target_" in v]
+    monitor = callbacks.get("lr_monitor")
+    if isinstance(monitor, DictConfig) and "_target_" in monitor and not loggers:
+        raise ConfigError(
+            "callbacks.lr_monitor needs a logger but logger is none: pick logger=csv or "
+            "logger=tensorboard, or drop the monitor with ~callbacks.lr_monitor"
         )
