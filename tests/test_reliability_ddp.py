@@ -10,21 +10,19 @@ from collections import defaultdict
 import pytest
 import torch
 
+from tests.fixtures import tiny_pretrain_overrides
 from tests.test_reliability_resume import CB, make_root, run_fit
 
 STEPS = 6
 
 
 def args(root, trainer: str, batch: int) -> list[str]:
-    return [
-        "experiment=pretrain", "model=debug", f"paths.root_dir={root}", "data.index_dir=null",
-        "data.n_retrieved=0", "data.val_retrieve_k=0", "data.seq_len=48", "data.image_tokens=16",
-        f"trainer={trainer}", f"data.batch_size={batch}", f"trainer.max_steps={STEPS}",
-        f"trainer.val_check_interval={STEPS}", "trainer.limit_val_batches=1", "trainer.precision=32-true",
-        "trainer.log_every_n_steps=1", "trainer.enable_model_summary=false", "logger=csv",
-        "module.warmup_steps=2", "module.lr=3e-3", "~callbacks.progress_bar",
+    return tiny_pretrain_overrides(
+        STEPS, f"paths.root_dir={root}", f"trainer={trainer}", "trainer.log_every_n_steps=1",
+        "module.warmup_steps=2", "module.lr=3e-3",
         f"+callbacks.rec._target_={CB}.RecordBatches", f"+callbacks.rec.path={root}/batches.txt",
-    ]
+        batch_size=batch,
+    )
 
 
 def global_batches(path) -> dict[int, list[int]]:
