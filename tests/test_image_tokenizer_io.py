@@ -116,9 +116,11 @@ def test_prepare_tokenize_folder_skips_counts_and_resumes(tok, tmp_path):
     root, out = tmp_path / "imgs", tmp_path / "shards"
     _folder(root)
     argv = ["--source", "folder", "--root", str(root), "--tokenizer", str(tok_dir), "--out", str(out),
-            "--shard-size", "3"]
-    fp32 = cli(argv + ["--fp32", "--out", str(tmp_path / "fp32")])
-    assert fp32 == 0 and json.loads((tmp_path / "fp32" / "manifest.json").read_text())["precision"] == "fp32"
+            "--shard-size", "3", "--fp32"]
+    bf16_out = tmp_path / "bf16"
+    assert cli([a for a in argv if a != "--fp32"] + ["--out", str(bf16_out)]) == 0  # the default precision
+    assert json.loads((bf16_out / "manifest.json").read_text())["precision"] == "bf16"
+    assert np.load(bf16_out / "shard-00000.npz")["codes"].shape == (2, 8, 8)  # broken.jpg, img0, img1
     assert cli(argv) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["count"] == 5 and man["bad"] == {"unreadable_image": 1, "empty_caption": 1}
@@ -133,7 +135,7 @@ def test_prepare_tokenize_folder_skips_counts_and_resumes(tok, tmp_path):
     by_path = {r["path"]: (r, c) for r, c in zip(recs, codes, strict=True)}
     r, c = by_path["img3.png"]
     assert r["text"] == "caption 3"
-    assert np.array_equal(c, tok.encode(_img(3), bf16=True)[0].numpy())
+    assert np.array_equal(c, tok.encode(_img(3))[0].numpy())
 
     # resume: finished shards are skipped, a missing one is rebuilt identically
     before = {s.name: s.stat().st_mtime_ns for s in shards}
@@ -190,7 +192,7 @@ def test_prepare_tokenize_shapes_parallel(tok, tmp_path):
 
     tok_dir = tok.save(tmp_path / "tok")
     out = tmp_path / "shapes"
-    argv = ["--source", "shapes", "--split", "heldout", "--n", "10", "--shard-size", "4", "--workers", "2",
+    argv = ["--source", "shapes", "--split", "heldout", "--n", "10", "--shard-size", "4", "--workers", "2", "--fp32",
             "--tokenizer", str(tok_dir), "--out", str(out)]
     assert cli(argv) == 0
     man = json.loads((out / "manifest.json").read_text())
@@ -200,4 +202,4 @@ def test_prepare_tokenize_shapes_parallel(tok, tmp_path):
     s7 = world.sample("heldout", 7)
     assert recs[7]["doc_id"] == 7 and recs[7]["text"] == s7.caption_short
     codes = np.concatenate([np.load(p)["codes"] for p in sorted(out.glob("shard-*.npz"))])
-    assert np.array_equal(codes[7], tok.encode(s7.image, bf16=True)[0].numpy())  # workers match in-process
+    assert np.array_equal(codes[7], tok.encode(s7.image)[0].numpy())  # workers match in-process encoding
