@@ -43,7 +43,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # name -> model preset, vocabulary, batch, sequence length, timed steps per repeat
 CONFIGS = {
     # the shapes-world training run: configs/experiment/pretrain.yaml (seq 384, batch 8)
-    "shapes": dict(preset="shapes", vocab=(1024, 256), batch=8, seq=384, steps=6),
+    "shapes": dict(preset="shapes", vocab=(1024, 256), batch=8, seq=384, steps=4),
     # ~100M parameters (100,051,968 with this 9,330-id vocabulary), context 1,024
     "100m": dict(preset="100m", vocab=(8192, 1024), batch=1, seq=1024, steps=2),
 }
@@ -145,12 +145,17 @@ def make_step(model: torch.nn.Module, is_hf: bool, compiled: bool):
     return step
 
 
-def time_steps(step, batch, n: int) -> float:
-    """Seconds per step, averaged over ``n`` steps."""
-    t0 = time.perf_counter()
+def time_steps(step, batch, n: int) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds per step, averaged over ``n`` steps.
+
+    On a shared machine the CPU time (with one thread) is the cost of the work itself, whatever
+    share of the cores the process got; the wall time is what a dedicated machine would show
+    only when the process is alone.
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         step(*batch)
-    return (time.perf_counter() - t0) / n
+    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
 def random_batch(cfg: dict, vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +164,9 @@ def random_batch(cfg: dict, vocab_size: int, seed: int = 0) -> tuple[torch.Tenso
     return ids, torch.ones(cfg["batch"], cfg["seq"])
 
 
-def bench_config(name: str, cfg: dict, modes: list[str], repeats: int, warmup: int, peaks: list[float], log) -> list[dict]:
+def bench_config(
+    name: str, cfg: dict, modes: list[str], repeats: int, warmup: int, peaks: list[float], log, on_rows=None
+) -> list[dict]:
     """Rows (one per mode x impl) for one preset; ours and OPT alternate within each repeat."""
     rows = []
     for mode in modes:
@@ -177,13 +184,26 @@ def bench_config(name: str, cfg: dict, modes: list[str], repeats: int, warmup: i
             warm_s[impl] = time.perf_counter() - t0
             log(f"  {name} {mode} {impl}: warm-up {warm_s[impl]:.1f}s, first loss {first_loss[impl]:.4f}")
         times: dict[str, list[float]] = {impl: [] for impl in impls}
+        cpu: dict[str, list[float]] = {impl: [] for impl in impls}
+        compiled_before = dict(torch._dynamo.utils.counters["stats"])
         for r in range(repeats):
-            order = list(impls) if r % 2 == 0 else list(impls)[::-1]  # alternate who goes first
-            for impl in order:
-                times[impl].append(time_steps(impls[impl], batch, cfg["steps"]))
+            # steps interleaved one by one (ours, OPT, OPT, ours, ...) so that both see the same
+            # load; a repeat's time is the median of its steps
+            per_step: dict[str, list[tuple[float, float]]] = {impl: [] for impl in impls}
+            for s in range(cfg["steps"]):
+                order = list(impls) if (r + s) % 2 == 0 else list(impls)[::-1]
+                for impl in order:
+                    per_step[impl].append(time_steps(impls[impl], batch, 1))
+            for impl in impls:
+                times[impl].append(statistics.median(w for w, _ in per_step[impl]))
+                cpu[impl].append(statistics.median(c for _, c in per_step[impl]))
             peaks.append(matmul_peak(tries=5))
-            log(f"  {name} {mode} repeat {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()))
+            log(f"  {name} {mode} repeat {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items())
+                + " (CPU " + ", ".join(f"{v[-1] * 1e3:.0f}" for v in cpu.values()) + " ms)")
+        if dict(torch._dynamo.utils.counters["stats"]) != compiled_before:
+            log(f"  warning: {name} {mode} recompiled during timing: {dict(torch._dynamo.utils.counters['stats'])}")
         ratios = [h / o for o, h in zip(times["ours"], times["transformers OPT"], strict=True)]
+        cpu_ratios = [h / o for o, h in zip(cpu["ours"], cpu["transformers OPT"], strict=True)]
         for impl, ts in times.items():
             med = statistics.median(ts)
             rows.append(
@@ -195,10 +215,16 @@ def bench_config(name: str, cfg: dict, modes: list[str], repeats: int, warmup: i
                     first_loss=first_loss[impl], warmup_s=warm_s[impl],
                     speedup_vs_opt=statistics.median(ratios) if impl == "ours" else None,
                     speedup_vs_opt_all=ratios if impl == "ours" else None,
+                    step_cpu_s=cpu[impl], step_cpu_s_median=statistics.median(cpu[impl]),
+                    tokens_per_cpu_s=tokens / statistics.median(cpu[impl]),
+                    speedup_vs_opt_cpu=statistics.median(cpu_ratios) if impl == "ours" else None,
+                    speedup_vs_opt_cpu_all=cpu_ratios if impl == "ours" else None,
                 )
             )
         del ours, hf, impls
         torch._dynamo.reset()
+        if on_rows is not None:
+            on_rows(rows)
     return rows
 
 
@@ -209,15 +235,19 @@ def bench_config(name: str, cfg: dict, modes: list[str], repeats: int, warmup: i
 
 def table(rows: list[dict], peak: float) -> str:
     out = [
-        "| config | mode | impl | step (ms, median) | tokens/s (median) | MFU | ours / OPT (median of per-repeat ratios) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| config | mode | impl | step ms (wall) | tokens/s (wall) | MFU (wall) | ours/OPT (wall) "
+        "| step ms (CPU) | tokens/CPU-s | MFU (CPU) | ours/OPT (CPU) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         mfu = r["tokens_per_s"] * r["flops_per_token"] / peak
+        mfu_cpu = r["tokens_per_cpu_s"] * r["flops_per_token"] / peak
         ratio = f"{r['speedup_vs_opt']:.2f}x" if r["speedup_vs_opt"] is not None else ""
+        ratio_cpu = f"{r['speedup_vs_opt_cpu']:.2f}x" if r["speedup_vs_opt_cpu"] is not None else ""
         out.append(
             f"| {r['config']} (B{r['batch']} x T{r['seq']}, {r['params'] / 1e6:.1f}M) | {r['mode']} | {r['impl']} "
-            f"| {r['step_s_median'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | {100 * mfu:.1f}% | {ratio} |"
+            f"| {r['step_s_median'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | {100 * mfu:.1f}% | {ratio} "
+            f"| {r['step_cpu_s_median'] * 1e3:.0f} | {r['tokens_per_cpu_s']:,.0f} | {100 * mfu_cpu:.1f}% | {ratio_cpu} |"
         )
     return "\n".join(out)
 
@@ -226,16 +256,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: debug-sized model, 1 repeat")
     p.add_argument("--configs", nargs="+", default=None, help=f"subset of {sorted(CONFIGS)}")
-    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    p.add_argument("--modes", nargs="+", default=None, choices=["eager", "compile"], help="default: both (eager with --quick)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (medians)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default: per config)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, optimizer state)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (0 = torch's default). 1 by default: on a shared machine two OpenMP threads "
+        "stall at every barrier waiting for a core; on a dedicated machine use 0",
+    )
     p.add_argument("--out", default=str(RESULTS / "train.json"), help="JSON output path")
     args = p.parse_args(argv)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     configs = QUICK if args.quick else {k: CONFIGS[k] for k in (args.configs or CONFIGS)}
     repeats = 1 if args.quick else args.repeats
+    if args.steps:
+        configs = {k: {**v, "steps": args.steps} for k, v in configs.items()}
+    modes = args.modes or (["eager"] if args.quick else ["eager", "compile"])
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -244,21 +282,30 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     peaks = [matmul_peak(tries=10)]
     log(f"bf16 matmul 2048^3: {peaks[0] / 1e9:.0f} GFLOP/s")
-    rows = []
-    for name, cfg in configs.items():
-        rows += bench_config(name, cfg, args.modes, repeats, args.warmup, peaks, log)
-    peak = max(peaks)
-    for r in rows:
-        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
-    info["loadavg_end"] = os.getloadavg()
-    result = dict(
-        benchmark="train", command="PYTHONPATH=. python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        machine=info, peak_bf16_flops=peak, peak_bf16_flops_all=peaks, repeats=repeats, warmup_steps=args.warmup,
-        wall_s=time.perf_counter() - t_start, rows=rows,
-    )
+    rows: list[dict] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    command = "PYTHONPATH=. python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write(new_rows: list[dict] = ()) -> dict:  # after every configuration: partial results survive
+        peak = max(peaks)
+        done = rows + [r for r in new_rows if r not in rows]
+        for r in done:
+            r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
+            r["mfu_cpu"] = r["tokens_per_cpu_s"] * r["flops_per_token"] / peak
+        info["loadavg_end"] = os.getloadavg()
+        result = dict(
+            benchmark="train", command=command.strip(), machine=info, peak_bf16_flops=peak,
+            peak_bf16_flops_all=peaks, repeats=repeats, warmup_steps=args.warmup,
+            wall_s=time.perf_counter() - t_start, rows=done,
+        )
+        out.write_text(json.dumps(result, indent=1))
+        return result
+
+    for name, cfg in configs.items():
+        rows += bench_config(name, cfg, modes, repeats, args.warmup, peaks, log, on_rows=write)
+    result = write()
+    peak = result["peak_bf16_flops"]
     print(f"bf16 matmul peak (2048^3, best of {len(peaks) * 5 + 5}): {peak / 1e9:.0f} GFLOP/s; "
           f"{repeats} repeats, medians; wall {result['wall_s']:.0f} s; load avg {info['loadavg_start'][0]:.1f} -> "
           f"{info['loadavg_end'][0]:.1f}\n")
