@@ -55,16 +55,17 @@ QUICK = {"debug": dict(preset="debug", vocab=(256, 16), batch=2, seq=64, steps=2
 # ---------------------------------------------------------------------------------------------
 
 
-def matmul_peak(n: int = 2048, tries: int = 10, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Best FLOP/s of an ``n^3`` matmul in ``dtype`` over ``tries`` runs (after one warm-up)."""
+def matmul_peak(n: int = 2048, tries: int = 10, dtype: torch.dtype = torch.bfloat16) -> tuple[float, float]:
+    """Best FLOP/s of an ``n^3`` matmul in ``dtype`` over ``tries`` runs (after one warm-up), by wall
+    clock and by process CPU time (the peak per CPU-second of the threads in use)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(tries):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+    return 2 * n**3 / best, 2 * n**3 / best_cpu
 
 
 def machine() -> dict:
@@ -165,7 +166,7 @@ def random_batch(cfg: dict, vocab_size: int, seed: int = 0) -> tuple[torch.Tenso
 
 
 def bench_config(
-    name: str, cfg: dict, modes: list[str], repeats: int, warmup: int, peaks: list[float], log, on_rows=None
+    name: str, cfg: dict, modes: list[str], repeats: int, warmup: int, add_peak, log, on_rows=None
 ) -> list[dict]:
     """Rows (one per mode x impl) for one preset; ours and OPT alternate within each repeat."""
     rows = []
@@ -197,7 +198,7 @@ def bench_config(
             for impl in impls:
                 times[impl].append(statistics.median(w for w, _ in per_step[impl]))
                 cpu[impl].append(statistics.median(c for _, c in per_step[impl]))
-            peaks.append(matmul_peak(tries=5))
+            add_peak()
             log(f"  {name} {mode} repeat {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items())
                 + " (CPU " + ", ".join(f"{v[-1] * 1e3:.0f}" for v in cpu.values()) + " ms)")
         if dict(torch._dynamo.utils.counters["stats"]) != compiled_before:
@@ -233,7 +234,7 @@ def bench_config(
 # ---------------------------------------------------------------------------------------------
 
 
-def table(rows: list[dict], peak: float) -> str:
+def table(rows: list[dict], peak: float, peak_cpu: float) -> str:
     out = [
         "| config | mode | impl | step ms (wall) | tokens/s (wall) | MFU (wall) | ours/OPT (wall) "
         "| step ms (CPU) | tokens/CPU-s | MFU (CPU) | ours/OPT (CPU) |",
@@ -241,7 +242,7 @@ def table(rows: list[dict], peak: float) -> str:
     ]
     for r in rows:
         mfu = r["tokens_per_s"] * r["flops_per_token"] / peak
-        mfu_cpu = r["tokens_per_cpu_s"] * r["flops_per_token"] / peak
+        mfu_cpu = r["tokens_per_cpu_s"] * r["flops_per_token"] / peak_cpu
         ratio = f"{r['speedup_vs_opt']:.2f}x" if r["speedup_vs_opt"] is not None else ""
         ratio_cpu = f"{r['speedup_vs_opt_cpu']:.2f}x" if r["speedup_vs_opt_cpu"] is not None else ""
         out.append(
@@ -280,36 +281,44 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     info = machine()
-    peaks = [matmul_peak(tries=10)]
-    log(f"bf16 matmul 2048^3: {peaks[0] / 1e9:.0f} GFLOP/s")
+    peaks, peaks_cpu = [], []  # appended to by bench_config after every repeat
+
+    def add_peak(tries: int = 5) -> None:
+        wall, cpu = matmul_peak(tries=tries)
+        peaks.append(wall)
+        peaks_cpu.append(cpu)
+
+    add_peak(10)
+    log(f"bf16 matmul 2048^3: {peaks[0] / 1e9:.0f} GFLOP/s wall, {peaks_cpu[0] / 1e9:.0f} GFLOP per CPU-s")
     rows: list[dict] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "PYTHONPATH=. python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def write(new_rows: list[dict] = ()) -> dict:  # after every configuration: partial results survive
-        peak = max(peaks)
+        peak, peak_cpu = max(peaks), max(peaks_cpu)
         done = rows + [r for r in new_rows if r not in rows]
         for r in done:
             r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
-            r["mfu_cpu"] = r["tokens_per_cpu_s"] * r["flops_per_token"] / peak
+            r["mfu_cpu"] = r["tokens_per_cpu_s"] * r["flops_per_token"] / peak_cpu
         info["loadavg_end"] = os.getloadavg()
         result = dict(
             benchmark="train", command=command.strip(), machine=info, peak_bf16_flops=peak,
-            peak_bf16_flops_all=peaks, repeats=repeats, warmup_steps=args.warmup,
+            peak_bf16_flops_all=peaks, peak_bf16_flops_per_cpu_s=peak_cpu, peak_bf16_flops_per_cpu_s_all=peaks_cpu, repeats=repeats, warmup_steps=args.warmup,
             wall_s=time.perf_counter() - t_start, rows=done,
         )
         out.write_text(json.dumps(result, indent=1))
         return result
 
     for name, cfg in configs.items():
-        rows += bench_config(name, cfg, modes, repeats, args.warmup, peaks, log, on_rows=write)
+        rows += bench_config(name, cfg, modes, repeats, args.warmup, add_peak, log, on_rows=write)
     result = write()
-    peak = result["peak_bf16_flops"]
-    print(f"bf16 matmul peak (2048^3, best of {len(peaks) * 5 + 5}): {peak / 1e9:.0f} GFLOP/s; "
+    peak, peak_cpu = result["peak_bf16_flops"], result["peak_bf16_flops_per_cpu_s"]
+    print(f"bf16 matmul peak (2048^3, best of {len(peaks) * 5 + 5}): {peak / 1e9:.0f} GFLOP/s wall, "
+          f"{peak_cpu / 1e9:.0f} GFLOP per CPU-s; {torch.get_num_threads()} thread(s); "
           f"{repeats} repeats, medians; wall {result['wall_s']:.0f} s; load avg {info['loadavg_start'][0]:.1f} -> "
           f"{info['loadavg_end'][0]:.1f}\n")
-    print(table(rows, peak))
+    print(table(rows, peak, peak_cpu))
     print(f"\nwrote {out}")
     return 0
 
