@@ -47,6 +47,7 @@ CONFIGS = {
     # ~100M parameters (100,051,968 with this 9,330-id vocabulary), context 1,024
     "100m": dict(preset="100m", vocab=(8192, 1024), batch=1, seq=1024, steps=2),
 }
+DEVICE = torch.device("cpu")  # set by --device
 QUICK = {"debug": dict(preset="debug", vocab=(256, 16), batch=2, seq=64, steps=2)}
 
 
@@ -58,14 +59,21 @@ QUICK = {"debug": dict(preset="debug", vocab=(256, 16), batch=2, seq=64, steps=2
 def matmul_peak(n: int = 2048, tries: int = 10, dtype: torch.dtype = torch.bfloat16) -> tuple[float, float]:
     """Best FLOP/s of an ``n^3`` matmul in ``dtype`` over ``tries`` runs (after one warm-up), by wall
     clock and by process CPU time (the peak per CPU-second of the threads in use)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
     torch.mm(a, b)
     best, best_cpu = float("inf"), float("inf")
     for _ in range(tries):
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
         torch.mm(a, b)
+        sync()
         best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
     return 2 * n**3 / best, 2 * n**3 / best_cpu
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def machine() -> dict:
@@ -87,6 +95,7 @@ def machine() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "loadavg_start": os.getloadavg(),
+        "device": str(DEVICE) if DEVICE.type != "cuda" else torch.cuda.get_device_name(DEVICE),
     }
 
 
@@ -111,8 +120,8 @@ def make_models(cfg: dict, seed: int = 0) -> tuple[ModelConfig, torch.nn.Module,
     missing, unexpected = hf.load_state_dict(to_opt_state_dict(ours), strict=False)
     if unexpected or any("bias" not in k and "layer_norm" not in k for k in missing):
         raise RuntimeError(f"OPT layout mismatch: missing {missing}, unexpected {unexpected}")
-    ours.train()
-    hf.train()
+    ours.to(DEVICE).train()
+    hf.to(DEVICE).train()
     return mcfg, ours, hf
 
 
@@ -135,7 +144,7 @@ def make_step(model: torch.nn.Module, is_hf: bool, compiled: bool):
         return net(inputs)
 
     def step(ids: torch.Tensor, weights: torch.Tensor) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             logits = forward(ids[:, :-1])
             _, loss = weighted_token_loss(logits, ids[:, 1:], weights)
         loss.backward()
@@ -162,7 +171,7 @@ def time_steps(step, batch, n: int) -> tuple[float, float]:
 def random_batch(cfg: dict, vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (cfg["batch"], cfg["seq"] + 1), generator=g)
-    return ids, torch.ones(cfg["batch"], cfg["seq"])
+    return ids.to(DEVICE), torch.ones(cfg["batch"], cfg["seq"], device=DEVICE)
 
 
 def bench_config(
@@ -266,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads (0 = torch's default). 1 by default: on a shared machine two OpenMP threads "
         "stall at every barrier waiting for a core; on a dedicated machine use 0",
     )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on either; CPU times are then moot)")
     p.add_argument("--out", default=str(RESULTS / "train.json"), help="JSON output path")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     configs = QUICK if args.quick else {k: CONFIGS[k] for k in (args.configs or CONFIGS)}
