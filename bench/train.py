@@ -277,7 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on either; CPU times are then moot)")
     p.add_argument("--out", default=str(RESULTS / "train.json"), help="JSON output path")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSON", help="only print the table of earlier results")
     args = p.parse_args(argv)
+    if args.report:
+        for path in args.report:
+            res = json.loads(Path(path).read_text())
+            print(f"{path}: `{res['command']}`; peak {res['peak_bf16_flops'] / 1e9:.0f} GFLOP/s wall, "
+                  f"{res['peak_bf16_flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-s; wall {res['wall_s']:.0f} s; load avg "
+                  f"{res['machine']['loadavg_start'][0]:.1f} -> {res['machine']['loadavg_end'][0]:.1f}\n")
+            print(table(res["rows"], res["peak_bf16_flops"], res["peak_bf16_flops_per_cpu_s"]) + "\n")
+        return 0
     global DEVICE
     DEVICE = torch.device(args.device)
     if args.threads > 0:
