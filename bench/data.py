@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import default_collate
 
 from lit_cm3leon.data.pretrain import PairSequences
@@ -74,13 +75,13 @@ def build_dataset(root: Path, n: int, seq_len: int, n_candidates: int = 16, seed
     return PairSequences(shards, DocumentCodec(tok, vocab), cands, seq_len, length=10**9, seed=seed, cm3=cm3)
 
 
-def time_batches(ds: PairSequences, batch: int, n_batches: int, start: int) -> float:
-    """Seconds per batch of ``__getitem__`` x batch + ``default_collate``."""
-    t0 = time.perf_counter()
+def time_batches(ds: PairSequences, batch: int, n_batches: int, start: int) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds per batch of ``__getitem__`` x batch + ``default_collate``."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in range(n_batches):
         base = start + b * batch
         default_collate([ds[base + j] for j in range(batch)])
-    return (time.perf_counter() - t0) / n_batches
+    return (time.perf_counter() - t0) / n_batches, (time.process_time() - c0) / n_batches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="training steps timed per repeat")
     p.add_argument("--repeats", type=int, default=3, help="repeats (medians)")
     p.add_argument("--compile", action="store_true", help="time the step with torch.compile (default eager)")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads of the step (0 = torch's default; 1 on a shared machine, see bench/train.py)",
+    )
     p.add_argument("--out", default=str(RESULTS / "data.json"), help="JSON output path")
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.batches, args.steps, args.repeats = 200, 5, 2, 1
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     cfg = CONFIGS["shapes"]
     B, T = cfg["batch"], cfg["seq"]
 
@@ -117,22 +124,30 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(2):
             step(*batch)  # warm-up (compilation, optimizer state)
 
-        data_s, step_s, cursor = [], [], 10 * B
+        data_s, step_s, data_cpu, step_cpu, cursor = [], [], [], [], 10 * B
         for r in range(args.repeats):
             jobs = ["data", "step"] if r % 2 == 0 else ["step", "data"]
             for job in jobs:
                 if job == "data":
-                    data_s.append(time_batches(ds, B, args.batches, cursor))
+                    wall, cpu = time_batches(ds, B, args.batches, cursor)
+                    data_s.append(wall)
+                    data_cpu.append(cpu)
                     cursor += args.batches * B
                 else:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     for _ in range(args.steps):
                         step(*batch)
                     step_s.append((time.perf_counter() - t0) / args.steps)
-            log(f"repeat {r}: data {B / data_s[-1]:.0f} samples/s, step {step_s[-1] * 1e3:.0f} ms ({B / step_s[-1]:.1f} samples/s)")
+                    step_cpu.append((time.process_time() - c0) / args.steps)
+            log(
+                f"repeat {r}: data {B / data_s[-1]:.0f} samples/s ({B / data_cpu[-1]:.0f} per CPU-s), "
+                f"step {step_s[-1] * 1e3:.0f} ms (CPU {step_cpu[-1] * 1e3:.0f} ms)"
+            )
 
     ratios = [s / d for d, s in zip(data_s, step_s, strict=True)]  # (samples/s produced) / (samples/s consumed)
+    cpu_ratios = [s / d for d, s in zip(data_cpu, step_cpu, strict=True)]
     data_med, step_med = statistics.median(data_s), statistics.median(step_s)
+    data_cpu_med, step_cpu_med = statistics.median(data_cpu), statistics.median(step_cpu)
     info["loadavg_end"] = os.getloadavg()
     result = dict(
         benchmark="data", command="PYTHONPATH=. python bench/data.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -141,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         data_batch_s=data_s, data_samples_per_s=B / data_med, data_samples_per_s_all=[B / d for d in data_s],
         step_s=step_s, step_samples_per_s=B / step_med, step_samples_per_s_all=[B / s for s in step_s],
         headroom=statistics.median(ratios), headroom_all=ratios, target_headroom=5.0,
+        data_batch_cpu_s=data_cpu, step_cpu_s=step_cpu, headroom_cpu=statistics.median(cpu_ratios),
+        headroom_cpu_all=cpu_ratios, threads=torch.get_num_threads(),
         mean_fill=fill, mean_separators=n_retrieved, wall_s=time.perf_counter() - t_start,
     )
     out = Path(args.out)
@@ -148,12 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1))
     print(f"{args.repeats} repeats, medians; single process; wall {result['wall_s']:.0f} s; load avg "
           f"{info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}\n")
-    print("| what | per batch of 8 (ms, median) | samples/s (median) |")
-    print("| --- | ---: | ---: |")
-    print(f"| data: PairSequences + collate (seq {T}, CM3, 3 retrieved) | {data_med * 1e3:.1f} | {B / data_med:,.0f} |")
-    print(f"| training step, shapes preset ({result['step_mode']}, bf16) | {step_med * 1e3:.0f} | {B / step_med:,.1f} |")
-    print(f"\nheadroom (data rate / step consumption, median of per-repeat ratios): {result['headroom']:.1f}x "
-          f"(target >= 5x); sequences {100 * fill:.0f}% non-pad on average")
+    print("| what | ms per batch of 8 (wall) | samples/s (wall) | ms per batch (CPU) | samples per CPU-s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| data: PairSequences + collate (seq {T}, CM3, <= 3 retrieved) | {data_med * 1e3:.1f} | {B / data_med:,.0f} "
+          f"| {data_cpu_med * 1e3:.1f} | {B / data_cpu_med:,.0f} |")
+    print(f"| training step, shapes preset ({result['step_mode']}, bf16, {result['threads']} thread(s)) "
+          f"| {step_med * 1e3:.0f} | {B / step_med:,.1f} | {step_cpu_med * 1e3:.0f} | {B / step_cpu_med:,.1f} |")
+    print(f"\nheadroom = data rate / step consumption (median of per-repeat ratios): wall {result['headroom']:.1f}x, "
+          f"CPU time {result['headroom_cpu']:.1f}x (target >= 5x); sequences {100 * fill:.0f}% non-pad on average")
     print(f"\nwrote {out}")
     return 0
 

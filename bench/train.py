@@ -43,10 +43,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # name -> model preset, vocabulary, batch, sequence length, timed steps per repeat
 CONFIGS = {
     # the shapes-world training run: configs/experiment/pretrain.yaml (seq 384, batch 8)
-    "shapes": dict(preset="shapes", vocab=(1024, 256), batch=8, seq=384, steps=6),
+    "shapes": dict(preset="shapes", vocab=(1024, 256), batch=8, seq=384, steps=4),
     # ~100M parameters (100,051,968 with this 9,330-id vocabulary), context 1,024
     "100m": dict(preset="100m", vocab=(8192, 1024), batch=1, seq=1024, steps=2),
 }
+DEVICE = torch.device("cpu")  # set by --device
 QUICK = {"debug": dict(preset="debug", vocab=(256, 16), batch=2, seq=64, steps=2)}
 
 
@@ -55,16 +56,24 @@ QUICK = {"debug": dict(preset="debug", vocab=(256, 16), batch=2, seq=64, steps=2
 # ---------------------------------------------------------------------------------------------
 
 
-def matmul_peak(n: int = 2048, tries: int = 10, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Best FLOP/s of an ``n^3`` matmul in ``dtype`` over ``tries`` runs (after one warm-up)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(n: int = 2048, tries: int = 10, dtype: torch.dtype = torch.bfloat16) -> tuple[float, float]:
+    """Best FLOP/s of an ``n^3`` matmul in ``dtype`` over ``tries`` runs (after one warm-up), by wall
+    clock and by process CPU time (the peak per CPU-second of the threads in use)."""
+    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
     torch.mm(a, b)
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(tries):
-        t0 = time.perf_counter()
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+        sync()
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+    return 2 * n**3 / best, 2 * n**3 / best_cpu
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def machine() -> dict:
@@ -86,6 +95,7 @@ def machine() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "loadavg_start": os.getloadavg(),
+        "device": str(DEVICE) if DEVICE.type != "cuda" else torch.cuda.get_device_name(DEVICE),
     }
 
 
@@ -110,8 +120,8 @@ def make_models(cfg: dict, seed: int = 0) -> tuple[ModelConfig, torch.nn.Module,
     missing, unexpected = hf.load_state_dict(to_opt_state_dict(ours), strict=False)
     if unexpected or any("bias" not in k and "layer_norm" not in k for k in missing):
         raise RuntimeError(f"OPT layout mismatch: missing {missing}, unexpected {unexpected}")
-    ours.train()
-    hf.train()
+    ours.to(DEVICE).train()
+    hf.to(DEVICE).train()
     return mcfg, ours, hf
 
 
@@ -134,7 +144,7 @@ def make_step(model: torch.nn.Module, is_hf: bool, compiled: bool):
         return net(inputs)
 
     def step(ids: torch.Tensor, weights: torch.Tensor) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             logits = forward(ids[:, :-1])
             _, loss = weighted_token_loss(logits, ids[:, 1:], weights)
         loss.backward()
@@ -145,21 +155,28 @@ def make_step(model: torch.nn.Module, is_hf: bool, compiled: bool):
     return step
 
 
-def time_steps(step, batch, n: int) -> float:
-    """Seconds per step, averaged over ``n`` steps."""
-    t0 = time.perf_counter()
+def time_steps(step, batch, n: int) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds per step, averaged over ``n`` steps.
+
+    On a shared machine the CPU time (with one thread) is the cost of the work itself, whatever
+    share of the cores the process got; the wall time is what a dedicated machine would show
+    only when the process is alone.
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         step(*batch)
-    return (time.perf_counter() - t0) / n
+    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
 def random_batch(cfg: dict, vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (cfg["batch"], cfg["seq"] + 1), generator=g)
-    return ids, torch.ones(cfg["batch"], cfg["seq"])
+    return ids.to(DEVICE), torch.ones(cfg["batch"], cfg["seq"], device=DEVICE)
 
 
-def bench_config(name: str, cfg: dict, modes: list[str], repeats: int, warmup: int, peaks: list[float], log) -> list[dict]:
+def bench_config(
+    name: str, cfg: dict, modes: list[str], repeats: int, warmup: int, add_peak, log, on_rows=None
+) -> list[dict]:
     """Rows (one per mode x impl) for one preset; ours and OPT alternate within each repeat."""
     rows = []
     for mode in modes:
@@ -177,13 +194,26 @@ def bench_config(name: str, cfg: dict, modes: list[str], repeats: int, warmup: i
             warm_s[impl] = time.perf_counter() - t0
             log(f"  {name} {mode} {impl}: warm-up {warm_s[impl]:.1f}s, first loss {first_loss[impl]:.4f}")
         times: dict[str, list[float]] = {impl: [] for impl in impls}
+        cpu: dict[str, list[float]] = {impl: [] for impl in impls}
+        compiled_before = dict(torch._dynamo.utils.counters["stats"])
         for r in range(repeats):
-            order = list(impls) if r % 2 == 0 else list(impls)[::-1]  # alternate who goes first
-            for impl in order:
-                times[impl].append(time_steps(impls[impl], batch, cfg["steps"]))
-            peaks.append(matmul_peak(tries=5))
-            log(f"  {name} {mode} repeat {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()))
+            # steps interleaved one by one (ours, OPT, OPT, ours, ...) so that both see the same
+            # load; a repeat's time is the median of its steps
+            per_step: dict[str, list[tuple[float, float]]] = {impl: [] for impl in impls}
+            for s in range(cfg["steps"]):
+                order = list(impls) if (r + s) % 2 == 0 else list(impls)[::-1]
+                for impl in order:
+                    per_step[impl].append(time_steps(impls[impl], batch, 1))
+            for impl in impls:
+                times[impl].append(statistics.median(w for w, _ in per_step[impl]))
+                cpu[impl].append(statistics.median(c for _, c in per_step[impl]))
+            add_peak()
+            log(f"  {name} {mode} repeat {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items())
+                + " (CPU " + ", ".join(f"{v[-1] * 1e3:.0f}" for v in cpu.values()) + " ms)")
+        if dict(torch._dynamo.utils.counters["stats"]) != compiled_before:
+            log(f"  warning: {name} {mode} recompiled during timing: {dict(torch._dynamo.utils.counters['stats'])}")
         ratios = [h / o for o, h in zip(times["ours"], times["transformers OPT"], strict=True)]
+        cpu_ratios = [h / o for o, h in zip(cpu["ours"], cpu["transformers OPT"], strict=True)]
         for impl, ts in times.items():
             med = statistics.median(ts)
             rows.append(
@@ -195,10 +225,16 @@ def bench_config(name: str, cfg: dict, modes: list[str], repeats: int, warmup: i
                     first_loss=first_loss[impl], warmup_s=warm_s[impl],
                     speedup_vs_opt=statistics.median(ratios) if impl == "ours" else None,
                     speedup_vs_opt_all=ratios if impl == "ours" else None,
+                    step_cpu_s=cpu[impl], step_cpu_s_median=statistics.median(cpu[impl]),
+                    tokens_per_cpu_s=tokens / statistics.median(cpu[impl]),
+                    speedup_vs_opt_cpu=statistics.median(cpu_ratios) if impl == "ours" else None,
+                    speedup_vs_opt_cpu_all=cpu_ratios if impl == "ours" else None,
                 )
             )
         del ours, hf, impls
         torch._dynamo.reset()
+        if on_rows is not None:
+            on_rows(rows)
     return rows
 
 
@@ -207,17 +243,21 @@ def bench_config(name: str, cfg: dict, modes: list[str], repeats: int, warmup: i
 # ---------------------------------------------------------------------------------------------
 
 
-def table(rows: list[dict], peak: float) -> str:
+def table(rows: list[dict], peak: float, peak_cpu: float) -> str:
     out = [
-        "| config | mode | impl | step (ms, median) | tokens/s (median) | MFU | ours / OPT (median of per-repeat ratios) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| config | mode | impl | step ms (wall) | tokens/s (wall) | MFU (wall) | ours/OPT (wall) "
+        "| step ms (CPU) | tokens/CPU-s | MFU (CPU) | ours/OPT (CPU) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         mfu = r["tokens_per_s"] * r["flops_per_token"] / peak
+        mfu_cpu = r["tokens_per_cpu_s"] * r["flops_per_token"] / peak_cpu
         ratio = f"{r['speedup_vs_opt']:.2f}x" if r["speedup_vs_opt"] is not None else ""
+        ratio_cpu = f"{r['speedup_vs_opt_cpu']:.2f}x" if r["speedup_vs_opt_cpu"] is not None else ""
         out.append(
             f"| {r['config']} (B{r['batch']} x T{r['seq']}, {r['params'] / 1e6:.1f}M) | {r['mode']} | {r['impl']} "
-            f"| {r['step_s_median'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | {100 * mfu:.1f}% | {ratio} |"
+            f"| {r['step_s_median'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | {100 * mfu:.1f}% | {ratio} "
+            f"| {r['step_cpu_s_median'] * 1e3:.0f} | {r['tokens_per_cpu_s']:,.0f} | {100 * mfu_cpu:.1f}% | {ratio_cpu} |"
         )
     return "\n".join(out)
 
@@ -226,43 +266,80 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: debug-sized model, 1 repeat")
     p.add_argument("--configs", nargs="+", default=None, help=f"subset of {sorted(CONFIGS)}")
-    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    p.add_argument("--modes", nargs="+", default=None, choices=["eager", "compile"], help="default: both (eager with --quick)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (medians)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default: per config)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, optimizer state)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (0 = torch's default). 1 by default: on a shared machine two OpenMP threads "
+        "stall at every barrier waiting for a core; on a dedicated machine use 0",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on either; CPU times are then moot)")
     p.add_argument("--out", default=str(RESULTS / "train.json"), help="JSON output path")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSON", help="only print the table of earlier results")
     args = p.parse_args(argv)
-    if args.threads:
+    if args.report:
+        for path in args.report:
+            res = json.loads(Path(path).read_text())
+            print(f"{path}: `{res['command']}`; peak {res['peak_bf16_flops'] / 1e9:.0f} GFLOP/s wall, "
+                  f"{res['peak_bf16_flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-s; wall {res['wall_s']:.0f} s; load avg "
+                  f"{res['machine']['loadavg_start'][0]:.1f} -> {res['machine']['loadavg_end'][0]:.1f}\n")
+            print(table(res["rows"], res["peak_bf16_flops"], res["peak_bf16_flops_per_cpu_s"]) + "\n")
+        return 0
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     configs = QUICK if args.quick else {k: CONFIGS[k] for k in (args.configs or CONFIGS)}
     repeats = 1 if args.quick else args.repeats
+    if args.steps:
+        configs = {k: {**v, "steps": args.steps} for k, v in configs.items()}
+    modes = args.modes or (["eager"] if args.quick else ["eager", "compile"])
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     t_start = time.perf_counter()
     info = machine()
-    peaks = [matmul_peak(tries=10)]
-    log(f"bf16 matmul 2048^3: {peaks[0] / 1e9:.0f} GFLOP/s")
-    rows = []
-    for name, cfg in configs.items():
-        rows += bench_config(name, cfg, args.modes, repeats, args.warmup, peaks, log)
-    peak = max(peaks)
-    for r in rows:
-        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
-    info["loadavg_end"] = os.getloadavg()
-    result = dict(
-        benchmark="train", command="PYTHONPATH=. python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        machine=info, peak_bf16_flops=peak, peak_bf16_flops_all=peaks, repeats=repeats, warmup_steps=args.warmup,
-        wall_s=time.perf_counter() - t_start, rows=rows,
-    )
+    peaks, peaks_cpu = [], []  # appended to by bench_config after every repeat
+
+    def add_peak(tries: int = 5) -> None:
+        wall, cpu = matmul_peak(tries=tries)
+        peaks.append(wall)
+        peaks_cpu.append(cpu)
+
+    add_peak(10)
+    log(f"bf16 matmul 2048^3: {peaks[0] / 1e9:.0f} GFLOP/s wall, {peaks_cpu[0] / 1e9:.0f} GFLOP per CPU-s")
+    rows: list[dict] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"bf16 matmul peak (2048^3, best of {len(peaks) * 5 + 5}): {peak / 1e9:.0f} GFLOP/s; "
+    command = "PYTHONPATH=. python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write(new_rows: list[dict] = ()) -> dict:  # after every configuration: partial results survive
+        peak, peak_cpu = max(peaks), max(peaks_cpu)
+        done = rows + [r for r in new_rows if r not in rows]
+        for r in done:
+            r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
+            r["mfu_cpu"] = r["tokens_per_cpu_s"] * r["flops_per_token"] / peak_cpu
+        info["loadavg_end"] = os.getloadavg()
+        result = dict(
+            benchmark="train", command=command.strip(), machine=info, peak_bf16_flops=peak,
+            peak_bf16_flops_all=peaks, peak_bf16_flops_per_cpu_s=peak_cpu, peak_bf16_flops_per_cpu_s_all=peaks_cpu, repeats=repeats, warmup_steps=args.warmup,
+            wall_s=time.perf_counter() - t_start, rows=done,
+        )
+        out.write_text(json.dumps(result, indent=1))
+        return result
+
+    for name, cfg in configs.items():
+        rows += bench_config(name, cfg, modes, repeats, args.warmup, add_peak, log, on_rows=write)
+    result = write()
+    peak, peak_cpu = result["peak_bf16_flops"], result["peak_bf16_flops_per_cpu_s"]
+    print(f"bf16 matmul peak (2048^3, best of {len(peaks) * 5 + 5}): {peak / 1e9:.0f} GFLOP/s wall, "
+          f"{peak_cpu / 1e9:.0f} GFLOP per CPU-s; {torch.get_num_threads()} thread(s); "
           f"{repeats} repeats, medians; wall {result['wall_s']:.0f} s; load avg {info['loadavg_start'][0]:.1f} -> "
           f"{info['loadavg_end'][0]:.1f}\n")
-    print(table(rows, peak))
+    print(table(rows, peak, peak_cpu))
     print(f"\nwrote {out}")
     return 0
 

@@ -116,7 +116,11 @@ def test_prepare_tokenize_folder_skips_counts_and_resumes(tok, tmp_path):
     root, out = tmp_path / "imgs", tmp_path / "shards"
     _folder(root)
     argv = ["--source", "folder", "--root", str(root), "--tokenizer", str(tok_dir), "--out", str(out),
-            "--shard-size", "3"]
+            "--shard-size", "3", "--fp32"]
+    bf16_out = tmp_path / "bf16"
+    assert cli([a for a in argv if a != "--fp32"] + ["--out", str(bf16_out)]) == 0  # the default precision
+    assert json.loads((bf16_out / "manifest.json").read_text())["precision"] == "bf16"
+    assert np.load(bf16_out / "shard-00000.npz")["codes"].shape == (2, 8, 8)  # broken.jpg, img0, img1
     assert cli(argv) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["count"] == 5 and man["bad"] == {"unreadable_image": 1, "empty_caption": 1}
@@ -188,7 +192,7 @@ def test_prepare_tokenize_shapes_parallel(tok, tmp_path):
 
     tok_dir = tok.save(tmp_path / "tok")
     out = tmp_path / "shapes"
-    argv = ["--source", "shapes", "--split", "heldout", "--n", "10", "--shard-size", "4", "--workers", "2",
+    argv = ["--source", "shapes", "--split", "heldout", "--n", "10", "--shard-size", "4", "--workers", "2", "--fp32",
             "--tokenizer", str(tok_dir), "--out", str(out)]
     assert cli(argv) == 0
     man = json.loads((out / "manifest.json").read_text())

@@ -179,10 +179,17 @@ class ImageTokenizer:
 
     # --- the two directions --------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, images: Any, batch_size: int = 256) -> torch.Tensor:
-        """Images -> int64 codes [B, h, w] (on CPU)."""
+    def encode(self, images: Any, batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
+        """Images -> int64 codes [B, h, w] (on CPU).
+
+        ``bf16=True`` runs the encoder under bf16 autocast (about 2.8x faster on AMX CPUs; the
+        nearest-code search stays fp32, but codes near a tie may differ from the fp32 result).
+        """
         x = self.to_pixels(images)
-        out = [self.model.encode(x[i : i + batch_size].to(self.device)).cpu() for i in range(0, len(x), batch_size)]
+        out = []
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            for i in range(0, len(x), batch_size):
+                out.append(self.model.encode(x[i : i + batch_size].to(self.device)).cpu())
         return torch.cat(out)
 
     @torch.no_grad()

@@ -33,6 +33,8 @@ class VQGANConfig:
     embed_dim: int = 32  # code dimension D
     dropout: float = 0.0
     double_z: bool = False  # taming VQ configs always use False
+    norm_groups: int = 32  # GroupNorm groups (taming: 32). With few channels, 32 groups is per-channel
+    # instance norm, which erases each image's mean colour; the shapes preset keeps 4 channels per group
     mid_attn: bool = True  # attention in the middle block (taming: always; Chameleon attn_type=None: no)
     beta: float = 0.25  # commitment weight
     legacy: bool = False  # taming's default puts beta on the codebook term (a known bug); False = VQ-VAE paper
@@ -44,8 +46,8 @@ class VQGANConfig:
         if self.double_z:
             raise ValueError("double_z=True is a KL autoencoder layout, not a VQ model")
         for c in {self.ch * m for m in self.ch_mult}:
-            if c % 32:
-                raise ValueError(f"channel count {c} (ch * ch_mult) must be divisible by 32 (GroupNorm(32))")
+            if c % self.norm_groups:
+                raise ValueError(f"channel count {c} must be divisible by norm_groups={self.norm_groups}")
         if self.resolution % 2 ** (len(self.ch_mult) - 1):
             raise ValueError(f"resolution {self.resolution} not divisible by 2**{len(self.ch_mult) - 1}")
 
@@ -74,7 +76,7 @@ PRESETS: dict[str, VQGANConfig] = {
     # 32 px -> 8x8 tokens from 256 codes; small and attention-free so it trains on a CPU in minutes.
     "shapes": VQGANConfig(
         resolution=32, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
-        z_channels=64, n_embed=256, embed_dim=32, mid_attn=False,
+        z_channels=64, n_embed=256, embed_dim=32, mid_attn=False, norm_groups=8,
     ),  # 2.7 M parameters
     # The paper's setting: 256 px -> 32x32 = 1024 tokens from 8,192 codes, taming's f8 layout.
     "paper": VQGANConfig(
@@ -90,8 +92,8 @@ def preset(name: str) -> VQGANConfig:
     return VQGANConfig(**PRESETS[name].to_dict())
 
 
-def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=c, eps=1e-6, affine=True)
+def _norm(c: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=c, eps=1e-6, affine=True)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -101,11 +103,11 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 class ResnetBlock(nn.Module):
     """norm-swish-conv twice, plus a 1x1 ``nin_shortcut`` when the width changes."""
 
-    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0):
+    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
-        self.norm1 = _norm(c_in)
+        self.norm1 = _norm(c_in, groups)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = _norm(c_out)
+        self.norm2 = _norm(c_out, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
@@ -121,9 +123,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, 1x1 convs for q, k, v and output."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, groups: int = 32):
         super().__init__()
-        self.norm = _norm(c)
+        self.norm = _norm(c, groups)
         self.q = nn.Conv2d(c, c, 1)
         self.k = nn.Conv2d(c, c, 1)
         self.v = nn.Conv2d(c, c, 1)
@@ -162,11 +164,11 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(c: int, attn: bool, dropout: float) -> nn.Module:
+def _mid(c: int, cfg: VQGANConfig) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(c, c, dropout)
-    mid.attn_1 = AttnBlock(c) if attn else nn.Identity()
-    mid.block_2 = ResnetBlock(c, c, dropout)
+    mid.block_1 = ResnetBlock(c, c, cfg.dropout, cfg.norm_groups)
+    mid.attn_1 = AttnBlock(c, cfg.norm_groups) if cfg.mid_attn else nn.Identity()
+    mid.block_2 = ResnetBlock(c, c, cfg.dropout, cfg.norm_groups)
     return mid
 
 
@@ -184,16 +186,16 @@ class Encoder(nn.Module):
             stage.block = nn.ModuleList()
             stage.attn = nn.ModuleList()
             for _ in range(cfg.num_res_blocks):
-                stage.block.append(ResnetBlock(c_in, c_out, cfg.dropout))
+                stage.block.append(ResnetBlock(c_in, c_out, cfg.dropout, cfg.norm_groups))
                 c_in = c_out
                 if res in cfg.attn_resolutions:
-                    stage.attn.append(AttnBlock(c_in))
+                    stage.attn.append(AttnBlock(c_in, cfg.norm_groups))
             if level != len(cfg.ch_mult) - 1:
                 stage.downsample = Downsample(c_in)
                 res //= 2
             self.down.append(stage)
-        self.mid = _mid(c_in, cfg.mid_attn, cfg.dropout)
-        self.norm_out = _norm(c_in)
+        self.mid = _mid(c_in, cfg)
+        self.norm_out = _norm(c_in, cfg.norm_groups)
         self.conv_out = nn.Conv2d(c_in, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, z_channels, h, w]
@@ -216,7 +218,7 @@ class Decoder(nn.Module):
         c = cfg.ch * cfg.ch_mult[-1]
         res = cfg.latent_size
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = _mid(c, cfg.mid_attn, cfg.dropout)
+        self.mid = _mid(c, cfg)
         up: list[nn.Module] = [nn.Module() for _ in range(n)]
         for level in reversed(range(n)):  # built coarse to fine, stored fine (0) to coarse
             stage = up[level]
@@ -224,15 +226,15 @@ class Decoder(nn.Module):
             stage.attn = nn.ModuleList()
             c_out = cfg.ch * cfg.ch_mult[level]
             for _ in range(cfg.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(c, c_out, cfg.dropout))
+                stage.block.append(ResnetBlock(c, c_out, cfg.dropout, cfg.norm_groups))
                 c = c_out
                 if res in cfg.attn_resolutions:
-                    stage.attn.append(AttnBlock(c))
+                    stage.attn.append(AttnBlock(c, cfg.norm_groups))
             if level != 0:
                 stage.upsample = Upsample(c)
                 res *= 2
         self.up = nn.ModuleList(up)
-        self.norm_out = _norm(c)
+        self.norm_out = _norm(c, cfg.norm_groups)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, z_channels, h, w] -> [B, 3, H, W]
