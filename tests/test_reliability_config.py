@@ -19,6 +19,9 @@ def artifacts(tmp_path, monkeypatch):
     make_text_tokenizer(out / "text_tokenizer")
     make_token_shards(out / "tokens" / "shapes-train", 20)
     make_token_shards(out / "tokens" / "shapes-heldout", 8, seed=1)
+    from lit_cm3leon.tokenizer.image import load_image_tokenizer
+
+    load_image_tokenizer("shapes").save(out / "image_tokenizer")  # a fresh tokenizer meets `requires`
 
     def refuse(*args, **kwargs):
         raise AssertionError("something was instantiated before the config was validated")
