@@ -74,14 +74,6 @@ def generate_samples(
     return folder
 
 
-def load_samples(folder: str | Path, n: int) -> np.ndarray:
-    folder = Path(folder)
-    missing = [i for i in range(n) if not sample_path(folder, i).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {n} samples missing in {folder}/samples (first: {missing[0]:05d}.png)")
-    return np.stack([np.asarray(Image.open(sample_path(folder, i)).convert("RGB")) for i in range(n)])
-
-
 def attribute_scores(images: np.ndarray, scenes: Sequence[Scene], world: ShapesWorld | None = None) -> dict[str, np.ndarray]:
     """Per-image scene-parser scores against the prompt scenes: attributes, exact, count."""
     world = world or ShapesWorld()
