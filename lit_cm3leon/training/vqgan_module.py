@@ -8,7 +8,11 @@ window are moved onto random encoder outputs of the current batch (plus a little
 needs no extra state beyond a usage counter, works with the plain straight-through quantizer
 (so checkpoints stay in taming's layout, no EMA buffers), and revives codes far faster than EMA
 updates alone on short CPU budgets. Restarts stop at ``restart_until`` (a fraction of
-``max_steps``) so the last steps fine-tune a fixed codebook.
+``max_steps``) so the last steps fine-tune a fixed codebook. Measured on the shapes world after
+150 steps: 6% of codes in use and 14.3 dB without restarts, 61-78% and 18 dB with them.
+
+Calibration (shapes preset, batch 32, lr 1e-3, bf16, 1 thread on a shared 2-core machine):
+1000 steps give 26.7 dB held-out PSNR with 95% of the 256 codes in use (perplexity 156).
 
 The patch-GAN is off for the shapes preset: its images are flat colours and sharp edges that
 L1 + L2 reconstruct to high PSNR on their own; a discriminator would roughly double the step
