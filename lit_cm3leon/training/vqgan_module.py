@@ -60,6 +60,15 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+def _plain(x: Any) -> Any:
+    """Mappings/sequences (e.g. omegaconf containers) -> dicts/lists, recursively."""
+    if x is None or isinstance(x, str | int | float | bool):
+        return x
+    if hasattr(x, "items"):
+        return {str(k): _plain(v) for k, v in x.items()}
+    return [_plain(v) for v in x]
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1] (measured on the [0, 1] scale, peak 1)."""
     mse = (((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2) ** 2).flatten(1).mean(1)
@@ -91,6 +100,9 @@ class VQGANModule(L.LightningModule):
         parser_images: int = 200,
     ):
         super().__init__()
+        # hyperparameters are saved as plain containers (Hydra may pass ListConfig/DictConfig)
+        betas = tuple(float(b) for b in betas)
+        vqgan = _plain(vqgan)
         self.save_hyperparameters()
         cfg = get_preset(preset).to_dict()
         cfg.update(vqgan or {})
