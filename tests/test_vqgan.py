@@ -306,8 +306,17 @@ def test_training_module_steps_restart_and_export(tmp_path):
     dm = ImageDataModule(
         source="dataset", train_dataset=imgs, val_dataset=imgs[:16], batch_size=8, val_batch_size=16
     )
+    from omegaconf import OmegaConf
+
     m = VQGANModule(
-        preset="shapes", restart_every=2, restart_until=1.0, warmup_steps=1, gan=True, gan_start=1
+        preset="shapes",
+        vqgan=OmegaConf.create({"n_embed": 256}),  # Hydra-style containers are stored as plain ones
+        betas=OmegaConf.create([0.9, 0.99]),
+        restart_every=2,
+        restart_until=1.0,
+        warmup_steps=1,
+        gan=True,
+        gan_start=1,
     )
     trainer = L.Trainer(
         max_steps=8,
@@ -327,6 +336,8 @@ def test_training_module_steps_restart_and_export(tmp_path):
     assert (before - after).abs().sum(1).gt(
         1e-3
     ).float().mean() > 0.5  # most codes moved (restarts)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    torch.load(tmp_path / "last.ckpt", weights_only=True)  # resumable without trusting pickles
     metrics = m.export(tmp_path / "image_tokenizer")
     assert set(metrics) >= {"psnr", "codebook_usage", "perplexity", "parser_agreement"}
     assert (
