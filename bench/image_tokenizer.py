@@ -34,8 +34,16 @@ def bench(preset: str, bf16: bool, repeats: int) -> dict:
             cpu.append(time.process_time() - c)
     med, med_cpu = statistics.median(times), statistics.median(cpu)
     # images per CPU-second is what a shared machine still measures fairly (wall time includes waiting)
-    return {"preset": preset, "resolution": r, "tokens": tok.h * tok.w, "batch": b, "bf16": bf16,
-            "seconds_per_batch": med, "images_per_s": b / med, "images_per_cpu_s": b / med_cpu}
+    return {
+        "preset": preset,
+        "resolution": r,
+        "tokens": tok.h * tok.w,
+        "batch": b,
+        "bf16": bf16,
+        "seconds_per_batch": med,
+        "images_per_s": b / med,
+        "images_per_cpu_s": b / med_cpu,
+    }
 
 
 def main() -> None:

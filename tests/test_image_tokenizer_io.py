@@ -33,8 +33,10 @@ def _img(seed: int, h: int = 32, w: int = 32) -> np.ndarray:
 
 
 def test_package_import_does_not_import_torch():
-    code = ("import sys, lit_cm3leon; assert 'torch' not in sys.modules, 'torch imported eagerly'; "
-            "from lit_cm3leon import load_image_tokenizer; assert 'torch' in sys.modules")
+    code = (
+        "import sys, lit_cm3leon; assert 'torch' not in sys.modules, 'torch imported eagerly'; "
+        "from lit_cm3leon import load_image_tokenizer; assert 'torch' in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
@@ -115,21 +117,44 @@ def test_prepare_tokenize_folder_skips_counts_and_resumes(tok, tmp_path):
     tok_dir = tok.save(tmp_path / "tok")
     root, out = tmp_path / "imgs", tmp_path / "shards"
     _folder(root)
-    argv = ["--source", "folder", "--root", str(root), "--tokenizer", str(tok_dir), "--out", str(out),
-            "--shard-size", "3", "--fp32"]
+    argv = [
+        "--source",
+        "folder",
+        "--root",
+        str(root),
+        "--tokenizer",
+        str(tok_dir),
+        "--out",
+        str(out),
+        "--shard-size",
+        "3",
+        "--fp32",
+    ]
     bf16_out = tmp_path / "bf16"
-    assert cli([a for a in argv if a != "--fp32"] + ["--out", str(bf16_out)]) == 0  # the default precision
+    assert (
+        cli([a for a in argv if a != "--fp32"] + ["--out", str(bf16_out)]) == 0
+    )  # the default precision
     assert json.loads((bf16_out / "manifest.json").read_text())["precision"] == "bf16"
-    assert np.load(bf16_out / "shard-00000.npz")["codes"].shape == (2, 8, 8)  # broken.jpg, img0, img1
+    assert np.load(bf16_out / "shard-00000.npz")["codes"].shape == (
+        2,
+        8,
+        8,
+    )  # broken.jpg, img0, img1
     assert cli(argv) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["count"] == 5 and man["bad"] == {"unreadable_image": 1, "empty_caption": 1}
-    assert (man["h"], man["w"], man["n_codes"]) == (8, 8, 256) and man["image_tokenizer"]["hash"] == tok.hash
+    assert (man["h"], man["w"], man["n_codes"]) == (8, 8, 256) and man["image_tokenizer"][
+        "hash"
+    ] == tok.hash
     shards = sorted(out.glob("shard-*.npz"))
     assert [s.name for s in shards] == ["shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
     z = np.load(shards[0], allow_pickle=False)
     assert z["codes"].dtype == np.int16 and z["doc_id"].dtype == np.int64
-    recs = [json.loads(line) for s in sorted(out.glob("shard-*.jsonl")) for line in s.read_text().splitlines()]
+    recs = [
+        json.loads(line)
+        for s in sorted(out.glob("shard-*.jsonl"))
+        for line in s.read_text().splitlines()
+    ]
     codes = np.concatenate([np.load(s)["codes"] for s in shards])
     assert len(recs) == len(codes) == 5
     by_path = {r["path"]: (r, c) for r, c in zip(recs, codes, strict=True)}
@@ -150,7 +175,11 @@ def test_prepare_tokenize_folder_skips_counts_and_resumes(tok, tmp_path):
 def _tar(path: Path, samples: list[tuple[str, bytes | None, str]], truncate: bool = False) -> None:
     with tarfile.open(path, "w") as tf:
         for key, img, text in samples:
-            for ext, data in (("jpg", img), ("txt", text.encode()), ("json", json.dumps({"url": f"http://x/{key}"}).encode())):
+            for ext, data in (
+                ("jpg", img),
+                ("txt", text.encode()),
+                ("json", json.dumps({"url": f"http://x/{key}"}).encode()),
+            ):
                 if data is None:
                     continue
                 info = tarfile.TarInfo(f"{key}.{ext}")
@@ -172,11 +201,35 @@ def test_prepare_tokenize_webdataset_shards(tok, tmp_path):
 
     d = tmp_path / "wds"
     d.mkdir()
-    _tar(d / "00000.tar", [("000000000", _jpg(0), "a red thing"), ("000000001", b"garbage", "bad"),
-                           ("000000002", _jpg(2), "")])
-    _tar(d / "00001.tar", [("000010000", _jpg(3), "a blue thing")] * 1 + [("000010001", _jpg(4), "x" * 40000)], truncate=True)
+    _tar(
+        d / "00000.tar",
+        [
+            ("000000000", _jpg(0), "a red thing"),
+            ("000000001", b"garbage", "bad"),
+            ("000000002", _jpg(2), ""),
+        ],
+    )
+    _tar(
+        d / "00001.tar",
+        [("000010000", _jpg(3), "a blue thing")] * 1 + [("000010001", _jpg(4), "x" * 40000)],
+        truncate=True,
+    )
     out = tmp_path / "out"
-    assert cli(["--source", "wds", "--shards", str(d / "*.tar"), "--tokenizer", "shapes", "--out", str(out)]) == 0
+    assert (
+        cli(
+            [
+                "--source",
+                "wds",
+                "--shards",
+                str(d / "*.tar"),
+                "--tokenizer",
+                "shapes",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     man = json.loads((out / "manifest.json").read_text())
     assert man["bad"]["unreadable_image"] == 1 and man["bad"]["empty_caption"] == 1
     assert man["bad"]["truncated_shards"] == 1
@@ -192,14 +245,33 @@ def test_prepare_tokenize_shapes_parallel(tok, tmp_path):
 
     tok_dir = tok.save(tmp_path / "tok")
     out = tmp_path / "shapes"
-    argv = ["--source", "shapes", "--split", "heldout", "--n", "10", "--shard-size", "4", "--workers", "2", "--fp32",
-            "--tokenizer", str(tok_dir), "--out", str(out)]
+    argv = [
+        "--source",
+        "shapes",
+        "--split",
+        "heldout",
+        "--n",
+        "10",
+        "--shard-size",
+        "4",
+        "--workers",
+        "2",
+        "--fp32",
+        "--tokenizer",
+        str(tok_dir),
+        "--out",
+        str(out),
+    ]
     assert cli(argv) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["count"] == 10 and len(man["shards"]) == 3 and man["bad"] == {}
-    recs = [json.loads(x) for s in sorted(out.glob("shard-*.jsonl")) for x in s.read_text().splitlines()]
+    recs = [
+        json.loads(x) for s in sorted(out.glob("shard-*.jsonl")) for x in s.read_text().splitlines()
+    ]
     world = shapes.ShapesWorld()
     s7 = world.sample("heldout", 7)
     assert recs[7]["doc_id"] == 7 and recs[7]["text"] == s7.caption_short
     codes = np.concatenate([np.load(p)["codes"] for p in sorted(out.glob("shard-*.npz"))])
-    assert np.array_equal(codes[7], tok.encode(s7.image)[0].numpy())  # workers match in-process encoding
+    assert np.array_equal(
+        codes[7], tok.encode(s7.image)[0].numpy()
+    )  # workers match in-process encoding

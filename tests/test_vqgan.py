@@ -19,18 +19,32 @@ from lit_cm3leon.tokenizer.vqgan import VQGAN, DecoderMissingError, VQGANConfig,
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY = VQGANConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                   z_channels=32, n_embed=16, embed_dim=8, mid_attn=True)
+TINY = VQGANConfig(
+    resolution=16,
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(8,),
+    z_channels=32,
+    n_embed=16,
+    embed_dim=8,
+    mid_attn=True,
+)
 
 
 def taming_keys(cfg: VQGANConfig) -> set[str]:
     """Parameter names of taming's VQModel (without ``loss.*``), spelled out from its constructors."""
+
     def res(p, cin, cout):
-        ks = [f"{p}.{n}.{w}" for n in ("norm1", "conv1", "norm2", "conv2") for w in ("weight", "bias")]
+        ks = [
+            f"{p}.{n}.{w}" for n in ("norm1", "conv1", "norm2", "conv2") for w in ("weight", "bias")
+        ]
         return ks + ([f"{p}.nin_shortcut.{w}" for w in ("weight", "bias")] if cin != cout else [])
 
     def attn(p):
-        return [f"{p}.{n}.{w}" for n in ("norm", "q", "k", "v", "proj_out") for w in ("weight", "bias")]
+        return [
+            f"{p}.{n}.{w}" for n in ("norm", "q", "k", "v", "proj_out") for w in ("weight", "bias")
+        ]
 
     def conv(p):
         return [f"{p}.weight", f"{p}.bias"]
@@ -49,7 +63,11 @@ def taming_keys(cfg: VQGANConfig) -> set[str]:
             r //= 2
     c = ch * cfg.ch_mult[-1]
     for part in ("encoder", "decoder"):
-        keys += res(f"{part}.mid.block_1", c, c) + attn(f"{part}.mid.attn_1") + res(f"{part}.mid.block_2", c, c)
+        keys += (
+            res(f"{part}.mid.block_1", c, c)
+            + attn(f"{part}.mid.attn_1")
+            + res(f"{part}.mid.block_2", c, c)
+        )
     keys += conv("encoder.norm_out") + conv("encoder.conv_out") + conv("decoder.conv_in")
     for i in reversed(range(L)):
         cout = ch * cfg.ch_mult[i]
@@ -96,8 +114,15 @@ def _chameleon(tmp_path: Path, attn_type: str = "vanilla"):
     from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 
     cfg = transformers.ChameleonVQVAEConfig(
-        embed_dim=16, num_embeddings=64, latent_channels=32, resolution=32, base_channels=32,
-        channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[16], attn_type=attn_type,
+        embed_dim=16,
+        num_embeddings=64,
+        latent_channels=32,
+        resolution=32,
+        base_channels=32,
+        channel_multiplier=[1, 2],
+        num_res_blocks=1,
+        attn_resolutions=[16],
+        attn_type=attn_type,
     )
     torch.manual_seed(0)
     hf = ChameleonVQVAE(cfg).eval()
@@ -121,7 +146,9 @@ def test_chameleon_parity(tmp_path, attn_type):
     assert ours.dtype == torch.int64
     assert torch.equal(ours, ref)
     assert len(ref.unique()) > 4  # the comparison is not between two constant grids
-    with pytest.raises(DecoderMissingError, match="Chameleon VQ-VAE release ships only the encoder"):
+    with pytest.raises(
+        DecoderMissingError, match="Chameleon VQ-VAE release ships only the encoder"
+    ):
         tok.decode(ours)
 
 
@@ -163,11 +190,15 @@ def _write_hostile_ckpt(path: Path, model: VQGAN, marker: Path) -> str:
         sd["loss.logvar"] = torch.zeros(())
         ckpt = {
             "payload": _Evil(str(marker)),  # first, so a plain unpickler reaches it
-            "epoch": 3, "global_step": 1234, "pytorch-lightning_version": "1.0.8",
+            "epoch": 3,
+            "global_step": 1234,
+            "pytorch-lightning_version": "1.0.8",
             "state_dict": sd,
             "callbacks": {mod.ModelCheckpoint: {"best_model_score": torch.tensor(0.5)}},
             "checkpoint_object": mod.ModelCheckpoint(),
-            "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-4}]}],
+            "optimizer_states": [
+                {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-4}]}
+            ],
             "hyper_parameters": OmegaConf.create({"n_embed": model.config.n_embed}),
         }
         torch.save(ckpt, path)
@@ -215,7 +246,9 @@ def test_hostile_taming_ckpt_loads_without_executing(tmp_path):
 
 
 def test_restricted_load_placeholders_are_inert(tmp_path):
-    obj, names = checkpoints.restricted_load(_pickle_zip(tmp_path, {"x": _Evil(str(tmp_path / "m"))}))
+    obj, names = checkpoints.restricted_load(
+        _pickle_zip(tmp_path, {"x": _Evil(str(tmp_path / "m"))})
+    )
     assert isinstance(obj["x"], checkpoints.Inert) and obj["x"].args == (f"touch {tmp_path / 'm'}",)
     assert not (tmp_path / "m").exists() and names
 
@@ -228,7 +261,9 @@ def _pickle_zip(tmp_path: Path, obj) -> Path:
 
 def test_legacy_and_garbage_checkpoints_refused(tmp_path):
     legacy = tmp_path / "legacy.ckpt"
-    torch.save({"state_dict": VQGAN(TINY).state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    torch.save(
+        {"state_dict": VQGAN(TINY).state_dict()}, legacy, _use_new_zipfile_serialization=False
+    )
     with pytest.raises(checkpoints.CheckpointError, match="legacy pickle-stream"):
         load_image_tokenizer(legacy)
     junk = tmp_path / "empty_dir"
@@ -268,17 +303,47 @@ def test_training_module_steps_restart_and_export(tmp_path):
 
     rng = np.random.default_rng(0)
     imgs = torch.from_numpy(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
-    dm = ImageDataModule(source="dataset", train_dataset=imgs, val_dataset=imgs[:16], batch_size=8, val_batch_size=16)
-    m = VQGANModule(preset="shapes", restart_every=2, restart_until=1.0, warmup_steps=1, gan=True, gan_start=1)
-    trainer = L.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0)
+    dm = ImageDataModule(
+        source="dataset", train_dataset=imgs, val_dataset=imgs[:16], batch_size=8, val_batch_size=16
+    )
+    from omegaconf import OmegaConf
+
+    m = VQGANModule(
+        preset="shapes",
+        vqgan=OmegaConf.create({"n_embed": 256}),  # Hydra-style containers are stored as plain ones
+        betas=OmegaConf.create([0.9, 0.99]),
+        restart_every=2,
+        restart_until=1.0,
+        warmup_steps=1,
+        gan=True,
+        gan_start=1,
+    )
+    trainer = L.Trainer(
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
     before = m.model.quantize.embedding.weight.detach().clone()
     trainer.fit(m, dm)
     after = m.model.quantize.embedding.weight.detach()
-    assert int(m.batches_seen) == 5  # 1 generator-only batch, then G + D steps per batch (1 + 2 * 4 >= 8)
-    assert (before - after).abs().sum(1).gt(1e-3).float().mean() > 0.5  # most codes moved (restarts)
+    assert (
+        int(m.batches_seen) == 5
+    )  # 1 generator-only batch, then G + D steps per batch (1 + 2 * 4 >= 8)
+    assert (before - after).abs().sum(1).gt(
+        1e-3
+    ).float().mean() > 0.5  # most codes moved (restarts)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    torch.load(tmp_path / "last.ckpt", weights_only=True)  # resumable without trusting pickles
     metrics = m.export(tmp_path / "image_tokenizer")
     assert set(metrics) >= {"psnr", "codebook_usage", "perplexity", "parser_agreement"}
-    assert 0 < metrics["codebook_usage"] <= 1 and metrics["perplexity"] >= 1 and np.isfinite(metrics["psnr"])
+    assert (
+        0 < metrics["codebook_usage"] <= 1
+        and metrics["perplexity"] >= 1
+        and np.isfinite(metrics["psnr"])
+    )
     tok = load_image_tokenizer(tmp_path / "image_tokenizer")
     assert tok.encode(imgs[:2]).shape == (2, 8, 8)

@@ -41,7 +41,9 @@ def pil_to_tensor(im: Image.Image, size: int) -> torch.Tensor:
 def list_images(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist (expected a folder of {', '.join(IMAGE_EXTS)} files)")
+        raise FileNotFoundError(
+            f"image folder {root} does not exist (expected a folder of {', '.join(IMAGE_EXTS)} files)"
+        )
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
@@ -54,7 +56,9 @@ def split_of(name: str, val_fraction: float) -> str:
 class FolderImages(Dataset):
     """Images under a folder (recursive); item = tensor or ``None`` when the file is unreadable."""
 
-    def __init__(self, paths: list[Path], size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(
+        self, paths: list[Path], size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    ):
         self.paths, self.size, self.max_pixels = paths, size, max_pixels
         self.bad = 0
 
@@ -69,7 +73,9 @@ class FolderImages(Dataset):
             return None
 
 
-def iter_wds_samples(shards: list[str | Path], counts: dict[str, int] | None = None) -> Iterator[tuple[str, dict[str, bytes], str]]:
+def iter_wds_samples(
+    shards: list[str | Path], counts: dict[str, int] | None = None
+) -> Iterator[tuple[str, dict[str, bytes], str]]:
     """Yield ``(key, {ext: bytes}, shard_name)`` from img2dataset tars; truncated tars stop early and count."""
     counts = counts if counts is not None else {}
     for shard in shards:
@@ -118,7 +124,9 @@ def wds_caption(group: dict[str, bytes]) -> tuple[str, dict]:
 class WdsImages(IterableDataset):
     """Images from webdataset shards; unreadable samples yield ``None`` (counted by the collate)."""
 
-    def __init__(self, shards: list[str], size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(
+        self, shards: list[str], size: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    ):
         self.shards, self.size, self.max_pixels = shards, size, max_pixels
 
     def __iter__(self):
@@ -185,9 +193,15 @@ class ImageDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if source not in ("shapes", "folder", "wds", "dataset"):
-            raise ValueError(f"ImageDataModule source must be shapes|folder|wds|dataset, got {source!r}")
+            raise ValueError(
+                f"ImageDataModule source must be shapes|folder|wds|dataset, got {source!r}"
+            )
         self.source, self.size = source, size
-        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.batch_size, self.val_batch_size, self.num_workers = (
+            batch_size,
+            val_batch_size,
+            num_workers,
+        )
         self.train_count, self.val_count = train_count, val_count
         self.world_kwargs = dict(world or {})
         self.root, self.val_fraction, self.max_pixels = root, val_fraction, max_image_pixels
@@ -198,14 +212,18 @@ class ImageDataModule(L.LightningDataModule):
         if source == "folder" and root is None:
             raise ValueError("ImageDataModule(source='folder') needs root=<folder of images>")
         if source == "wds" and not self.shards:
-            raise ValueError("ImageDataModule(source='wds') needs shards=[...] (img2dataset tar files)")
+            raise ValueError(
+                "ImageDataModule(source='wds') needs shards=[...] (img2dataset tar files)"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.source == "dataset":
             if self.train_ds is None:
                 raise ValueError("source='dataset' needs train_dataset")
             self.train_ds = _Take(self.train_ds, self.train_count)
-            self.val_ds = _Take(self.val_ds if self.val_ds is not None else self.train_ds, self.val_count)
+            self.val_ds = _Take(
+                self.val_ds if self.val_ds is not None else self.train_ds, self.val_count
+            )
         elif self.source == "shapes" and self.world is None:
             from lit_cm3leon.data.shapes import ShapesImageDataset, ShapesWorld
 
@@ -217,7 +235,9 @@ class ImageDataModule(L.LightningDataModule):
             if not paths:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) under {self.root}")
             train = [p for p in paths if split_of(p.name, self.val_fraction) == "train"]
-            val = [p for p in paths if split_of(p.name, self.val_fraction) == "val"] or paths[: max(1, len(paths) // 20)]
+            val = [p for p in paths if split_of(p.name, self.val_fraction) == "val"] or paths[
+                : max(1, len(paths) // 20)
+            ]
             self.train_ds = FolderImages(train, self.size, self.max_pixels)
             self.val_ds = FolderImages(val[: self.val_count], self.size, self.max_pixels)
         elif self.source == "wds" and self.train_ds is None:
@@ -226,10 +246,21 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         shuffle = not isinstance(self.train_ds, IterableDataset)
-        return DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.num_workers, collate_fn=collate_images,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.train_ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_images,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_ds, batch_size=self.val_batch_size, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=collate_images)
+        return DataLoader(
+            self.val_ds,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_images,
+        )

@@ -69,14 +69,21 @@ def _records_for_job(job: dict, bad: Counter) -> list[tuple[int, Any, str, dict]
         for i in range(job["start"], job["stop"]):
             s = world.sample(job["split"], i)
             text = s.caption_long if job["caption"] == "long" else s.caption_short
-            meta = {"source": "shapes", "split": job["split"], "index": i,
-                    "caption_short": s.caption_short, "caption_long": s.caption_long}
+            meta = {
+                "source": "shapes",
+                "split": job["split"],
+                "index": i,
+                "caption_short": s.caption_short,
+                "caption_long": s.caption_long,
+            }
             recs.append((i, np.asarray(s.image, dtype=np.uint8), text, meta))
     elif src == "folder":
         for i, p in zip(range(job["start"], job["stop"]), job["paths"], strict=True):
             p = Path(p)
             cap = p.with_suffix(".txt")
-            text = cap.read_text(encoding="utf-8", errors="replace").strip() if cap.is_file() else ""
+            text = (
+                cap.read_text(encoding="utf-8", errors="replace").strip() if cap.is_file() else ""
+            )
             if not text and not job["allow_empty_text"]:
                 bad["empty_caption"] += 1
                 continue
@@ -85,7 +92,9 @@ def _records_for_job(job: dict, bad: Counter) -> list[tuple[int, Any, str, dict]
             except Exception:
                 bad["unreadable_image"] += 1
                 continue
-            recs.append((i, im, text, {"source": "folder", "path": str(p.relative_to(job["root"]))}))
+            recs.append(
+                (i, im, text, {"source": "folder", "path": str(p.relative_to(job["root"]))})
+            )
     elif src == "wds":
         from lit_cm3leon.data.images import decode_wds_image, iter_wds_samples, wds_caption
 
@@ -112,7 +121,9 @@ def run_job(job: dict) -> dict:
     out = Path(job["out"])
     npz, jsonl, meta = _shard_names(out, job["index"])
     if npz.exists():
-        return json.loads(meta.read_text()) if meta.exists() else {"index": job["index"], "count": -1}
+        return (
+            json.loads(meta.read_text()) if meta.exists() else {"index": job["index"], "count": -1}
+        )
     tok = _tokenizer(job["tokenizer"], job["max_pixels"])
     bad: Counter = Counter()
     recs = _records_for_job(job, bad)
@@ -129,7 +140,9 @@ def run_job(job: dict) -> dict:
     tmp = jsonl.with_suffix(".jsonl.tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for doc_id, _im, text, m in recs:
-            f.write(json.dumps({"doc_id": int(doc_id), "text": text, **m}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"doc_id": int(doc_id), "text": text, **m}, ensure_ascii=False) + "\n"
+            )
     os.replace(tmp, jsonl)
     info = {"index": job["index"], "count": len(recs), "bad": dict(bad)}
     meta.write_text(json.dumps(info) + "\n")
@@ -140,14 +153,29 @@ def run_job(job: dict) -> dict:
 
 
 def build_jobs(args: argparse.Namespace) -> list[dict]:
-    common = {"out": str(args.out), "tokenizer": str(args.tokenizer), "max_pixels": args.max_image_pixels,
-              "allow_empty_text": args.allow_empty_text, "source": args.source, "bf16": not args.fp32}
+    common = {
+        "out": str(args.out),
+        "tokenizer": str(args.tokenizer),
+        "max_pixels": args.max_image_pixels,
+        "allow_empty_text": args.allow_empty_text,
+        "source": args.source,
+        "bf16": not args.fp32,
+    }
     jobs = []
     if args.source == "shapes":
         world = {"image_size": args.image_size, "seed": args.world_seed}
         for i, start in enumerate(range(0, args.n, args.shard_size)):
-            jobs.append({**common, "index": i, "start": start, "stop": min(args.n, start + args.shard_size),
-                         "world": world, "split": args.split, "caption": args.caption})
+            jobs.append(
+                {
+                    **common,
+                    "index": i,
+                    "start": start,
+                    "stop": min(args.n, start + args.shard_size),
+                    "world": world,
+                    "split": args.split,
+                    "caption": args.caption,
+                }
+            )
     elif args.source == "folder":
         from lit_cm3leon.data.images import list_images
 
@@ -156,36 +184,64 @@ def build_jobs(args: argparse.Namespace) -> list[dict]:
         if args.n:
             paths = paths[: args.n]
         if not paths:
-            raise SystemExit(f"no images under {root} (expected image files with a <stem>.txt caption beside each)")
+            raise SystemExit(
+                f"no images under {root} (expected image files with a <stem>.txt caption beside each)"
+            )
         for i, start in enumerate(range(0, len(paths), args.shard_size)):
             chunk = paths[start : start + args.shard_size]
-            jobs.append({**common, "index": i, "start": start, "stop": start + len(chunk),
-                         "paths": [str(p) for p in chunk], "root": str(root)})
+            jobs.append(
+                {
+                    **common,
+                    "index": i,
+                    "start": start,
+                    "stop": start + len(chunk),
+                    "paths": [str(p) for p in chunk],
+                    "root": str(root),
+                }
+            )
     else:
         tars = sorted(p for pat in args.shards for p in glob.glob(pat))
         if not tars:
-            raise SystemExit(f"no tar shards match {args.shards} (expected img2dataset output: {{key}}.jpg/.txt/.json in .tar files)")
+            raise SystemExit(
+                f"no tar shards match {args.shards} (expected img2dataset output: {{key}}.jpg/.txt/.json in .tar files)"
+            )
         jobs = [{**common, "index": i, "tar": t} for i, t in enumerate(tars)]
     return jobs
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lit_cm3leon.prepare tokenize", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m lit_cm3leon.prepare tokenize", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--source", choices=["shapes", "folder", "wds"], default="shapes")
-    p.add_argument("--tokenizer", default="outputs/image_tokenizer", help="tokenizer folder/.ckpt or preset name")
+    p.add_argument(
+        "--tokenizer",
+        default="outputs/image_tokenizer",
+        help="tokenizer folder/.ckpt or preset name",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder of shards")
-    p.add_argument("--n", type=int, default=0, help="shapes: number of samples; folder: cap (0 = all)")
+    p.add_argument(
+        "--n", type=int, default=0, help="shapes: number of samples; folder: cap (0 = all)"
+    )
     p.add_argument("--split", default="train", help="shapes split (train | heldout)")
-    p.add_argument("--caption", choices=["short", "long"], default="short", help="shapes caption used as text")
+    p.add_argument(
+        "--caption", choices=["short", "long"], default="short", help="shapes caption used as text"
+    )
     p.add_argument("--image-size", type=int, default=32, help="shapes world image size")
     p.add_argument("--world-seed", type=int, default=0, help="shapes world seed")
     p.add_argument("--root", help="folder source: image folder (captions as <stem>.txt)")
     p.add_argument("--shards", nargs="+", default=[], help="wds source: tar paths or globs")
-    p.add_argument("--shard-size", type=int, default=5000, help="records per output shard (shapes/folder)")
+    p.add_argument(
+        "--shard-size", type=int, default=5000, help="records per output shard (shapes/folder)"
+    )
     p.add_argument("--workers", type=int, default=1, help="parallel processes (one shard per job)")
-    p.add_argument("--fp32", action="store_true", help="encode in fp32 (default: bf16 autocast, ~2.8x faster)")
+    p.add_argument(
+        "--fp32", action="store_true", help="encode in fp32 (default: bf16 autocast, ~2.8x faster)"
+    )
     p.add_argument("--allow-empty-text", action="store_true", help="keep images without a caption")
-    p.add_argument("--max-image-pixels", type=int, default=89_478_485, help="refuse larger images (bomb guard)")
+    p.add_argument(
+        "--max-image-pixels", type=int, default=89_478_485, help="refuse larger images (bomb guard)"
+    )
     args = p.parse_args(argv)
     if args.source == "shapes" and args.n <= 0:
         p.error("--source shapes needs --n <number of samples>")
@@ -216,16 +272,27 @@ def cli(argv: list[str] | None = None) -> int:
     for info in infos:
         bad.update(info.get("bad", {}))
     manifest = {
-        "image_tokenizer": {"path": str(args.tokenizer), "hash": tok.hash, "preset": tok.info.get("preset")},
-        "h": tok.h, "w": tok.w, "n_codes": tok.n_codes, "precision": "fp32" if args.fp32 else "bf16",
-        "count": sum(max(0, i["count"]) for i in infos), "bad": dict(bad),
+        "image_tokenizer": {
+            "path": str(args.tokenizer),
+            "hash": tok.hash,
+            "preset": tok.info.get("preset"),
+        },
+        "h": tok.h,
+        "w": tok.w,
+        "n_codes": tok.n_codes,
+        "precision": "fp32" if args.fp32 else "bf16",
+        "count": sum(max(0, i["count"]) for i in infos),
+        "bad": dict(bad),
         "shards": [f"shard-{j['index']:05d}" for j in jobs],
-        "source": {k: v for k, v in vars(args).items() if k not in ("out", "workers")} | {"out": str(args.out)},
+        "source": {k: v for k, v in vars(args).items() if k not in ("out", "workers")}
+        | {"out": str(args.out)},
     }
     manifest["source"]["tokenizer"] = str(args.tokenizer)
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    print(f"tokenized {manifest['count']} records into {len(jobs)} shards ({done_before} already done) "
-          f"in {time.time() - t0:.1f}s; bad records: {dict(bad) or 0} -> {args.out}")
+    print(
+        f"tokenized {manifest['count']} records into {len(jobs)} shards ({done_before} already done) "
+        f"in {time.time() - t0:.1f}s; bad records: {dict(bad) or 0} -> {args.out}"
+    )
     return 0
 
 

@@ -84,7 +84,9 @@ _PLACEHOLDERS: dict[tuple[str, str], type] = {}
 def placeholder(module: str, name: str) -> type:
     key = (module, name)
     if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = type(f"Inert[{module}.{name}]", (Inert,), {"_module": module, "_name": name})
+        _PLACEHOLDERS[key] = type(
+            f"Inert[{module}.{name}]", (Inert,), {"_module": module, "_name": name}
+        )
     return _PLACEHOLDERS[key]
 
 
@@ -94,9 +96,15 @@ class _StorageType:
 
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
     "BoolStorage": torch.bool,
 }
 
@@ -124,7 +132,9 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
     **{("torch", n): _StorageType(d) for n, d in _STORAGE_DTYPES.items()},
 }
-ALLOWED_GLOBALS.update({("torch", str(d).removeprefix("torch.")): d for d in _STORAGE_DTYPES.values()})
+ALLOWED_GLOBALS.update(
+    {("torch", str(d).removeprefix("torch.")): d for d in _STORAGE_DTYPES.values()}
+)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -154,8 +164,14 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise CheckpointError(f"storage of unknown type {storage_type!r} in checkpoint")
         if key not in self._storages:
             raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
-            untyped = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage() if raw else torch.UntypedStorage(0)
-            self._storages[key] = torch.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+            untyped = (
+                torch.frombuffer(raw, dtype=torch.uint8).untyped_storage()
+                if raw
+                else torch.UntypedStorage(0)
+            )
+            self._storages[key] = torch.TypedStorage(
+                wrap_storage=untyped, dtype=dtype, _internal=True
+            )
         return self._storages[key]
 
 
@@ -174,7 +190,9 @@ def restricted_load(path: str | Path) -> tuple[Any, set[str]]:
     with zipfile.ZipFile(path) as zf:
         pkls = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
         if not pkls:
-            raise CheckpointError(f"{path}: zip archive without '<name>/data.pkl'; not a torch checkpoint")
+            raise CheckpointError(
+                f"{path}: zip archive without '<name>/data.pkl'; not a torch checkpoint"
+            )
         prefix = pkls[0][: -len("data.pkl")]
         unpickler = RestrictedUnpickler(zf.read(pkls[0]), zf, prefix)
         obj = unpickler.load()
@@ -188,30 +206,43 @@ def infer_config(sd: dict[str, torch.Tensor], resolution: int = 256) -> VQGANCon
     """Architecture from weight shapes (resolution is not in the weights; attention levels are)."""
     try:
         ch, in_channels = sd["encoder.conv_in.weight"].shape[:2]
-        levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+        levels = sorted(
+            {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))}
+        )
         ch_mult = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels]
         n_blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
         attn_res = [resolution // 2**i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd]
         has_decoder = "decoder.conv_out.weight" in sd
         return VQGANConfig(
-            resolution=resolution, in_channels=int(in_channels),
+            resolution=resolution,
+            in_channels=int(in_channels),
             out_ch=int(sd["decoder.conv_out.weight"].shape[0]) if has_decoder else 3,
-            ch=int(ch), ch_mult=tuple(ch_mult), num_res_blocks=n_blocks,
-            attn_resolutions=tuple(attn_res), z_channels=int(sd["encoder.conv_out.weight"].shape[0]),
+            ch=int(ch),
+            ch_mult=tuple(ch_mult),
+            num_res_blocks=n_blocks,
+            attn_resolutions=tuple(attn_res),
+            z_channels=int(sd["encoder.conv_out.weight"].shape[0]),
             n_embed=int(sd["quantize.embedding.weight"].shape[0]),
             embed_dim=int(sd["quantize.embedding.weight"].shape[1]),
-            mid_attn="encoder.mid.attn_1.q.weight" in sd, legacy=True, has_decoder=has_decoder,
+            mid_attn="encoder.mid.attn_1.q.weight" in sd,
+            legacy=True,
+            has_decoder=has_decoder,
         )
     except KeyError as e:
-        raise CheckpointError(f"cannot infer the VQGAN architecture: weight {e} missing (not a taming VQModel?)") from e
+        raise CheckpointError(
+            f"cannot infer the VQGAN architecture: weight {e} missing (not a taming VQModel?)"
+        ) from e
 
 
 def _taming_yaml_config(ckpt: Path) -> VQGANConfig | None:
     """taming's ``model.params`` from a yaml beside the checkpoint (or in ``../configs/``)."""
     import yaml
 
-    candidates = [ckpt.with_suffix(".yaml"), *sorted(ckpt.parent.glob("*.yaml")),
-                  *sorted((ckpt.parent.parent / "configs").glob("*project.yaml"))]
+    candidates = [
+        ckpt.with_suffix(".yaml"),
+        *sorted(ckpt.parent.glob("*.yaml")),
+        *sorted((ckpt.parent.parent / "configs").glob("*project.yaml")),
+    ]
     for c in candidates:
         if not c.is_file():
             continue
@@ -221,11 +252,19 @@ def _taming_yaml_config(ckpt: Path) -> VQGANConfig | None:
         if not dd:
             continue
         return VQGANConfig(
-            resolution=dd["resolution"], in_channels=dd.get("in_channels", 3), out_ch=dd.get("out_ch", 3),
-            ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
-            attn_resolutions=tuple(dd.get("attn_resolutions", ())), z_channels=dd["z_channels"],
-            n_embed=params["n_embed"], embed_dim=params["embed_dim"], dropout=dd.get("dropout", 0.0),
-            double_z=dd.get("double_z", False), legacy=True,
+            resolution=dd["resolution"],
+            in_channels=dd.get("in_channels", 3),
+            out_ch=dd.get("out_ch", 3),
+            ch=dd["ch"],
+            ch_mult=tuple(dd["ch_mult"]),
+            num_res_blocks=dd["num_res_blocks"],
+            attn_resolutions=tuple(dd.get("attn_resolutions", ())),
+            z_channels=dd["z_channels"],
+            n_embed=params["n_embed"],
+            embed_dim=params["embed_dim"],
+            dropout=dd.get("dropout", 0.0),
+            double_z=dd.get("double_z", False),
+            legacy=True,
         )
     return None
 
@@ -236,7 +275,9 @@ def load_taming(path: str | Path, resolution: int | None = None) -> tuple[VQGAN,
     obj, placeholders = restricted_load(path)
     sd = obj.get("state_dict") if isinstance(obj, dict) else None
     if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: no 'state_dict' dict at the top level (taming .ckpt layout expected)")
+        raise CheckpointError(
+            f"{path}: no 'state_dict' dict at the top level (taming .ckpt layout expected)"
+        )
     sd = {k: v for k, v in sd.items() if not k.startswith(IGNORED_TAMING_PREFIXES)}
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
@@ -250,8 +291,14 @@ def load_taming(path: str | Path, resolution: int | None = None) -> tuple[VQGAN,
     model = VQGAN(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the {source} config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.eval(), {"source": "taming", "config_from": source, "placeholders": sorted(placeholders)}
+        raise CheckpointError(
+            f"{path}: weights do not fit the {source} config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.eval(), {
+        "source": "taming",
+        "config_from": source,
+        "placeholders": sorted(placeholders),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,15 +312,23 @@ def chameleon_config(cfg: dict) -> VQGANConfig:
     if cfg.get("model_type") == "chameleon":
         cfg = cfg.get("vq_config") or {}
     if cfg.get("double_latent"):
-        raise CheckpointError("Chameleon config with double_latent=True is not a VQ layout we support")
+        raise CheckpointError(
+            "Chameleon config with double_latent=True is not a VQ layout we support"
+        )
     vanilla = cfg.get("attn_type", "vanilla") == "vanilla"
     return VQGANConfig(
-        resolution=cfg.get("resolution", 512), in_channels=cfg.get("in_channels", 3),
-        ch=cfg.get("base_channels", 128), ch_mult=tuple(cfg.get("channel_multiplier", (1, 1, 2, 2, 4))),
+        resolution=cfg.get("resolution", 512),
+        in_channels=cfg.get("in_channels", 3),
+        ch=cfg.get("base_channels", 128),
+        ch_mult=tuple(cfg.get("channel_multiplier", (1, 1, 2, 2, 4))),
         num_res_blocks=cfg.get("num_res_blocks", 2),
         attn_resolutions=tuple(cfg.get("attn_resolutions") or ()) if vanilla else (),
-        z_channels=cfg.get("latent_channels", 256), n_embed=cfg.get("num_embeddings", 8192),
-        embed_dim=cfg.get("embed_dim", 256), mid_attn=vanilla, legacy=True, has_decoder=False,
+        z_channels=cfg.get("latent_channels", 256),
+        n_embed=cfg.get("num_embeddings", 8192),
+        embed_dim=cfg.get("embed_dim", 256),
+        mid_attn=vanilla,
+        legacy=True,
+        has_decoder=False,
     )
 
 
@@ -281,7 +336,7 @@ def chameleon_key(key: str) -> str | None:
     """HF key -> our key (None: not part of the tokenizer). The module tree is the same as taming's."""
     for p in CHAMELEON_PREFIXES:
         if key.startswith(p):
-            key = key[len(p):]
+            key = key[len(p) :]
             break
     if key.startswith(("encoder.", "quantize.embedding.", "quant_conv.", "post_quant_conv.")):
         return key
@@ -301,12 +356,16 @@ def load_chameleon(folder: str | Path) -> tuple[VQGAN, dict]:
     elif (folder / "pytorch_model.bin").is_file():
         weights = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin beside config.json")
+        raise CheckpointError(
+            f"{folder}: no model.safetensors or pytorch_model.bin beside config.json"
+        )
     sd = {nk: v for k, v in weights.items() if (nk := chameleon_key(k)) is not None}
     model = VQGAN(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{folder}: Chameleon weights do not fit its config.json: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{folder}: Chameleon weights do not fit its config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.eval(), {"source": "chameleon"}
 
 
@@ -330,9 +389,15 @@ def save_folder(model: VQGAN, out_dir: str | Path, manifest: dict | None = None)
     meta = json.loads(json.dumps(manifest or {}, default=str))  # plain containers only
     torch.save({"format": FORMAT, "config": cfg, "state_dict": sd, "meta": meta}, out / "model.pt")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    man = {"format": FORMAT, "hash": state_hash(model), "h": model.config.latent_size,
-           "w": model.config.latent_size, "n_codes": model.config.n_embed,
-           "resolution": model.config.resolution, **(manifest or {})}
+    man = {
+        "format": FORMAT,
+        "hash": state_hash(model),
+        "h": model.config.latent_size,
+        "w": model.config.latent_size,
+        "n_codes": model.config.n_embed,
+        "resolution": model.config.resolution,
+        **(manifest or {}),
+    }
     (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
     return out
 
@@ -342,10 +407,15 @@ def load_ours(path: str | Path) -> tuple[VQGAN, dict]:
     f = path / "model.pt" if path.is_dir() else path
     obj = torch.load(f, map_location="cpu", weights_only=True)
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
-        raise CheckpointError(f"{f}: not a {FORMAT} checkpoint (expected keys format/config/state_dict)")
+        raise CheckpointError(
+            f"{f}: not a {FORMAT} checkpoint (expected keys format/config/state_dict)"
+        )
     model = VQGAN(VQGANConfig.from_dict(obj["config"]))
     model.load_state_dict(obj["state_dict"])
-    info: dict = {"source": "lit_cm3leon", **obj.get("meta", {})}  # preset, metrics (the training run's)
+    info: dict = {
+        "source": "lit_cm3leon",
+        **obj.get("meta", {}),
+    }  # preset, metrics (the training run's)
     man = f.parent / "manifest.json"  # may have been rewritten by the fit entry point: kept as is
     if man.is_file():
         info["manifest"] = json.loads(man.read_text())
@@ -358,7 +428,9 @@ def load_any(path: str | Path, resolution: int | None = None) -> tuple[VQGAN, di
     if p.is_dir():
         if (p / "model.pt").is_file():
             return load_ours(p)
-        if (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or (p / "pytorch_model.bin").is_file()):
+        if (p / "config.json").is_file() and (
+            any(p.glob("*.safetensors")) or (p / "pytorch_model.bin").is_file()
+        ):
             return load_chameleon(p)
     elif p.is_file():
         if zipfile.is_zipfile(p):

@@ -82,7 +82,9 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
         return x
     s = size / min(H, W)
     nh, nw = max(size, round(H * s)), max(size, round(W * s))
-    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(
+        -1, 1
+    )
     top, left = (nh - size) // 2, (nw - size) // 2
     return x[..., top : top + size, left : left + size]
 
@@ -90,7 +92,12 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 class ImageTokenizer:
     """Batched, gradient-free encode/decode with a VQGAN; see the module docstring for inputs."""
 
-    def __init__(self, model: VQGAN, info: dict | None = None, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(
+        self,
+        model: VQGAN,
+        info: dict | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ):
         self.model = model.eval()
         self.info = dict(info or {})
         self.max_image_pixels = max_image_pixels
@@ -139,7 +146,9 @@ class ImageTokenizer:
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4 or x.shape[-1] != 3:
-            raise ImageInputError(f"uint8 images must be [B, H, W, 3] or [H, W, 3] RGB, got shape {tuple(x.shape)}")
+            raise ImageInputError(
+                f"uint8 images must be [B, H, W, 3] or [H, W, 3] RGB, got shape {tuple(x.shape)}"
+            )
         check_size(x.shape[2], x.shape[1], self.max_image_pixels)
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         return resize_center_crop(x, self.resolution)
@@ -154,7 +163,9 @@ class ImageTokenizer:
             )
         lo, hi = float(x.min()), float(x.max())
         if lo < -1.01 or hi > 1.01:
-            raise ImageInputError(f"float images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
+            raise ImageInputError(
+                f"float images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]"
+            )
         check_size(x.shape[3], x.shape[2], self.max_image_pixels)
         return resize_center_crop(x.float(), self.resolution)
 
@@ -163,14 +174,20 @@ class ImageTokenizer:
         if isinstance(images, Image.Image):
             return self._pil_to_tensor(images)[None]
         if isinstance(images, np.ndarray):
-            images = torch.from_numpy(np.array(images, copy=not images.flags.writeable or not images.flags.c_contiguous))
+            images = torch.from_numpy(
+                np.array(images, copy=not images.flags.writeable or not images.flags.c_contiguous)
+            )
         if isinstance(images, torch.Tensor):
             if images.dtype == torch.uint8:
                 return self._uint8_to_tensor(images)
             if images.is_floating_point():
                 return self._float_to_tensor(images)
             raise ImageInputError(f"images must be uint8 or float, got dtype {images.dtype}")
-        if isinstance(images, Sequence) and not isinstance(images, (str, bytes)) and len(images) > 0:
+        if (
+            isinstance(images, Sequence)
+            and not isinstance(images, (str, bytes))
+            and len(images) > 0
+        ):
             return torch.cat([self.to_pixels(im) for im in images])
         raise ImageInputError(
             f"cannot encode {type(images).__name__}: pass PIL images, uint8 [B,H,W,3]/[H,W,3] arrays or "
@@ -199,9 +216,13 @@ class ImageTokenizer:
         if ids.ndim == 2:
             ids = ids[None]
         if ids.ndim != 3:
-            raise ImageInputError(f"codes must be [B, h, w] or [h, w], got shape {tuple(ids.shape)}")
+            raise ImageInputError(
+                f"codes must be [B, h, w] or [h, w], got shape {tuple(ids.shape)}"
+            )
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_codes):
-            raise ImageInputError(f"codes must be in [0, {self.n_codes}), got [{int(ids.min())}, {int(ids.max())}]")
+            raise ImageInputError(
+                f"codes must be in [0, {self.n_codes}), got [{int(ids.min())}, {int(ids.max())}]"
+            )
         out = []
         for i in range(0, len(ids), batch_size):
             x = self.model.decode(ids[i : i + batch_size].to(self.device)).float().cpu()

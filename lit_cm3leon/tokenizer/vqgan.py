@@ -33,11 +33,17 @@ class VQGANConfig:
     embed_dim: int = 32  # code dimension D
     dropout: float = 0.0
     double_z: bool = False  # taming VQ configs always use False
-    norm_groups: int = 32  # GroupNorm groups (taming: 32). With few channels, 32 groups is per-channel
+    norm_groups: int = (
+        32  # GroupNorm groups (taming: 32). With few channels, 32 groups is per-channel
+    )
     # instance norm, which erases each image's mean colour; the shapes preset keeps 4 channels per group
-    mid_attn: bool = True  # attention in the middle block (taming: always; Chameleon attn_type=None: no)
+    mid_attn: bool = (
+        True  # attention in the middle block (taming: always; Chameleon attn_type=None: no)
+    )
     beta: float = 0.25  # commitment weight
-    legacy: bool = False  # taming's default puts beta on the codebook term (a known bug); False = VQ-VAE paper
+    legacy: bool = (
+        False  # taming's default puts beta on the codebook term (a known bug); False = VQ-VAE paper
+    )
     has_decoder: bool = True  # False for encoder-only releases (Chameleon)
 
     def __post_init__(self) -> None:
@@ -47,9 +53,13 @@ class VQGANConfig:
             raise ValueError("double_z=True is a KL autoencoder layout, not a VQ model")
         for c in {self.ch * m for m in self.ch_mult}:
             if c % self.norm_groups:
-                raise ValueError(f"channel count {c} must be divisible by norm_groups={self.norm_groups}")
+                raise ValueError(
+                    f"channel count {c} must be divisible by norm_groups={self.norm_groups}"
+                )
         if self.resolution % 2 ** (len(self.ch_mult) - 1):
-            raise ValueError(f"resolution {self.resolution} not divisible by 2**{len(self.ch_mult) - 1}")
+            raise ValueError(
+                f"resolution {self.resolution} not divisible by 2**{len(self.ch_mult) - 1}"
+            )
 
     @property
     def latent_size(self) -> int:
@@ -67,7 +77,9 @@ class VQGANConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown VQGAN config keys {sorted(unknown)}; expected a subset of {sorted(names)}")
+            raise ValueError(
+                f"unknown VQGAN config keys {sorted(unknown)}; expected a subset of {sorted(names)}"
+            )
         return cls(**d)
 
 
@@ -75,13 +87,28 @@ class VQGANConfig:
 PRESETS: dict[str, VQGANConfig] = {
     # 32 px -> 8x8 tokens from 256 codes; small and attention-free so it trains on a CPU in minutes.
     "shapes": VQGANConfig(
-        resolution=32, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
-        z_channels=64, n_embed=256, embed_dim=32, mid_attn=False, norm_groups=8,
+        resolution=32,
+        ch=32,
+        ch_mult=(1, 2, 4),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        z_channels=64,
+        n_embed=256,
+        embed_dim=32,
+        mid_attn=False,
+        norm_groups=8,
     ),  # 2.7 M parameters
     # The paper's setting: 256 px -> 32x32 = 1024 tokens from 8,192 codes, taming's f8 layout.
     "paper": VQGANConfig(
-        resolution=256, ch=128, ch_mult=(1, 1, 2, 4), num_res_blocks=2, attn_resolutions=(32,),
-        z_channels=256, n_embed=8192, embed_dim=256, mid_attn=True,
+        resolution=256,
+        ch=128,
+        ch_mult=(1, 1, 2, 4),
+        num_res_blocks=2,
+        attn_resolutions=(32,),
+        z_channels=256,
+        n_embed=8192,
+        embed_dim=256,
+        mid_attn=True,
     ),  # 66.9 M parameters
 }
 
@@ -257,7 +284,9 @@ class QuantizerOutput:
     codebook_loss: torch.Tensor  # ||sg(z) - e||^2, moves codes toward encoder outputs
     commit_loss: torch.Tensor  # ||z - sg(e)||^2, keeps the encoder near its codes
     loss: torch.Tensor  # the weighted sum (beta on commitment, or taming's legacy placement)
-    z: torch.Tensor = field(repr=False, default=None)  # [B, D, h, w] pre-quantization (for code restarts)
+    z: torch.Tensor = field(
+        repr=False, default=None
+    )  # [B, D, h, w] pre-quantization (for code restarts)
 
 
 class VectorQuantizer(nn.Module):
@@ -280,7 +309,9 @@ class VectorQuantizer(nn.Module):
         return torch.argmin(d, dim=1)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:  # z: [B, D, h, w]
-        with torch.autocast(z.device.type, enabled=False):  # distances and argmin in fp32, even under bf16
+        with torch.autocast(
+            z.device.type, enabled=False
+        ):  # distances and argmin in fp32, even under bf16
             return self._quantize(z.float())
 
     def _quantize(self, z: torch.Tensor) -> QuantizerOutput:

@@ -8,7 +8,11 @@ window are moved onto random encoder outputs of the current batch (plus a little
 needs no extra state beyond a usage counter, works with the plain straight-through quantizer
 (so checkpoints stay in taming's layout, no EMA buffers), and revives codes far faster than EMA
 updates alone on short CPU budgets. Restarts stop at ``restart_until`` (a fraction of
-``max_steps``) so the last steps fine-tune a fixed codebook.
+``max_steps``) so the last steps fine-tune a fixed codebook. Measured on the shapes world after
+150 steps: 6% of codes in use and 14.3 dB without restarts, 61-78% and 18 dB with them.
+
+Calibration (shapes preset, batch 32, lr 1e-3, bf16, 1 thread on a shared 2-core machine):
+1000 steps give 26.7 dB held-out PSNR with 95% of the 256 codes in use (perplexity 156).
 
 The patch-GAN is off for the shapes preset: its images are flat colours and sharp edges that
 L1 + L2 reconstruct to high PSNR on their own; a discriminator would roughly double the step
@@ -43,13 +47,26 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, n_layers + 1):
             c_out = ch * min(2**i, 8)
             stride = 2 if i < n_layers else 1
-            layers += [nn.Conv2d(c, c_out, 4, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(c, c_out, 4, stride, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.LeakyReLU(0.2, True),
+            ]
             c = c_out
         layers.append(nn.Conv2d(c, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 1, h', w']
         return self.net(x)
+
+
+def _plain(x: Any) -> Any:
+    """Mappings/sequences (e.g. omegaconf containers) -> dicts/lists, recursively."""
+    if x is None or isinstance(x, str | int | float | bool):
+        return x
+    if hasattr(x, "items"):
+        return {str(k): _plain(v) for k, v in x.items()}
+    return [_plain(v) for v in x]
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -83,6 +100,9 @@ class VQGANModule(L.LightningModule):
         parser_images: int = 200,
     ):
         super().__init__()
+        # hyperparameters are saved as plain containers (Hydra may pass ListConfig/DictConfig)
+        betas = tuple(float(b) for b in betas)
+        vqgan = _plain(vqgan)
         self.save_hyperparameters()
         cfg = get_preset(preset).to_dict()
         cfg.update(vqgan or {})
@@ -116,29 +136,46 @@ class VQGANModule(L.LightningModule):
         return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * t))
 
     def configure_optimizers(self):
-        opt_g = torch.optim.Adam(self.model.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        opt_g = torch.optim.Adam(
+            self.model.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas)
+        )
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, self._lr_factor)
         if self.disc is None:
             return [opt_g], [sched_g]
-        opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.hparams.disc_lr or self.hparams.lr,
-                                 betas=tuple(self.hparams.betas))
+        opt_d = torch.optim.Adam(
+            self.disc.parameters(),
+            lr=self.hparams.disc_lr or self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+        )
         return [opt_g, opt_d], [sched_g]
 
     # --- training ------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = self._images(batch)
         if isinstance(batch, dict) and batch.get("n_bad"):
-            self.log("train/bad_records", float(batch["n_bad"]), reduce_fx="sum", on_step=False, on_epoch=True)
+            self.log(
+                "train/bad_records",
+                float(batch["n_bad"]),
+                reduce_fx="sum",
+                on_step=False,
+                on_epoch=True,
+            )
         opts = self.optimizers()
         opt_g = opts[0] if isinstance(opts, list) else opts
-        step = int(self.batches_seen)  # global_step counts both optimizers' steps once the GAN is on
+        step = int(
+            self.batches_seen
+        )  # global_step counts both optimizers' steps once the GAN is on
         self.batches_seen += 1
         with self._autocast():
             xrec, q = self.model(x)
         xrec = xrec.float()
         l1 = (xrec - x).abs().mean()
         l2 = ((xrec - x) ** 2).mean()
-        loss = self.hparams.l1_weight * l1 + self.hparams.l2_weight * l2 + self.hparams.codebook_weight * q.loss
+        loss = (
+            self.hparams.l1_weight * l1
+            + self.hparams.l2_weight * l2
+            + self.hparams.codebook_weight * q.loss
+        )
         use_gan = self.disc is not None and step >= self.hparams.gan_start
         if use_gan:
             with self._autocast():
@@ -148,7 +185,9 @@ class VQGANModule(L.LightningModule):
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.hparams.grad_clip:
-            self.clip_gradients(opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
+            )
         opt_g.step()
         sch = self.lr_schedulers()
         (sch[0] if isinstance(sch, list) else sch).step()
@@ -164,7 +203,9 @@ class VQGANModule(L.LightningModule):
             self.log("train/d_loss", d_loss)
 
         with torch.no_grad():
-            self.usage += torch.bincount(q.indices.flatten(), minlength=self.vq_config.n_embed).float()
+            self.usage += torch.bincount(
+                q.indices.flatten(), minlength=self.vq_config.n_embed
+            ).float()
             if self.hparams.restart_dead_codes and (step + 1) % self.hparams.restart_every == 0:
                 if step < self.hparams.restart_until * self._max_steps():
                     n = self._restart_dead_codes(q.z)
@@ -173,8 +214,15 @@ class VQGANModule(L.LightningModule):
                 self.usage.zero_()
 
         self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({"train/l1": l1, "train/l2": l2, "train/codebook_loss": q.codebook_loss,
-                       "train/commit_loss": q.commit_loss, "lr": opt_g.param_groups[0]["lr"]})
+        self.log_dict(
+            {
+                "train/l1": l1,
+                "train/l2": l2,
+                "train/codebook_loss": q.codebook_loss,
+                "train/commit_loss": q.commit_loss,
+                "lr": opt_g.param_groups[0]["lr"],
+            }
+        )
         return loss
 
     @torch.no_grad()
@@ -194,7 +242,11 @@ class VQGANModule(L.LightningModule):
 
     # --- validation ----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val = {"psnr": [], "counts": torch.zeros(self.vq_config.n_embed, device=self.device), "grid": None}
+        self._val = {
+            "psnr": [],
+            "counts": torch.zeros(self.vq_config.n_embed, device=self.device),
+            "grid": None,
+        }
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = self._images(batch)
@@ -204,7 +256,9 @@ class VQGANModule(L.LightningModule):
             xrec, q = self.model(x)
         xrec = xrec.float()
         self._val["psnr"].append(psnr(xrec, x))
-        self._val["counts"] += torch.bincount(q.indices.flatten(), minlength=self.vq_config.n_embed).float()
+        self._val["counts"] += torch.bincount(
+            q.indices.flatten(), minlength=self.vq_config.n_embed
+        ).float()
         self.log("val/rec_loss", (xrec - x).abs().mean(), on_epoch=True, batch_size=len(x))
         if self._val["grid"] is None:
             k = self.hparams.grid_images
@@ -224,14 +278,19 @@ class VQGANModule(L.LightningModule):
 
             n = len(grid) // 2
             img = torchvision.utils.make_grid((grid.cpu() + 1) / 2, nrow=max(1, n))
-            exp.add_image("val/reconstructions", img, self.global_step)  # top: input, bottom: reconstruction
+            exp.add_image(
+                "val/reconstructions", img, self.global_step
+            )  # top: input, bottom: reconstruction
 
     @staticmethod
     def summarize(psnrs: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
         p = counts / counts.sum().clamp_min(1)
         ent = -(p[p > 0] * p[p > 0].log()).sum()
-        return {"psnr": float(psnrs.mean()), "codebook_usage": float((counts > 0).float().mean()),
-                "perplexity": float(ent.exp())}
+        return {
+            "psnr": float(psnrs.mean()),
+            "codebook_usage": float((counts > 0).float().mean()),
+            "perplexity": float(ent.exp()),
+        }
 
     # --- export --------------------------------------------------------------------------
     def tokenizer(self) -> ImageTokenizer:
@@ -248,7 +307,9 @@ class VQGANModule(L.LightningModule):
                 continue
             xrec, q = self.model(x)
             ps.append(psnr(xrec.float(), x).cpu())
-            counts += torch.bincount(q.indices.flatten().cpu(), minlength=self.vq_config.n_embed).float()
+            counts += torch.bincount(
+                q.indices.flatten().cpu(), minlength=self.vq_config.n_embed
+            ).float()
         if not ps:
             return {}
         return self.summarize(torch.cat(ps), counts)
@@ -263,8 +324,10 @@ class VQGANModule(L.LightningModule):
         tok = self.tokenizer()
         imgs = [world.sample("heldout", i).image for i in range(n)]
         rec = tok.decode(tok.encode(torch.from_numpy(np.stack(imgs))))
-        same = [parse_scene(a, world).attributes() == parse_scene(b.numpy(), world).attributes()
-                for a, b in zip(imgs, rec, strict=True)]
+        same = [
+            parse_scene(a, world).attributes() == parse_scene(b.numpy(), world).attributes()
+            for a, b in zip(imgs, rec, strict=True)
+        ]
         return sum(same) / max(1, len(same))
 
     def export(self, out_dir: str | Path) -> dict:
@@ -274,8 +337,11 @@ class VQGANModule(L.LightningModule):
         if dm is not None:
             metrics.update(self.evaluate(dm.val_dataloader()))
         world = getattr(dm, "world", None)
-        metrics["parser_agreement"] = self.parser_agreement(world, self.hparams.parser_images) if world is not None else None
+        metrics["parser_agreement"] = (
+            self.parser_agreement(world, self.hparams.parser_images) if world is not None else None
+        )
         metrics["steps"] = int(self.global_step)
         out = self.tokenizer().save(out_dir, {"metrics": metrics, "preset": self.hparams.preset})
-        return {k: metrics.get(k) for k in ("psnr", "codebook_usage", "perplexity", "parser_agreement")} | {
-            "steps": metrics["steps"], "path": str(out)}
+        return {
+            k: metrics.get(k) for k in ("psnr", "codebook_usage", "perplexity", "parser_agreement")
+        } | {"steps": metrics["steps"], "path": str(out)}
