@@ -11,7 +11,7 @@ of the two within a repeat is the number that matters.
 MFU = tokens/s * FLOPs/token / peak, FLOPs/token from ``CM3LeonModule.flops_per_token`` (6 N + 12 L d T)
 and the peak = best bf16 2048^3 matmul rate measured in the same run.
 
-    PYTHONPATH=. python bench/train.py            # ~5-8 minutes on 2 CPU cores
+    PYTHONPATH=. python bench/train.py            # ~11 minutes on the shared 2-core CPU, half compiling
     PYTHONPATH=. python bench/train.py --quick    # smoke run (debug-sized, seconds)
 
 Writes ``bench/results/train.json`` and prints a markdown table.
