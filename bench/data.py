@@ -46,7 +46,9 @@ from train import CONFIGS, machine, make_models, make_step, random_batch  # noqa
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write_shapes_shards(root: Path, n: int, hw: int = 8, n_codes: int = 256, seed: int = 0, per_shard: int = 1000) -> Path:
+def write_shapes_shards(
+    root: Path, n: int, hw: int = 8, n_codes: int = 256, seed: int = 0, per_shard: int = 1000
+) -> Path:
     """A ``prepare tokenize`` shard folder: shapes-world captions, random codes of real size."""
     from lit_cm3leon.data.shapes import ShapesWorld
 
@@ -62,17 +64,25 @@ def write_shapes_shards(root: Path, n: int, hw: int = 8, n_codes: int = 256, see
         codes = rng.integers(0, n_codes, (len(rows), hw, hw)).astype(np.int16)
         np.savez(root / f"shard-{s:05d}.npz", codes=codes, doc_id=np.array(rows, dtype=np.int64))
         (root / f"shard-{s:05d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (root / "manifest.json").write_text(json.dumps({"h": hw, "w": hw, "n_codes": n_codes, "count": n}))
+    (root / "manifest.json").write_text(
+        json.dumps({"h": hw, "w": hw, "n_codes": n_codes, "count": n})
+    )
     return root
 
 
-def build_dataset(root: Path, n: int, seq_len: int, n_candidates: int = 16, seed: int = 0) -> PairSequences:
-    tok = TextTokenizer.train(shapes_corpus(min(n, 2000), seed=seed), vocab_size=1024, min_frequency=2)
+def build_dataset(
+    root: Path, n: int, seq_len: int, n_candidates: int = 16, seed: int = 0
+) -> PairSequences:
+    tok = TextTokenizer.train(
+        shapes_corpus(min(n, 2000), seed=seed), vocab_size=1024, min_frequency=2
+    )
     vocab = Vocab(n_text=tok.vocab_size, n_image=256, image_h=8, image_w=8)
     shards = TokenShards(write_shapes_shards(root / "tokens", n, seed=seed))
     cands = np.random.default_rng(seed).integers(0, n, (n, n_candidates))
     cm3 = CM3Transform(vocab, poisson_rate=1.0)  # configs/data/pretrain.yaml
-    return PairSequences(shards, DocumentCodec(tok, vocab), cands, seq_len, length=10**9, seed=seed, cm3=cm3)
+    return PairSequences(
+        shards, DocumentCodec(tok, vocab), cands, seq_len, length=10**9, seed=seed, cm3=cm3
+    )
 
 
 def time_batches(ds: PairSequences, batch: int, n_batches: int, start: int) -> tuple[float, float]:
@@ -91,9 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=40, help="data batches timed per repeat")
     p.add_argument("--steps", type=int, default=5, help="training steps timed per repeat")
     p.add_argument("--repeats", type=int, default=3, help="repeats (medians)")
-    p.add_argument("--compile", action="store_true", help="time the step with torch.compile (default eager)")
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--compile", action="store_true", help="time the step with torch.compile (default eager)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
         help="torch threads of the step (0 = torch's default; 1 on a shared machine, see bench/train.py)",
     )
     p.add_argument("--out", default=str(RESULTS / "data.json"), help="JSON output path")
@@ -144,35 +158,67 @@ def main(argv: list[str] | None = None) -> int:
                 f"step {step_s[-1] * 1e3:.0f} ms (CPU {step_cpu[-1] * 1e3:.0f} ms)"
             )
 
-    ratios = [s / d for d, s in zip(data_s, step_s, strict=True)]  # (samples/s produced) / (samples/s consumed)
+    ratios = [
+        s / d for d, s in zip(data_s, step_s, strict=True)
+    ]  # (samples/s produced) / (samples/s consumed)
     cpu_ratios = [s / d for d, s in zip(data_cpu, step_cpu, strict=True)]
     data_med, step_med = statistics.median(data_s), statistics.median(step_s)
     data_cpu_med, step_cpu_med = statistics.median(data_cpu), statistics.median(step_cpu)
     info["loadavg_end"] = os.getloadavg()
     result = dict(
-        benchmark="data", command="PYTHONPATH=. python bench/data.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        machine=info, batch=B, seq_len=T, rows=args.rows, image_tokens=64, n_candidates=16, cm3_poisson_rate=1.0,
-        step_mode="compile" if args.compile else "eager", repeats=args.repeats,
-        data_batch_s=data_s, data_samples_per_s=B / data_med, data_samples_per_s_all=[B / d for d in data_s],
-        step_s=step_s, step_samples_per_s=B / step_med, step_samples_per_s_all=[B / s for s in step_s],
-        headroom=statistics.median(ratios), headroom_all=ratios, target_headroom=5.0,
-        data_batch_cpu_s=data_cpu, step_cpu_s=step_cpu, headroom_cpu=statistics.median(cpu_ratios),
-        headroom_cpu_all=cpu_ratios, threads=torch.get_num_threads(),
-        mean_fill=fill, mean_separators=n_retrieved, wall_s=time.perf_counter() - t_start,
+        benchmark="data",
+        command="PYTHONPATH=. python bench/data.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        machine=info,
+        batch=B,
+        seq_len=T,
+        rows=args.rows,
+        image_tokens=64,
+        n_candidates=16,
+        cm3_poisson_rate=1.0,
+        step_mode="compile" if args.compile else "eager",
+        repeats=args.repeats,
+        data_batch_s=data_s,
+        data_samples_per_s=B / data_med,
+        data_samples_per_s_all=[B / d for d in data_s],
+        step_s=step_s,
+        step_samples_per_s=B / step_med,
+        step_samples_per_s_all=[B / s for s in step_s],
+        headroom=statistics.median(ratios),
+        headroom_all=ratios,
+        target_headroom=5.0,
+        data_batch_cpu_s=data_cpu,
+        step_cpu_s=step_cpu,
+        headroom_cpu=statistics.median(cpu_ratios),
+        headroom_cpu_all=cpu_ratios,
+        threads=torch.get_num_threads(),
+        mean_fill=fill,
+        mean_separators=n_retrieved,
+        wall_s=time.perf_counter() - t_start,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"{args.repeats} repeats, medians; single process; wall {result['wall_s']:.0f} s; load avg "
-          f"{info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}\n")
-    print("| what | ms per batch of 8 (wall) | samples/s (wall) | ms per batch (CPU) | samples per CPU-s |")
+    print(
+        f"{args.repeats} repeats, medians; single process; wall {result['wall_s']:.0f} s; load avg "
+        f"{info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}\n"
+    )
+    print(
+        "| what | ms per batch of 8 (wall) | samples/s (wall) | ms per batch (CPU) | samples per CPU-s |"
+    )
     print("| --- | ---: | ---: | ---: | ---: |")
-    print(f"| data: PairSequences + collate (seq {T}, CM3, <= 3 retrieved) | {data_med * 1e3:.1f} | {B / data_med:,.0f} "
-          f"| {data_cpu_med * 1e3:.1f} | {B / data_cpu_med:,.0f} |")
-    print(f"| training step, shapes preset ({result['step_mode']}, bf16, {result['threads']} thread(s)) "
-          f"| {step_med * 1e3:.0f} | {B / step_med:,.1f} | {step_cpu_med * 1e3:.0f} | {B / step_cpu_med:,.1f} |")
-    print(f"\nheadroom = data rate / step consumption (median of per-repeat ratios): wall {result['headroom']:.1f}x, "
-          f"CPU time {result['headroom_cpu']:.1f}x (target >= 5x); sequences {100 * fill:.0f}% non-pad on average")
+    print(
+        f"| data: PairSequences + collate (seq {T}, CM3, <= 3 retrieved) | {data_med * 1e3:.1f} | {B / data_med:,.0f} "
+        f"| {data_cpu_med * 1e3:.1f} | {B / data_cpu_med:,.0f} |"
+    )
+    print(
+        f"| training step, shapes preset ({result['step_mode']}, bf16, {result['threads']} thread(s)) "
+        f"| {step_med * 1e3:.0f} | {B / step_med:,.1f} | {step_cpu_med * 1e3:.0f} | {B / step_cpu_med:,.1f} |"
+    )
+    print(
+        f"\nheadroom = data rate / step consumption (median of per-repeat ratios): wall {result['headroom']:.1f}x, "
+        f"CPU time {result['headroom_cpu']:.1f}x (target >= 5x); sequences {100 * fill:.0f}% non-pad on average"
+    )
     print(f"\nwrote {out}")
     return 0
 

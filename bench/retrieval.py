@@ -44,15 +44,25 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def bench_bank(n: int, d: int, n_queries: int, k: int, nprobes: list[int], shard: int,
-               clusters: int = 0) -> list[dict]:
+def bench_bank(
+    n: int, d: int, n_queries: int, k: int, nprobes: list[int], shard: int, clusters: int = 0
+) -> list[dict]:
     vecs, q = unit(n, d, 0, clusters), unit(n_queries, d, 1, clusters)
     shards = [vecs[s : s + shard] for s in range(0, n, shard)]
     rows = []
     flat, t_build = timed(lambda: build_index(shards, "flat"))
     (_, exact), t_q = timed(lambda: flat.search(q, k))
-    rows.append({"n": n, "kind": "flat", "params": "", "build_s": t_build, "query_s": t_q,
-                 "ms_per_query": 1000 * t_q / n_queries, "recall": 1.0})
+    rows.append(
+        {
+            "n": n,
+            "kind": "flat",
+            "params": "",
+            "build_s": t_build,
+            "query_s": t_q,
+            "ms_per_query": 1000 * t_q / n_queries,
+            "recall": 1.0,
+        }
+    )
     flat = None  # free the exact index before building IVF
     params = default_params("ivf", n)
     ivf, t_build = timed(lambda: build_index(shards, "ivf", params))
@@ -61,9 +71,17 @@ def bench_bank(n: int, d: int, n_queries: int, k: int, nprobes: list[int], shard
         ivf_inner.nprobe = nprobe
         (_, got), t_q = timed(lambda: ivf.search(q, k))
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, exact, strict=True)]))
-        rows.append({"n": n, "kind": "ivf", "params": f"nlist={params['nlist']} nprobe={nprobe}",
-                     "build_s": t_build, "query_s": t_q, "ms_per_query": 1000 * t_q / n_queries,
-                     "recall": recall})
+        rows.append(
+            {
+                "n": n,
+                "kind": "ivf",
+                "params": f"nlist={params['nlist']} nprobe={nprobe}",
+                "build_s": t_build,
+                "query_s": t_q,
+                "ms_per_query": 1000 * t_q / n_queries,
+                "recall": recall,
+            }
+        )
     return rows
 
 
@@ -76,12 +94,19 @@ def bench_encoder(n_docs: int) -> dict:
     enc = ClipEncoder.from_arch("shapes-clip")
     rng = np.random.default_rng(0)
     images = list(rng.integers(0, 256, (n_docs, 32, 32, 3), dtype=np.uint8))
-    texts = [f"a red circle at the top left, a blue square at the middle center {i}"
-             for i in range(n_docs)]
+    texts = [
+        f"a red circle at the top left, a blue square at the middle center {i}"
+        for i in range(n_docs)
+    ]
     enc.embed_documents(texts[:32], images[:32])  # warm up
     _, t = timed(lambda: enc.embed_documents(texts, images))
-    return {"encoder": "shapes-clip", "docs": n_docs, "seconds": t, "docs_per_s": n_docs / t,
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "encoder": "shapes-clip",
+        "docs": n_docs,
+        "seconds": t,
+        "docs_per_s": n_docs / t,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main(argv=None) -> int:
@@ -92,28 +117,48 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--nprobe", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--shard", type=int, default=100_000, help="vectors per shard (IVF: merged)")
-    p.add_argument("--clusters", type=int, default=0,
-                   help="0: uniform random unit vectors; C: C clustered directions plus noise")
+    p.add_argument(
+        "--clusters",
+        type=int,
+        default=0,
+        help="0: uniform random unit vectors; C: C clustered directions plus noise",
+    )
     p.add_argument("--embed-docs", type=int, default=1024, help="0 skips the encoder benchmark")
     args = p.parse_args(argv)
-    rows = [r for n in args.sizes
-            for r in bench_bank(n, args.dim, args.queries, args.k, args.nprobe, args.shard,
-                                  args.clusters)]
-    result = {"dim": args.dim, "queries": args.queries, "k": args.k, "clusters": args.clusters,
-              "faiss_threads": faiss.omp_get_max_threads(), "banks": rows}
+    rows = [
+        r
+        for n in args.sizes
+        for r in bench_bank(
+            n, args.dim, args.queries, args.k, args.nprobe, args.shard, args.clusters
+        )
+    ]
+    result = {
+        "dim": args.dim,
+        "queries": args.queries,
+        "k": args.k,
+        "clusters": args.clusters,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "banks": rows,
+    }
     if args.embed_docs:
         result["embedding"] = bench_encoder(args.embed_docs)
     print(json.dumps(result, indent=1))
-    print(f"\n| vectors | index | settings | build s | {args.queries} queries s | ms/query "
-          f"| recall@{args.k} vs flat |")
+    print(
+        f"\n| vectors | index | settings | build s | {args.queries} queries s | ms/query "
+        f"| recall@{args.k} vs flat |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['n']:,} | {r['kind']} | {r['params']} | {r['build_s']:.2f} | "
-              f"{r['query_s']:.3f} | {r['ms_per_query']:.3f} | {r['recall']:.3f} |")
+        print(
+            f"| {r['n']:,} | {r['kind']} | {r['params']} | {r['build_s']:.2f} | "
+            f"{r['query_s']:.3f} | {r['ms_per_query']:.3f} | {r['recall']:.3f} |"
+        )
     if args.embed_docs:
         e = result["embedding"]
-        print(f"\nencoder {e['encoder']}: {e['docs_per_s']:.0f} docs/s (text + 32px image, "
-              f"{e['torch_threads']} threads)")
+        print(
+            f"\nencoder {e['encoder']}: {e['docs_per_s']:.0f} docs/s (text + 32px image, "
+            f"{e['torch_threads']} threads)"
+        )
     return 0
 
 

@@ -56,10 +56,15 @@ QUICK = {"debug": dict(preset="debug", vocab=(256, 16), batch=2, seq=64, steps=2
 # ---------------------------------------------------------------------------------------------
 
 
-def matmul_peak(n: int = 2048, tries: int = 10, dtype: torch.dtype = torch.bfloat16) -> tuple[float, float]:
+def matmul_peak(
+    n: int = 2048, tries: int = 10, dtype: torch.dtype = torch.bfloat16
+) -> tuple[float, float]:
     """Best FLOP/s of an ``n^3`` matmul in ``dtype`` over ``tries`` runs (after one warm-up), by wall
     clock and by process CPU time (the peak per CPU-second of the threads in use)."""
-    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
+    a, b = (
+        torch.randn(n, n, dtype=dtype, device=DEVICE),
+        torch.randn(n, n, dtype=dtype, device=DEVICE),
+    )
     torch.mm(a, b)
     best, best_cpu = float("inf"), float("inf")
     for _ in range(tries):
@@ -67,7 +72,10 @@ def matmul_peak(n: int = 2048, tries: int = 10, dtype: torch.dtype = torch.bfloa
         t0, c0 = time.perf_counter(), time.process_time()
         torch.mm(a, b)
         sync()
-        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+        best, best_cpu = (
+            min(best, time.perf_counter() - t0),
+            min(best_cpu, time.process_time() - c0),
+        )
     return 2 * n**3 / best, 2 * n**3 / best_cpu
 
 
@@ -184,7 +192,10 @@ def bench_config(
         batch = random_batch(cfg, mcfg.vocab_size)
         tokens = cfg["batch"] * cfg["seq"]
         fpt = flops_per_token(ours, cfg["seq"])
-        impls = {"ours": make_step(ours, False, mode == "compile"), "transformers OPT": make_step(hf, True, mode == "compile")}
+        impls = {
+            "ours": make_step(ours, False, mode == "compile"),
+            "transformers OPT": make_step(hf, True, mode == "compile"),
+        }
         first_loss, warm_s = {}, {}
         for impl, step in impls.items():
             t0 = time.perf_counter()
@@ -192,7 +203,9 @@ def bench_config(
             for _ in range(warmup - 1):
                 step(*batch)
             warm_s[impl] = time.perf_counter() - t0
-            log(f"  {name} {mode} {impl}: warm-up {warm_s[impl]:.1f}s, first loss {first_loss[impl]:.4f}")
+            log(
+                f"  {name} {mode} {impl}: warm-up {warm_s[impl]:.1f}s, first loss {first_loss[impl]:.4f}"
+            )
         times: dict[str, list[float]] = {impl: [] for impl in impls}
         cpu: dict[str, list[float]] = {impl: [] for impl in impls}
         compiled_before = dict(torch._dynamo.utils.counters["stats"])
@@ -208,24 +221,43 @@ def bench_config(
                 times[impl].append(statistics.median(w for w, _ in per_step[impl]))
                 cpu[impl].append(statistics.median(c for _, c in per_step[impl]))
             add_peak()
-            log(f"  {name} {mode} repeat {r}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items())
-                + " (CPU " + ", ".join(f"{v[-1] * 1e3:.0f}" for v in cpu.values()) + " ms)")
+            log(
+                f"  {name} {mode} repeat {r}: "
+                + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items())
+                + " (CPU "
+                + ", ".join(f"{v[-1] * 1e3:.0f}" for v in cpu.values())
+                + " ms)"
+            )
         if dict(torch._dynamo.utils.counters["stats"]) != compiled_before:
-            log(f"  warning: {name} {mode} recompiled during timing: {dict(torch._dynamo.utils.counters['stats'])}")
+            log(
+                f"  warning: {name} {mode} recompiled during timing: {dict(torch._dynamo.utils.counters['stats'])}"
+            )
         ratios = [h / o for o, h in zip(times["ours"], times["transformers OPT"], strict=True)]
         cpu_ratios = [h / o for o, h in zip(cpu["ours"], cpu["transformers OPT"], strict=True)]
         for impl, ts in times.items():
             med = statistics.median(ts)
             rows.append(
                 dict(
-                    config=name, preset=cfg["preset"], mode=mode, impl=impl, batch=cfg["batch"], seq=cfg["seq"],
-                    params=sum(p.numel() for p in ours.parameters()), vocab_size=mcfg.vocab_size,
-                    flops_per_token=fpt, steps_per_repeat=cfg["steps"], step_s=ts, step_s_median=med,
-                    tokens_per_s=tokens / med, tokens_per_s_all=[tokens / t for t in ts],
-                    first_loss=first_loss[impl], warmup_s=warm_s[impl],
+                    config=name,
+                    preset=cfg["preset"],
+                    mode=mode,
+                    impl=impl,
+                    batch=cfg["batch"],
+                    seq=cfg["seq"],
+                    params=sum(p.numel() for p in ours.parameters()),
+                    vocab_size=mcfg.vocab_size,
+                    flops_per_token=fpt,
+                    steps_per_repeat=cfg["steps"],
+                    step_s=ts,
+                    step_s_median=med,
+                    tokens_per_s=tokens / med,
+                    tokens_per_s_all=[tokens / t for t in ts],
+                    first_loss=first_loss[impl],
+                    warmup_s=warm_s[impl],
                     speedup_vs_opt=statistics.median(ratios) if impl == "ours" else None,
                     speedup_vs_opt_all=ratios if impl == "ours" else None,
-                    step_cpu_s=cpu[impl], step_cpu_s_median=statistics.median(cpu[impl]),
+                    step_cpu_s=cpu[impl],
+                    step_cpu_s_median=statistics.median(cpu[impl]),
                     tokens_per_cpu_s=tokens / statistics.median(cpu[impl]),
                     speedup_vs_opt_cpu=statistics.median(cpu_ratios) if impl == "ours" else None,
                     speedup_vs_opt_cpu_all=cpu_ratios if impl == "ours" else None,
@@ -266,26 +298,54 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: debug-sized model, 1 repeat")
     p.add_argument("--configs", nargs="+", default=None, help=f"subset of {sorted(CONFIGS)}")
-    p.add_argument("--modes", nargs="+", default=None, choices=["eager", "compile"], help="default: both (eager with --quick)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (medians)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default: per config)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, optimizer state)")
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--modes",
+        nargs="+",
+        default=None,
+        choices=["eager", "compile"],
+        help="default: both (eager with --quick)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed repeats per configuration (medians)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed steps per repeat (default: per config)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps first (compilation, optimizer state)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
         help="torch threads (0 = torch's default). 1 by default: on a shared machine two OpenMP threads "
         "stall at every barrier waiting for a core; on a dedicated machine use 0",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on either; CPU times are then moot)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda (bf16 autocast on either; CPU times are then moot)",
+    )
     p.add_argument("--out", default=str(RESULTS / "train.json"), help="JSON output path")
-    p.add_argument("--report", nargs="+", default=None, metavar="JSON", help="only print the table of earlier results")
+    p.add_argument(
+        "--report",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="only print the table of earlier results",
+    )
     args = p.parse_args(argv)
     if args.report:
         for path in args.report:
             res = json.loads(Path(path).read_text())
-            print(f"{path}: `{res['command']}`; peak {res['peak_bf16_flops'] / 1e9:.0f} GFLOP/s wall, "
-                  f"{res['peak_bf16_flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-s; wall {res['wall_s']:.0f} s; load avg "
-                  f"{res['machine']['loadavg_start'][0]:.1f} -> {res['machine']['loadavg_end'][0]:.1f}\n")
-            print(table(res["rows"], res["peak_bf16_flops"], res["peak_bf16_flops_per_cpu_s"]) + "\n")
+            print(
+                f"{path}: `{res['command']}`; peak {res['peak_bf16_flops'] / 1e9:.0f} GFLOP/s wall, "
+                f"{res['peak_bf16_flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-s; wall {res['wall_s']:.0f} s; load avg "
+                f"{res['machine']['loadavg_start'][0]:.1f} -> {res['machine']['loadavg_end'][0]:.1f}\n"
+            )
+            print(
+                table(res["rows"], res["peak_bf16_flops"], res["peak_bf16_flops_per_cpu_s"]) + "\n"
+            )
         return 0
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -310,13 +370,19 @@ def main(argv: list[str] | None = None) -> int:
         peaks_cpu.append(cpu)
 
     add_peak(10)
-    log(f"bf16 matmul 2048^3: {peaks[0] / 1e9:.0f} GFLOP/s wall, {peaks_cpu[0] / 1e9:.0f} GFLOP per CPU-s")
+    log(
+        f"bf16 matmul 2048^3: {peaks[0] / 1e9:.0f} GFLOP/s wall, {peaks_cpu[0] / 1e9:.0f} GFLOP per CPU-s"
+    )
     rows: list[dict] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "PYTHONPATH=. python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "PYTHONPATH=. python bench/train.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
 
-    def write(new_rows: list[dict] = ()) -> dict:  # after every configuration: partial results survive
+    def write(
+        new_rows: list[dict] = (),
+    ) -> dict:  # after every configuration: partial results survive
         peak, peak_cpu = max(peaks), max(peaks_cpu)
         done = rows + [r for r in new_rows if r not in rows]
         for r in done:
@@ -324,9 +390,17 @@ def main(argv: list[str] | None = None) -> int:
             r["mfu_cpu"] = r["tokens_per_cpu_s"] * r["flops_per_token"] / peak_cpu
         info["loadavg_end"] = os.getloadavg()
         result = dict(
-            benchmark="train", command=command.strip(), machine=info, peak_bf16_flops=peak,
-            peak_bf16_flops_all=peaks, peak_bf16_flops_per_cpu_s=peak_cpu, peak_bf16_flops_per_cpu_s_all=peaks_cpu, repeats=repeats, warmup_steps=args.warmup,
-            wall_s=time.perf_counter() - t_start, rows=done,
+            benchmark="train",
+            command=command.strip(),
+            machine=info,
+            peak_bf16_flops=peak,
+            peak_bf16_flops_all=peaks,
+            peak_bf16_flops_per_cpu_s=peak_cpu,
+            peak_bf16_flops_per_cpu_s_all=peaks_cpu,
+            repeats=repeats,
+            warmup_steps=args.warmup,
+            wall_s=time.perf_counter() - t_start,
+            rows=done,
         )
         out.write_text(json.dumps(result, indent=1))
         return result
@@ -335,10 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_config(name, cfg, modes, repeats, args.warmup, add_peak, log, on_rows=write)
     result = write()
     peak, peak_cpu = result["peak_bf16_flops"], result["peak_bf16_flops_per_cpu_s"]
-    print(f"bf16 matmul peak (2048^3, best of {len(peaks) * 5 + 5}): {peak / 1e9:.0f} GFLOP/s wall, "
-          f"{peak_cpu / 1e9:.0f} GFLOP per CPU-s; {torch.get_num_threads()} thread(s); "
-          f"{repeats} repeats, medians; wall {result['wall_s']:.0f} s; load avg {info['loadavg_start'][0]:.1f} -> "
-          f"{info['loadavg_end'][0]:.1f}\n")
+    print(
+        f"bf16 matmul peak (2048^3, best of {len(peaks) * 5 + 5}): {peak / 1e9:.0f} GFLOP/s wall, "
+        f"{peak_cpu / 1e9:.0f} GFLOP per CPU-s; {torch.get_num_threads()} thread(s); "
+        f"{repeats} repeats, medians; wall {result['wall_s']:.0f} s; load avg {info['loadavg_start'][0]:.1f} -> "
+        f"{info['loadavg_end'][0]:.1f}\n"
+    )
     print(table(rows, peak, peak_cpu))
     print(f"\nwrote {out}")
     return 0

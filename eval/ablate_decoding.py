@@ -51,28 +51,60 @@ def hydra_style(argv: list[str], keys: set[str]) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ablation", default="shapes", choices=("shapes", "paper"), help="the grid preset")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--ablation", default="shapes", choices=("shapes", "paper"), help="the grid preset"
+    )
     p.add_argument("--ckpts", nargs="+", default=["large=outputs/pretrain", "small=outputs/pretrain_small"],
                    help="checkpoints as size=path (or path)")  # fmt: skip
     p.add_argument("--outputs", default="outputs", help="the pipeline's outputs/ folder")
     p.add_argument("--n", type=int, default=None, help="prompts (preset: 250 shapes, 1000 paper)")
-    p.add_argument("--cfg-scales", type=float, nargs="+", default=None, help="CFG scales of the left panel")
+    p.add_argument(
+        "--cfg-scales", type=float, nargs="+", default=None, help="CFG scales of the left panel"
+    )
     p.add_argument("--cfg-strategy", default="cfg_topp", help="strategy of the left panel")
-    p.add_argument("--samples", type=int, nargs="+", default=None, help="samples per prompt of the right panel")
-    p.add_argument("--samples-cfg-scale", type=float, default=None, help="CFG scale of the right panel (preset 3)")
+    p.add_argument(
+        "--samples", type=int, nargs="+", default=None, help="samples per prompt of the right panel"
+    )
+    p.add_argument(
+        "--samples-cfg-scale",
+        type=float,
+        default=None,
+        help="CFG scale of the right panel (preset 3)",
+    )
     p.add_argument("--strategies", nargs="+", default=None, help="strategies of the right panel")
-    p.add_argument("--samples-ckpts", choices=("first", "all"), default="first", help="checkpoints of the right panel")
+    p.add_argument(
+        "--samples-ckpts",
+        choices=("first", "all"),
+        default="first",
+        help="checkpoints of the right panel",
+    )
     p.add_argument("--seed", type=int, default=0, help="run seed (sampling and bootstrap)")
     p.add_argument("--chunk", type=int, default=16, help="prompts per generation chunk")
-    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples per cell (preset 200)")
-    p.add_argument("--features", choices=("clip", "inception"), default="clip", help="FID feature space")
-    p.add_argument("--captions", default=None, help="COCO captions json for real-data prompts (needs --reference)")
+    p.add_argument(
+        "--bootstrap", type=int, default=None, help="bootstrap resamples per cell (preset 200)"
+    )
+    p.add_argument(
+        "--features", choices=("clip", "inception"), default="clip", help="FID feature space"
+    )
+    p.add_argument(
+        "--captions",
+        default=None,
+        help="COCO captions json for real-data prompts (needs --reference)",
+    )
     p.add_argument("--reference", default=None, help="reference images for --captions")
-    p.add_argument("--eval-clip", default=None, help="evaluation CLIP (default <outputs>/eval_clip)")
-    p.add_argument("--retriever-clip", default=None, help="re-ranking CLIP (default <outputs>/retriever)")
+    p.add_argument(
+        "--eval-clip", default=None, help="evaluation CLIP (default <outputs>/eval_clip)"
+    )
+    p.add_argument(
+        "--retriever-clip", default=None, help="re-ranking CLIP (default <outputs>/retriever)"
+    )
     p.add_argument("--rank", type=int, default=None, help="this rank (default env RANK or 0)")
-    p.add_argument("--world-size", type=int, default=None, help="ranks (default env WORLD_SIZE or 1)")
+    p.add_argument(
+        "--world-size", type=int, default=None, help="ranks (default env WORLD_SIZE or 1)"
+    )
     p.add_argument("--out-dir", default=None, help="default <outputs>/eval/ablation/<ablation>")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -112,8 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank {rank}/{world}: {len(waiting)} of {len(cells)} cells wait for other ranks' samples; "
               "rerun once all ranks are done to write the figure")  # fmt: skip
         return 0
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.outputs) / "eval" / "ablation" / args.ablation
-    paths = ab.write_outputs(cells, out_dir, f"ablation={args.ablation}, {pset.protocol}, n={cfg.n}")
+    out_dir = (
+        Path(args.out_dir)
+        if args.out_dir
+        else Path(args.outputs) / "eval" / "ablation" / args.ablation
+    )
+    paths = ab.write_outputs(
+        cells, out_dir, f"ablation={args.ablation}, {pset.protocol}, n={cfg.n}"
+    )
     print(paths["md"].read_text())
     print("wrote", *[str(p) for p in paths.values()])
     return 0

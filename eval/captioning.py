@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--metrics: unknown {bad}; choose from {','.join(ALL_METRICS)}")
     if args.predictions is None:
         if not args.ckpt:
-            p.error("give --ckpt PATH (caption the shapes world) or --predictions and --annotations")
+            p.error(
+                "give --ckpt PATH (caption the shapes world) or --predictions and --annotations"
+            )
         return ckpt_main(args, metrics)
     if args.annotations is None or args.out is None:
         p.error("scoring a results file needs --predictions, --annotations and --out")
@@ -127,7 +129,9 @@ def ckpt_main(args: argparse.Namespace, metrics: list[str]) -> int:
     preds = dict(zip(ids, texts, strict=True))
     baseline = si.most_frequent_caption(args.baseline_train)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "predictions.json").write_text(json.dumps([{"image_id": i, "caption": preds[i]} for i in ids], indent=1))
+    (folder / "predictions.json").write_text(
+        json.dumps([{"image_id": i, "caption": preds[i]} for i in ids], indent=1)
+    )
     (folder / "annotations.json").write_text(json.dumps(si.coco_caption_file(refs), indent=1))
     record: dict = {}
     ci95: dict = {}
@@ -139,10 +143,14 @@ def ckpt_main(args: argparse.Namespace, metrics: list[str]) -> int:
         record.update({prefix + k: v for k, v in res.scores.items()})
         record.update({prefix + k: float(v.mean()) for k, v in attr.items()})
         ci95.update({prefix + k: [round(x, 6) for x in pair] for k, pair in res.ci95.items()})
-        ci = bootstrap.bootstrap_ci(len(ids), bootstrap.mean_statistic(attr), args.bootstrap, args.seed)
+        ci = bootstrap.bootstrap_ci(
+            len(ids), bootstrap.mean_statistic(attr), args.bootstrap, args.seed
+        )
         ci95.update({prefix + k: [round(x, 6) for x in pair] for k, pair in ci.items()})
     record["baseline_caption"] = baseline
-    record["baseline_definition"] = f"the most frequent long caption of the first {args.baseline_train} training samples, for every image"
+    record["baseline_definition"] = (
+        f"the most frequent long caption of the first {args.baseline_train} training samples, for every image"
+    )
     record["caption_attr_definition"] = (
         "per image F1 of the (colour, kind) pairs the caption claims vs the scene's pairs "
         "(precision 0 when nothing is claimed), mean over images"

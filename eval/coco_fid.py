@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.samples is None:
         if not args.ckpt:
-            p.error("give --ckpt PATH (generate and score) or --samples DIR --reference DIR (score)")
+            p.error(
+                "give --ckpt PATH (generate and score) or --samples DIR --reference DIR (score)"
+            )
         return ckpt_main(args)
     if args.reference is None or args.out is None:
         p.error("scoring a folder needs --samples, --reference and --out")
@@ -153,21 +155,55 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_ckpt_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generate with --ckpt (the decoding flags below and --strategy, --cfg-scale, ...)")
-    g.add_argument("--outputs", default="outputs", help="the pipeline's outputs/ folder (tokenizers, CLIPs, index; runs go to <outputs>/eval/t2i/)")
-    g.add_argument("--n", type=int, default=1000, help="prompts (default 1000, the shapes protocol)")
-    g.add_argument("--captions", default=None, help="COCO captions json: first caption of each image as the prompt (default: the shapes world)")
-    g.add_argument("--eval-clip", default=None, help="evaluation CLIP folder (default <outputs>/eval_clip)")
-    g.add_argument("--retriever-clip", default=None, help="re-ranking CLIP folder (default <outputs>/retriever)")
+    g = p.add_argument_group(
+        "generate with --ckpt (the decoding flags below and --strategy, --cfg-scale, ...)"
+    )
+    g.add_argument(
+        "--outputs",
+        default="outputs",
+        help="the pipeline's outputs/ folder (tokenizers, CLIPs, index; runs go to <outputs>/eval/t2i/)",
+    )
+    g.add_argument(
+        "--n", type=int, default=1000, help="prompts (default 1000, the shapes protocol)"
+    )
+    g.add_argument(
+        "--captions",
+        default=None,
+        help="COCO captions json: first caption of each image as the prompt (default: the shapes world)",
+    )
+    g.add_argument(
+        "--eval-clip", default=None, help="evaluation CLIP folder (default <outputs>/eval_clip)"
+    )
+    g.add_argument(
+        "--retriever-clip",
+        default=None,
+        help="re-ranking CLIP folder (default <outputs>/retriever)",
+    )
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     g.add_argument("--top-p", type=float, default=0.9, help="top-p of topp / cfg_topp")
     g.add_argument("--top-k", type=int, default=0, help="top-k (0: off)")
     g.add_argument("--cdk-alpha", type=float, default=0.5, help="CD-K plausibility factor")
     g.add_argument("--cdk-k", type=int, default=5, help="CD-K's k")
-    g.add_argument("--chunk", type=int, default=16, help="prompts per generation chunk (the unit of resuming and sharding)")
-    g.add_argument("--rank", type=int, default=None, help="this process's rank (default env RANK or 0)")
-    g.add_argument("--world-size", type=int, default=None, help="ranks sharing the run (default env WORLD_SIZE or 1)")
-    g.add_argument("--run-dir", default=None, help="run folder (default named after the settings under <outputs>/eval/t2i/)")
+    g.add_argument(
+        "--chunk",
+        type=int,
+        default=16,
+        help="prompts per generation chunk (the unit of resuming and sharding)",
+    )
+    g.add_argument(
+        "--rank", type=int, default=None, help="this process's rank (default env RANK or 0)"
+    )
+    g.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="ranks sharing the run (default env WORLD_SIZE or 1)",
+    )
+    g.add_argument(
+        "--run-dir",
+        default=None,
+        help="run folder (default named after the settings under <outputs>/eval/t2i/)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -208,8 +244,10 @@ def ckpt_main(args: argparse.Namespace) -> int:
         return 2
     if record is None:
         left = len(t2i_run.missing_samples(folder, len(pset.prompts)))
-        print(f"rank {rank}/{world}: my chunks are done; {left} samples left to other ranks. "
-              f"The rank that finishes last scores (or rerun this command once all are done): {folder}")
+        print(
+            f"rank {rank}/{world}: my chunks are done; {left} samples left to other ranks. "
+            f"The rank that finishes last scores (or rerun this command once all are done): {folder}"
+        )
         return 0
     if out is not None:
         import shutil

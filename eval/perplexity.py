@@ -30,11 +30,19 @@ from lit_cm3leon.evaluation.metrics_io import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--outputs", default="outputs", help="the pipeline's outputs/ folder")
-    p.add_argument("--heldout", default=None, help="held-out shards (default <outputs>/tokens/shapes-heldout)")
-    p.add_argument("--train", default=None, help="training shards (default <outputs>/tokens/shapes-train)")
-    p.add_argument("--k", type=int, nargs="+", default=[0, 1, 2], help="retrieved documents to compare")
+    p.add_argument(
+        "--heldout", default=None, help="held-out shards (default <outputs>/tokens/shapes-heldout)"
+    )
+    p.add_argument(
+        "--train", default=None, help="training shards (default <outputs>/tokens/shapes-train)"
+    )
+    p.add_argument(
+        "--k", type=int, nargs="+", default=[0, 1, 2], help="retrieved documents to compare"
+    )
     p.add_argument("--n", type=int, default=500, help="held-out pairs to score")
     add_run_args(p, protocol="shapes-ppl")
     args = p.parse_args(argv)
@@ -59,11 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(args.ckpt, outputs, retrieval=max(args.k) > 0)
     captions = [heldout.text(i) for i in range(n)]
     nll = perplexity_table(engine, captions, heldout.codes[:n], train.codes, args.k)
-    stat = lambda idx: {k.replace("nll", "ppl_image"): float(np.exp(v[idx].mean())) for k, v in nll.items()}  # noqa: E731
+
+    def stat(idx: np.ndarray) -> dict[str, float]:
+        return {k.replace("nll", "ppl_image"): float(np.exp(v[idx].mean())) for k, v in nll.items()}
+
     metrics = stat(np.arange(n))
     ci95 = bootstrap.bootstrap_ci(n, stat, args.bootstrap, args.seed)
     header = header_from_args(args, n)
-    record = write_metrics(out, header, metrics, ci95, bootstrap.info(args.bootstrap, args.seed, unit="image"))
+    record = write_metrics(
+        out, header, metrics, ci95, bootstrap.info(args.bootstrap, args.seed, unit="image")
+    )
     for k, v in metrics.items():
         lo, hi = record["ci95"].get(k, [float("nan")] * 2)
         print(f"{k:20s} {v:8.3f}  [{lo:.3f}, {hi:.3f}]")

@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.predictions is None:
         if not args.ckpt:
-            p.error("give --ckpt PATH (answer shapes-world questions) or --predictions, --questions, --annotations")
+            p.error(
+                "give --ckpt PATH (answer shapes-world questions) or --predictions, --questions, --annotations"
+            )
         return ckpt_main(args)
     if args.questions is None or args.annotations is None or args.out is None:
         p.error("scoring a results file needs --predictions, --questions, --annotations and --out")
@@ -107,10 +109,15 @@ def _r(pair: list[float]) -> list[float]:
 
 
 def _nested_ci(scores, n_bootstrap: int, seed: int) -> dict:
-    flat = bootstrap.bootstrap_ci(len(scores.accuracy), vqa_bootstrap_statistic(scores), n_bootstrap, seed)
+    flat = bootstrap.bootstrap_ci(
+        len(scores.accuracy), vqa_bootstrap_statistic(scores), n_bootstrap, seed
+    )
     if not flat:
         return {}
-    return {"overall": _r(flat.pop("overall")), "perAnswerType": {k.split("/", 1)[1]: _r(v) for k, v in flat.items()}}
+    return {
+        "overall": _r(flat.pop("overall")),
+        "perAnswerType": {k.split("/", 1)[1]: _r(v) for k, v in flat.items()},
+    }
 
 
 def ckpt_main(args: argparse.Namespace) -> int:
@@ -131,7 +138,10 @@ def ckpt_main(args: argparse.Namespace) -> int:
     _, images, _, _ = si.caption_items(items[-1].scene_index + 1)
     engine, dec, hdr = i2t_setup(args)
     codes = engine.image_tokenizer.encode(images).numpy()
-    prompts = [inference_prompt(it.task, engine.codec, image=codes[it.scene_index], question=it.question) for it in items]
+    prompts = [
+        inference_prompt(it.task, engine.codec, image=codes[it.scene_index], question=it.question)
+        for it in items
+    ]
     answers = si.generate_texts(engine, prompts, dec, args.seed, args.batch_size)
     prior = si.answer_prior(args.baseline_train)
     questions, annotations = si.official_vqa_files(items)
@@ -139,18 +149,27 @@ def ckpt_main(args: argparse.Namespace) -> int:
     files = {
         "questions.json": questions,
         "annotations.json": annotations,
-        "results.json": [{"question_id": it.question_id, "answer": a} for it, a in zip(items, answers, strict=True)],
-        "baseline_results.json": [{"question_id": it.question_id, "answer": prior.get(it.qtype, "")} for it in items],
+        "results.json": [
+            {"question_id": it.question_id, "answer": a}
+            for it, a in zip(items, answers, strict=True)
+        ],
+        "baseline_results.json": [
+            {"question_id": it.question_id, "answer": prior.get(it.qtype, "")} for it in items
+        ],
     }
     for name, data in files.items():
         (folder / name).write_text(json.dumps(data, indent=1))
     record: dict = {}
     ci95: dict = {}
     for prefix, results in (("", "results.json"), ("baseline_", "baseline_results.json")):
-        preds, anns = load_vqa(folder / results, folder / "questions.json", folder / "annotations.json")
+        preds, anns = load_vqa(
+            folder / results, folder / "questions.json", folder / "annotations.json"
+        )
         scores = score_vqa(preds, anns)
         record.update({prefix + k: v for k, v in scores.summary().items()})
-        ci95.update({prefix + k: v for k, v in _nested_ci(scores, args.bootstrap, args.seed).items()})
+        ci95.update(
+            {prefix + k: v for k, v in _nested_ci(scores, args.bootstrap, args.seed).items()}
+        )
     record["baseline_prior"] = prior
     record["baseline_definition"] = (
         f"question-only prior: the most frequent answer of each question type in the first "
@@ -160,9 +179,13 @@ def ckpt_main(args: argparse.Namespace) -> int:
         out, run_header(protocol, args.seed, len(items), **hdr), record, ci95,
         bootstrap.info(args.bootstrap, args.seed, unit="question"), extra={"run_dir": str(folder)},
     )  # fmt: skip
-    print(f"Overall Accuracy is: {written['overall']:.2f}  (baseline prior {written['baseline_overall']:.2f})")
+    print(
+        f"Overall Accuracy is: {written['overall']:.2f}  (baseline prior {written['baseline_overall']:.2f})"
+    )
     for t, v in written["perAnswerType"].items():
-        print(f"{t} : {v:.2f}  (baseline {written['baseline_perAnswerType'].get(t, float('nan')):.2f})")
+        print(
+            f"{t} : {v:.2f}  (baseline {written['baseline_perAnswerType'].get(t, float('nan')):.2f})"
+        )
     for it, a in list(zip(items, answers, strict=True))[:3]:
         print(f"  {it.question!r} -> {a!r} (truth {it.answer!r})")
     if args.out:

@@ -79,7 +79,9 @@ class Engine:
 
     # --- construction ------------------------------------------------------------------
     @classmethod
-    def load(cls, ckpt: str | Path, outputs: str | Path = "outputs", retrieval: bool = True) -> Engine:
+    def load(
+        cls, ckpt: str | Path, outputs: str | Path = "outputs", retrieval: bool = True
+    ) -> Engine:
         """The decoder at ``ckpt`` with the tokenizers (and memory bank) published under ``outputs``."""
         from lit_cm3leon.tokenizer.image import load_image_tokenizer
 
@@ -116,14 +118,21 @@ class Engine:
             prefixes.append(ids)
         return prefixes
 
-    def text_to_image_prompts(self, captions: Sequence[str], retrieve_k: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    def text_to_image_prompts(
+        self, captions: Sequence[str], retrieve_k: int = 0
+    ) -> tuple[list[list[int]], list[list[int]]]:
         prefixes = self.retrieved_prefix(captions, retrieve_k)
-        cond = [p + self.codec.encode(Document([Text(c)])) + [self.vocab.brk] for p, c in zip(prefixes, captions, strict=True)]
+        cond = [
+            p + self.codec.encode(Document([Text(c)])) + [self.vocab.brk]
+            for p, c in zip(prefixes, captions, strict=True)
+        ]
         uncond = [make_uncond_prompt(self.vocab, p, [self.vocab.brk]) for p in prefixes]
         return cond, uncond
 
     # --- text -> image -------------------------------------------------------------------
-    def text_to_image_codes(self, captions: Sequence[str], dec: Decoding, seed: int = 0, batch_size: int = 32) -> np.ndarray:
+    def text_to_image_codes(
+        self, captions: Sequence[str], dec: Decoding, seed: int = 0, batch_size: int = 32
+    ) -> np.ndarray:
         """Image codes int64 [len(captions), num_samples, h, w]."""
         cond, uncond = self.text_to_image_prompts(captions, dec.retrieve_k)
         n = dec.num_samples
@@ -138,10 +147,20 @@ class Engine:
                 part = [r for r, s in zip(chunk, strategies, strict=True) if s == name]
                 with self._amp():
                     new = generate(
-                        self.model, [cond[i] for i, _ in part], self.vocab, self.vocab.image_tokens + 2,
-                        strategy=name, cfg_scale=dec.cfg_scale, temperature=dec.temperature,
-                        top_p=dec.top_p, top_k=dec.top_k, cdk_alpha=dec.cdk_alpha, cdk_k=dec.cdk_k,
-                        uncond_prompts=[uncond[i] for i, _ in part], mode="image", seed=seed + start,
+                        self.model,
+                        [cond[i] for i, _ in part],
+                        self.vocab,
+                        self.vocab.image_tokens + 2,
+                        strategy=name,
+                        cfg_scale=dec.cfg_scale,
+                        temperature=dec.temperature,
+                        top_p=dec.top_p,
+                        top_k=dec.top_k,
+                        cdk_alpha=dec.cdk_alpha,
+                        cdk_k=dec.cdk_k,
+                        uncond_prompts=[uncond[i] for i, _ in part],
+                        mode="image",
+                        seed=seed + start,
                     )
                 for (i, j), toks in zip(part, new, strict=True):
                     out[i, j] = self.image_codes_from(toks)
@@ -181,23 +200,48 @@ class Engine:
         if scorer is not None and dec.num_samples > 1:
             from lit_cm3leon.decode.rerank import rerank
 
-            images = np.stack([images[i, rerank(list(images[i]), c, scorer)] for i, c in enumerate(captions)])
+            images = np.stack(
+                [images[i, rerank(list(images[i]), c, scorer)] for i, c in enumerate(captions)]
+            )
         return images
 
     # --- image -> text -------------------------------------------------------------------
-    def image_to_text(self, codes: np.ndarray, dec: Decoding, seed: int = 0, prompts: list[list[int]] | None = None) -> list[str]:
+    def image_to_text(
+        self,
+        codes: np.ndarray,
+        dec: Decoding,
+        seed: int = 0,
+        prompts: list[list[int]] | None = None,
+    ) -> list[str]:
         """Greedy/sampled text after ``<bos> image <break>`` (or the given prompt ids)."""
         if prompts is None:
-            prompts = [[self.vocab.bos] + self.codec.encode(Document([Image(c)])) + [self.vocab.brk] for c in codes]
+            prompts = [
+                [self.vocab.bos] + self.codec.encode(Document([Image(c)])) + [self.vocab.brk]
+                for c in codes
+            ]
         with self._amp():
             new = generate(
-                self.model, prompts, self.vocab, dec.max_text_tokens, strategy="temperature",
-                temperature=dec.temperature, top_k=dec.top_k, mode="text", seed=seed,
+                self.model,
+                prompts,
+                self.vocab,
+                dec.max_text_tokens,
+                strategy="temperature",
+                temperature=dec.temperature,
+                top_k=dec.top_k,
+                mode="text",
+                seed=seed,
             )
-        return [self.codec.decode_text([t for t in toks if self.vocab.is_text(t) or self.vocab.is_loc(t)]).strip() for toks in new]
+        return [
+            self.codec.decode_text(
+                [t for t in toks if self.vocab.is_text(t) or self.vocab.is_loc(t)]
+            ).strip()
+            for toks in new
+        ]
 
     # --- infilling (CM3: the hole becomes <mask:0>, the model writes the span after <infill> <mask:0>)
-    def infill_text(self, codes: np.ndarray, text: str, dec: Decoding, seed: int = 0, hole: str = "<mask>") -> str:
+    def infill_text(
+        self, codes: np.ndarray, text: str, dec: Decoding, seed: int = 0, hole: str = "<mask>"
+    ) -> str:
         """Fill ``hole`` in ``text`` describing the image ``codes``:
         ``<bos> IMG <break> before <mask:0> after <infill> <mask:0>`` -> the span, up to ``<eos>``."""
         if text.count(hole) != 1:
@@ -205,27 +249,62 @@ class Engine:
         before, after = text.split(hole)
         v = self.vocab
         prompt = (
-            [v.bos] + self.codec.encode(Document([Image(codes)])) + [v.brk]
-            + self.codec.encode_text(before) + [v.mask(0)] + self.codec.encode_text(after) + [v.infill, v.mask(0)]
+            [v.bos]
+            + self.codec.encode(Document([Image(codes)]))
+            + [v.brk]
+            + self.codec.encode_text(before)
+            + [v.mask(0)]
+            + self.codec.encode_text(after)
+            + [v.infill, v.mask(0)]
         )
         with self._amp():
-            new = generate(self.model, [prompt], v, dec.max_text_tokens, strategy="temperature",
-                           temperature=dec.temperature, top_k=dec.top_k, mode="text", seed=seed,
-                           stop_ids=[v.mask(1)])[0]
+            new = generate(
+                self.model,
+                [prompt],
+                v,
+                dec.max_text_tokens,
+                strategy="temperature",
+                temperature=dec.temperature,
+                top_k=dec.top_k,
+                mode="text",
+                seed=seed,
+                stop_ids=[v.mask(1)],
+            )[0]
         return self.codec.decode_text([t for t in new if v.is_text(t)])
 
-    def infill_image(self, caption: str, codes: np.ndarray, start: int, stop: int, dec: Decoding, seed: int = 0) -> np.ndarray:
+    def infill_image(
+        self, caption: str, codes: np.ndarray, start: int, stop: int, dec: Decoding, seed: int = 0
+    ) -> np.ndarray:
         """Regenerate image tokens ``[start, stop)`` (row-major) given the caption and the rest:
         ``<bos> caption <break> IMG[:start] <mask:0> IMG[stop:] <infill> <mask:0>`` -> stop - start codes."""
         v = self.vocab
         flat = np.asarray(codes).reshape(-1)
         if not 0 <= start < stop <= flat.size:
-            raise ValueError(f"infill region [{start}, {stop}) outside the image's {flat.size} tokens")
+            raise ValueError(
+                f"infill region [{start}, {stop}) outside the image's {flat.size} tokens"
+            )
         img = [v.image_offset + int(c) for c in flat]
-        prompt = [v.bos] + self.codec.encode_text(caption) + [v.brk] + img[:start] + [v.mask(0)] + img[stop:] + [v.infill, v.mask(0)]
+        prompt = (
+            [v.bos]
+            + self.codec.encode_text(caption)
+            + [v.brk]
+            + img[:start]
+            + [v.mask(0)]
+            + img[stop:]
+            + [v.infill, v.mask(0)]
+        )
         with self._amp():
-            new = generate(self.model, [prompt], v, stop - start + 1, strategy="temperature",
-                           temperature=dec.temperature, top_k=dec.top_k, mode="any", seed=seed)[0]
+            new = generate(
+                self.model,
+                [prompt],
+                v,
+                stop - start + 1,
+                strategy="temperature",
+                temperature=dec.temperature,
+                top_k=dec.top_k,
+                mode="any",
+                seed=seed,
+            )[0]
         span = [t - v.image_offset for t in new if v.is_image(t)][: stop - start]
         out = flat.copy()
         out[start : start + len(span)] = span
@@ -233,11 +312,16 @@ class Engine:
 
     # --- scoring -------------------------------------------------------------------------
     @torch.no_grad()
-    def image_nll(self, captions: Sequence[str], codes: np.ndarray, retrieve_k: int = 0, batch_size: int = 16) -> np.ndarray:
+    def image_nll(
+        self, captions: Sequence[str], codes: np.ndarray, retrieve_k: int = 0, batch_size: int = 16
+    ) -> np.ndarray:
         """Mean negative log-likelihood (nats) of each image's codes given its caption [N]."""
         cond, _ = self.text_to_image_prompts(captions, retrieve_k)
         off = self.vocab.image_offset
-        rows = [p + [off + int(c) for c in np.asarray(img).reshape(-1)] for p, img in zip(cond, codes, strict=True)]
+        rows = [
+            p + [off + int(c) for c in np.asarray(img).reshape(-1)]
+            for p, img in zip(cond, codes, strict=True)
+        ]
         out = np.zeros(len(rows))
         n_img = self.vocab.image_tokens
         for s in range(0, len(rows), batch_size):

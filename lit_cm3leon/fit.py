@@ -56,8 +56,11 @@ def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
         # the newest complete resume point: last.ckpt (periodic or on preemption), a SLURM
         # requeue's hpc_ckpt_N.ckpt (trainer=slurm writes them here too) or a periodic checkpoint.
         # A file cut short by a kill during its write (no zip directory) is passed over.
-        found = sorted((p for p in Path(cfg.paths.ckpt_dir).glob("*.ckpt") if p.is_file()),
-                       key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        found = sorted(
+            (p for p in Path(cfg.paths.ckpt_dir).glob("*.ckpt") if p.is_file()),
+            key=lambda p: p.stat().st_mtime_ns,
+            reverse=True,
+        )
         for path in found:
             if zipfile.is_zipfile(path):
                 return str(path)
@@ -65,7 +68,9 @@ def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
         return None
     path = Path(cfg.ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist (use ckpt_path=null to start fresh)")
+        raise FileNotFoundError(
+            f"ckpt_path={cfg.ckpt_path} does not exist (use ckpt_path=null to start fresh)"
+        )
     return str(path)
 
 

@@ -33,9 +33,7 @@ def default_ckpt(output_dir: Path) -> Path:
 def run_folder(cfg: DictConfig, ckpt: Path) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir)
-    name = (
-        f"{ckpt.name}_{cfg.task}_{cfg.strategy}_cfg{cfg.cfg_scale:g}_n{cfg.num_samples}_k{cfg.retrieve_k}_seed{cfg.seed}"
-    )
+    name = f"{ckpt.name}_{cfg.task}_{cfg.strategy}_cfg{cfg.cfg_scale:g}_n{cfg.num_samples}_k{cfg.retrieve_k}_seed{cfg.seed}"
     return Path(cfg.paths.output_dir) / "samples" / name
 
 
@@ -112,7 +110,9 @@ def image_to_text(cfg: DictConfig, engine) -> dict:
     codes = engine.image_tokenizer.encode(open_image(cfg.image)).numpy()
     template = "caption_long" if cfg.task == "caption" else "vqa"
     prompt = inference_prompt(template, engine.codec, image=codes[0], question=cfg.question)
-    text = engine.image_to_text(codes, Decoding.from_mapping(cfg), seed=cfg.seed, prompts=[prompt])[0]
+    text = engine.image_to_text(codes, Decoding.from_mapping(cfg), seed=cfg.seed, prompts=[prompt])[
+        0
+    ]
     print(text)
     return {"image": str(cfg.image), "question": cfg.question, "output": text}
 

@@ -49,7 +49,16 @@ def prepare(*args: str) -> list[str]:
 
 def evaluate(script: str, name: str, *args: str) -> list[str]:
     run = ["--run-dir", f"{{o}}/{name}/run"] if script in ("coco_fid", "captioning", "vqa") else []
-    return [PY, str(ROOT / "eval" / f"{script}.py"), "--outputs", "{o}", "--out", f"{{o}}/{name}/metrics.json", *run, *args]
+    return [
+        PY,
+        str(ROOT / "eval" / f"{script}.py"),
+        "--outputs",
+        "{o}",
+        "--out",
+        f"{{o}}/{name}/metrics.json",
+        *run,
+        *args,
+    ]
 
 
 def stages(out: Path) -> list[Stage]:
@@ -61,19 +70,49 @@ def stages(out: Path) -> list[Stage]:
 
     t2i = ("--strategy", "cfg_topp", "--cfg-scale", "3", "--num-samples", "1", "--seed", "0")
     return [
-        Stage("text_tokenizer", prepare("text-tokenizer", "--out", f"{o}/text_tokenizer"), budget_min=0.5),
+        Stage(
+            "text_tokenizer",
+            prepare("text-tokenizer", "--out", f"{o}/text_tokenizer"),
+            budget_min=0.5,
+        ),
         Stage("image_tokenizer", fit("tokenizer"), ["trainer.max_steps=800"], budget_min=3.5),
         Stage(
             "tokens/shapes-train",
-            prepare("tokenize", "--source", "shapes", "--split", "train", "--n", "20000", "--caption", "long",
-                    "--tokenizer", f"{o}/image_tokenizer", "--out", f"{o}/tokens/shapes-train"),
+            prepare(
+                "tokenize",
+                "--source",
+                "shapes",
+                "--split",
+                "train",
+                "--n",
+                "20000",
+                "--caption",
+                "long",
+                "--tokenizer",
+                f"{o}/image_tokenizer",
+                "--out",
+                f"{o}/tokens/shapes-train",
+            ),
             ["--n", "8000"],
             budget_min=0.5,
         ),
         Stage(
             "tokens/shapes-heldout",
-            prepare("tokenize", "--source", "shapes", "--split", "heldout", "--n", "1000", "--caption", "long",
-                    "--tokenizer", f"{o}/image_tokenizer", "--out", f"{o}/tokens/shapes-heldout"),
+            prepare(
+                "tokenize",
+                "--source",
+                "shapes",
+                "--split",
+                "heldout",
+                "--n",
+                "1000",
+                "--caption",
+                "long",
+                "--tokenizer",
+                f"{o}/image_tokenizer",
+                "--out",
+                f"{o}/tokens/shapes-heldout",
+            ),
             ["--n", "500"],
             budget_min=0.2,
         ),
@@ -81,43 +120,178 @@ def stages(out: Path) -> list[Stage]:
         Stage("eval_clip", fit("eval_clip"), ["trainer.max_steps=80"], budget_min=1.0),
         Stage(
             "index",
-            prepare("index", "--encoder", f"{o}/retriever", "--tokens", f"{o}/tokens/shapes-train",
-                    "--out", f"{o}/index"),
+            prepare(
+                "index",
+                "--encoder",
+                f"{o}/retriever",
+                "--tokens",
+                f"{o}/tokens/shapes-train",
+                "--out",
+                f"{o}/index",
+            ),
             budget_min=1.0,
         ),
-        Stage("pretrain", fit("pretrain"), ["trainer.max_steps=600", "trainer.val_check_interval=300"], budget_min=7.0),
-        Stage("pretrain_small", fit("pretrain", "model=shapes_small", "task=pretrain_small", "stage=pretrain_small",
-                                    "~callbacks.sample_grid", "trainer.max_steps=600"),
-              ["trainer.max_steps=300", "trainer.val_check_interval=300"], budget_min=2.0),
-        Stage("untrained", fit("pretrain", "trainer.max_steps=0", "task=untrained", "stage=untrained",
-                               "~callbacks.sample_grid"), budget_min=0.2),
-        Stage("sft", fit("sft"), ["trainer.max_steps=300", "trainer.val_check_interval=300"], budget_min=4.0),
-        ev("perplexity", "eval/perplexity", "--ckpt", f"{o}/pretrain", "--n", "500", reduced=("--n", "200")),
-        *[ev("coco_fid", f"eval/t2i_k{k}", "--ckpt", f"{o}/pretrain", "--retrieve-k", str(k), *t2i, "--n", "1000",
-             reduced=("--n", "200")) for k in (0, 1, 2)],
-        ev("coco_fid", "eval/t2i_untrained", "--ckpt", f"{o}/untrained", "--retrieve-k", "0", *t2i, "--n", "1000",
-           reduced=("--n", "200")),
-        ev("coco_fid", "eval/t2i_cfg1", "--ckpt", f"{o}/pretrain", "--retrieve-k", "0", "--strategy", "cfg_topp",
-           "--cfg-scale", "1", "--num-samples", "1", "--seed", "0", "--n", "1000", reduced=("--n", "200")),
-        ev("coco_fid", "eval/t2i_n8", "--ckpt", f"{o}/pretrain", "--retrieve-k", "0", "--strategy", "cfg_topp",
-           "--cfg-scale", "3", "--num-samples", "8", "--seed", "0", "--n", "250", reduced=("--n", "50")),
-        *[ev("captioning", f"eval/captioning_{m}", "--ckpt", f"{o}/{m}", "--n", "500", reduced=("--n", "200"))
-          for m in ("pretrain", "sft")],
-        *[ev("vqa", f"eval/vqa_{m}", "--ckpt", f"{o}/{m}", "--n", "1000", reduced=("--n", "400"))
-          for m in ("pretrain", "sft")],
-        Stage("eval/ablation/shapes",
-              [PY, str(ROOT / "eval" / "ablate_decoding.py"), "--ablation", "shapes", "--outputs", o,
-               "--ckpts", f"shapes={o}/pretrain", f"shapes_small={o}/pretrain_small"],
-              ["--n", "40", "--samples", "1", "2", "4", "8"], budget_min=5.0, marker="figure4.csv"),
+        Stage(
+            "pretrain",
+            fit("pretrain"),
+            ["trainer.max_steps=600", "trainer.val_check_interval=300"],
+            budget_min=7.0,
+        ),
+        Stage(
+            "pretrain_small",
+            fit(
+                "pretrain",
+                "model=shapes_small",
+                "task=pretrain_small",
+                "stage=pretrain_small",
+                "~callbacks.sample_grid",
+                "trainer.max_steps=600",
+            ),
+            ["trainer.max_steps=300", "trainer.val_check_interval=300"],
+            budget_min=2.0,
+        ),
+        Stage(
+            "untrained",
+            fit(
+                "pretrain",
+                "trainer.max_steps=0",
+                "task=untrained",
+                "stage=untrained",
+                "~callbacks.sample_grid",
+            ),
+            budget_min=0.2,
+        ),
+        Stage(
+            "sft",
+            fit("sft"),
+            ["trainer.max_steps=300", "trainer.val_check_interval=300"],
+            budget_min=4.0,
+        ),
+        ev(
+            "perplexity",
+            "eval/perplexity",
+            "--ckpt",
+            f"{o}/pretrain",
+            "--n",
+            "500",
+            reduced=("--n", "200"),
+        ),
+        *[
+            ev(
+                "coco_fid",
+                f"eval/t2i_k{k}",
+                "--ckpt",
+                f"{o}/pretrain",
+                "--retrieve-k",
+                str(k),
+                *t2i,
+                "--n",
+                "1000",
+                reduced=("--n", "200"),
+            )
+            for k in (0, 1, 2)
+        ],
+        ev(
+            "coco_fid",
+            "eval/t2i_untrained",
+            "--ckpt",
+            f"{o}/untrained",
+            "--retrieve-k",
+            "0",
+            *t2i,
+            "--n",
+            "1000",
+            reduced=("--n", "200"),
+        ),
+        ev(
+            "coco_fid",
+            "eval/t2i_cfg1",
+            "--ckpt",
+            f"{o}/pretrain",
+            "--retrieve-k",
+            "0",
+            "--strategy",
+            "cfg_topp",
+            "--cfg-scale",
+            "1",
+            "--num-samples",
+            "1",
+            "--seed",
+            "0",
+            "--n",
+            "1000",
+            reduced=("--n", "200"),
+        ),
+        ev(
+            "coco_fid",
+            "eval/t2i_n8",
+            "--ckpt",
+            f"{o}/pretrain",
+            "--retrieve-k",
+            "0",
+            "--strategy",
+            "cfg_topp",
+            "--cfg-scale",
+            "3",
+            "--num-samples",
+            "8",
+            "--seed",
+            "0",
+            "--n",
+            "250",
+            reduced=("--n", "50"),
+        ),
+        *[
+            ev(
+                "captioning",
+                f"eval/captioning_{m}",
+                "--ckpt",
+                f"{o}/{m}",
+                "--n",
+                "500",
+                reduced=("--n", "200"),
+            )
+            for m in ("pretrain", "sft")
+        ],
+        *[
+            ev("vqa", f"eval/vqa_{m}", "--ckpt", f"{o}/{m}", "--n", "1000", reduced=("--n", "400"))
+            for m in ("pretrain", "sft")
+        ],
+        Stage(
+            "eval/ablation/shapes",
+            [
+                PY,
+                str(ROOT / "eval" / "ablate_decoding.py"),
+                "--ablation",
+                "shapes",
+                "--outputs",
+                o,
+                "--ckpts",
+                f"shapes={o}/pretrain",
+                f"shapes_small={o}/pretrain_small",
+            ],
+            ["--n", "40", "--samples", "1", "2", "4", "8"],
+            budget_min=5.0,
+            marker="figure4.csv",
+        ),
     ]
 
 
 def run(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lit_cm3leon.pipeline", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", choices=["full", "reduced"], default="full",
-                    help="full: the README's numbers; reduced: the CI run (minutes, weaker gates)")
-    ap.add_argument("--out", default="outputs", help="where every stage publishes (default: outputs/)")
+    ap = argparse.ArgumentParser(
+        prog="python -m lit_cm3leon.pipeline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--budget",
+        choices=["full", "reduced"],
+        default="full",
+        help="full: the README's numbers; reduced: the CI run (minutes, weaker gates)",
+    )
+    ap.add_argument(
+        "--out", default="outputs", help="where every stage publishes (default: outputs/)"
+    )
     ap.add_argument("--only", nargs="*", help="run only these stages (by name)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
@@ -141,24 +315,36 @@ def run(argv: list[str] | None = None) -> int:
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, cwd=out.parent)
         if proc.returncode != 0:
-            print(f"{head} failed (exit {proc.returncode}); fix it and rerun: finished stages are kept",
-                  file=sys.stderr)
+            print(
+                f"{head} failed (exit {proc.returncode}); fix it and rerun: finished stages are kept",
+                file=sys.stderr,
+            )
             return proc.returncode
-        timings[stage.name] = {"seconds": round(time.time() - t0, 1), "budget": args.budget,
-                               "budget_min": stage.budget_min}
+        timings[stage.name] = {
+            "seconds": round(time.time() - t0, 1),
+            "budget": args.budget,
+            "budget_min": stage.budget_min,
+        }
         timing_path.write_text(json.dumps(timings, indent=2))
         print(f"{head}: finished in {timings[stage.name]['seconds']:.0f} s", flush=True)
     from lit_cm3leon.report import main as report
 
     t0 = time.time()
     report(["--outputs", str(out)])
-    timings["report"] = {"seconds": round(time.time() - t0, 1), "budget": args.budget, "budget_min": 0.5}
+    timings["report"] = {
+        "seconds": round(time.time() - t0, 1),
+        "budget": args.budget,
+        "budget_min": 0.5,
+    }
     timing_path.write_text(json.dumps(timings, indent=2))
     print("\nWhat the pipeline wrote:")
     for stage in todo:
         m = read_manifest(out / stage.name)
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in (m or {}).get("metrics", {}).items()
-                            if isinstance(v, int | float))
+        metrics = ", ".join(
+            f"{k}={v:.4g}"
+            for k, v in (m or {}).get("metrics", {}).items()
+            if isinstance(v, int | float)
+        )
         print(f"  outputs/{stage.name}/  {metrics}")
     print(f"\nThe report: {out / 'report.md'}")
     return 0

@@ -11,8 +11,14 @@ import os
 import sys
 
 SUBCOMMANDS = {
-    "text-tokenizer": ("lit_cm3leon.tokenizer.text", "train the byte-level BPE, write the vocabulary"),
-    "tokenize": ("lit_cm3leon.data.pretokenize", "turn images (+captions) into pre-tokenized shards"),
+    "text-tokenizer": (
+        "lit_cm3leon.tokenizer.text",
+        "train the byte-level BPE, write the vocabulary",
+    ),
+    "tokenize": (
+        "lit_cm3leon.data.pretokenize",
+        "turn images (+captions) into pre-tokenized shards",
+    ),
     "index": ("lit_cm3leon.retrieval.index", "embed the training split into a faiss memory bank"),
 }
 

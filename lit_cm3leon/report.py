@@ -54,9 +54,16 @@ class Report:
     # --- sections ------------------------------------------------------------------------
     def stages(self) -> None:
         timings = _load(self.out / "pipeline.json") or {}
-        self.add("## Stages", "", "| stage | wall time (s) | budget (min, full run) | run |", "| --- | --- | --- | --- |")
+        self.add(
+            "## Stages",
+            "",
+            "| stage | wall time (s) | budget (min, full run) | run |",
+            "| --- | --- | --- | --- |",
+        )
         for name, t in timings.items():
-            self.add(f"| {name} | {t['seconds']:.0f} | {t.get('budget_min', 0):g} | {t.get('budget', '')} |")
+            self.add(
+                f"| {name} | {t['seconds']:.0f} | {t.get('budget_min', 0):g} | {t.get('budget', '')} |"
+            )
         total = sum(t["seconds"] for t in timings.values())
         self.add("", f"Total wall time: {total / 60:.1f} min.", "")
 
@@ -75,15 +82,22 @@ class Report:
         rows = {k: self.ev(f"t2i_k{k}") for k in (0, 1, 2)}
         untrained = self.ev("t2i_untrained")
         self.add(
-            "## Table 1 layout: zero-shot text-to-image", "",
+            "## Table 1 layout: zero-shot text-to-image",
+            "",
             "Ours: shapes-world protocol, held-out prompts, FID on the evaluation CLIP's image features "
-            "(FID-CLIP, not comparable with Inception FID); the paper: MS-COCO 30K, Inception FID.", "",
-            "| source | model | retrieved docs | FID | CLIP score | attribute acc. | n |", "| --- | --- | --- | --- | --- | --- | --- |",
+            "(FID-CLIP, not comparable with Inception FID); the paper: MS-COCO 30K, Inception FID.",
+            "",
+            "| source | model | retrieved docs | FID | CLIP score | attribute acc. | n |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         )
         for row in TABLE1:
-            self.add(f"| {SOURCE} | {row['model']} | {row['retrieve_k']} | {row['fid']:.2f} (Inception) | – | – | 30000 |")
+            self.add(
+                f"| {SOURCE} | {row['model']} | {row['retrieve_k']} | {row['fid']:.2f} (Inception) | – | – | 30000 |"
+            )
         for k, rec in rows.items():
-            self._t2i_row(f"ours, pretrained (cfg_topp, CFG {(rec or {}).get('cfg_scale', '')})", k, rec)
+            self._t2i_row(
+                f"ours, pretrained (cfg_topp, CFG {(rec or {}).get('cfg_scale', '')})", k, rec
+            )
         self._t2i_row("ours, untrained (baseline)", 0, untrained)
         self.add("")
         return {"rows": rows, "untrained": untrained}
@@ -99,40 +113,70 @@ class Report:
 
     def decoding(self) -> dict:
         base, cfg1, n8 = self.ev("t2i_k0"), self.ev("t2i_cfg1"), self.ev("t2i_n8")
-        self.add("## Decoding: CFG and re-ranking (pretrained model, no retrieval)", "",
-                 "| setting | FID-CLIP | CLIP score | attribute acc. | n |", "| --- | --- | --- | --- | --- |")
-        for label, rec in (("cfg_scale 1 (no guidance)", cfg1), ("cfg_scale 3", base), ("cfg_scale 3, 8 samples + CLIP re-rank", n8)):
+        self.add(
+            "## Decoding: CFG and re-ranking (pretrained model, no retrieval)",
+            "",
+            "| setting | FID-CLIP | CLIP score | attribute acc. | n |",
+            "| --- | --- | --- | --- | --- |",
+        )
+        for label, rec in (
+            ("cfg_scale 1 (no guidance)", cfg1),
+            ("cfg_scale 3", base),
+            ("cfg_scale 3, 8 samples + CLIP re-rank", n8),
+        ):
             if rec is None:
                 self.add(f"| {label} | not run | | | |")
             else:
-                self.add(f"| {label} | {_num(rec.get('fid'))} | {_num(rec.get('clip_score'), 2)} | "
-                         f"{_num(rec.get('attr_acc'))} {_ci(rec, 'attr_acc')} | {rec.get('n')} |")
+                self.add(
+                    f"| {label} | {_num(rec.get('fid'))} | {_num(rec.get('clip_score'), 2)} | "
+                    f"{_num(rec.get('attr_acc'))} {_ci(rec, 'attr_acc')} | {rec.get('n')} |"
+                )
         self.add("")
         return {"cfg1": cfg1, "cfg3": base, "n8": n8}
 
     def perplexity(self) -> dict | None:
         rec = self.ev("perplexity")
-        self.add("## Held-out image-token perplexity", "", "| model input | perplexity | 95% CI |", "| --- | --- | --- |")
+        self.add(
+            "## Held-out image-token perplexity",
+            "",
+            "| model input | perplexity | 95% CI |",
+            "| --- | --- | --- |",
+        )
         if rec is None:
             self.add("| not run | | |", "")
             return None
         for key in sorted(k for k in rec if k.startswith("ppl_image")):
             self.add(f"| {key.replace('ppl_image_', '')} | {_num(rec[key])} | {_ci(rec, key)} |")
-        self.add("", "k<n>: pretrained decoder with n retrieved documents; unigram: per-position code frequencies of the training shards.", "")
+        self.add(
+            "",
+            "k<n>: pretrained decoder with n retrieved documents; unigram: per-position code frequencies of the training shards.",
+            "",
+        )
         return rec
 
     def table2(self) -> dict:
         caps = {m: self.ev(f"captioning_{m}") for m in ("pretrain", "sft")}
         vqas = {m: self.ev(f"vqa_{m}") for m in ("pretrain", "sft")}
-        self.add("## Table 2 layout: image to text", "",
-                 "| source | model | CIDEr | caption attribute acc. | VQA acc. (%) |", "| --- | --- | --- | --- | --- |")
-        self.add(f"| {SOURCE} | {TABLE2['model']} (MS-COCO, VQA2) | {TABLE2['MS-COCO CIDEr']} | – | {TABLE2['VQA2 acc.']} |")
+        self.add(
+            "## Table 2 layout: image to text",
+            "",
+            "| source | model | CIDEr | caption attribute acc. | VQA acc. (%) |",
+            "| --- | --- | --- | --- | --- |",
+        )
+        self.add(
+            f"| {SOURCE} | {TABLE2['model']} (MS-COCO, VQA2) | {TABLE2['MS-COCO CIDEr']} | – | {TABLE2['VQA2 acc.']} |"
+        )
         for m in ("pretrain", "sft"):
             c, v = caps[m] or {}, vqas[m] or {}
-            self.add(f"| ours, shapes | {m} | {_num(c.get('CIDEr'))} | {_num(c.get('caption_attr_acc'))} | {_num(v.get('overall'), 2)} |")
+            self.add(
+                f"| ours, shapes | {m} | {_num(c.get('CIDEr'))} | {_num(c.get('caption_attr_acc'))} | {_num(v.get('overall'), 2)} |"
+            )
         c, v = caps["sft"] or {}, vqas["sft"] or {}
-        self.add(f"| ours, shapes | baseline: most frequent caption / question-type prior | {_num(c.get('baseline_CIDEr'))} | "
-                 f"{_num(c.get('baseline_caption_attr_acc'))} | {_num(v.get('baseline_overall'), 2)} |", "")
+        self.add(
+            f"| ours, shapes | baseline: most frequent caption / question-type prior | {_num(c.get('baseline_CIDEr'))} | "
+            f"{_num(c.get('baseline_caption_attr_acc'))} | {_num(v.get('baseline_overall'), 2)} |",
+            "",
+        )
         return {"cap": caps, "vqa": vqas}
 
     def _grid(self, name: str, n: int = 24, cols: int = 8) -> Path | None:
@@ -155,21 +199,40 @@ class Report:
 
     def figures(self) -> None:
         self.add("## Figures", "")
-        for name, title in (("t2i_k2", "Text to image, 2 retrieved documents"), ("t2i_k0", "Text to image, no retrieval"),
-                            ("t2i_untrained", "Untrained decoder (baseline)")):
+        for name, title in (
+            ("t2i_k2", "Text to image, 2 retrieved documents"),
+            ("t2i_k0", "Text to image, no retrieval"),
+            ("t2i_untrained", "Untrained decoder (baseline)"),
+        ):
             grid = self._grid(name)
             if grid is not None:
                 prompts = _load(self.out / "eval" / name / "run" / "prompts.json") or {}
                 first = "; ".join(list(prompts.values())[:3])
-                self.add(f"### {title}", "", f"![{title}]({grid.relative_to(self.out)})", "",
-                         f"First prompts (row-major): {first}" if first else "", "")
+                self.add(
+                    f"### {title}",
+                    "",
+                    f"![{title}]({grid.relative_to(self.out)})",
+                    "",
+                    f"First prompts (row-major): {first}" if first else "",
+                    "",
+                )
         plot = self.out / "eval" / "ablation" / "shapes" / "figure4.png"
         if plot.is_file():
-            self.add("### Decoding ablation (paper Figure 4 layout)", "", f"![ablation]({plot.relative_to(self.out)})", "")
+            self.add(
+                "### Decoding ablation (paper Figure 4 layout)",
+                "",
+                f"![ablation]({plot.relative_to(self.out)})",
+                "",
+            )
         for m in ("pretrain", "sft"):
             preds = _load(self.out / "eval" / f"captioning_{m}" / "run" / "predictions.json")
             if preds:
-                self.add(f"### Captions ({m}, first held-out images)", "", *[f"- {p['caption']}" for p in preds[:6]], "")
+                self.add(
+                    f"### Captions ({m}, first held-out images)",
+                    "",
+                    *[f"- {p['caption']}" for p in preds[:6]],
+                    "",
+                )
 
     def ablation_findings(self) -> tuple[bool | None, str, bool | None, str]:
         import csv
@@ -186,16 +249,24 @@ class Report:
                 best[r["size"]] = min(best.get(r["size"], key), key)
         steps = [scales.index(v[1]) for v in best.values()]
         ok2 = (max(steps) - min(steps) <= 1) if len(best) > 1 else None
-        d2 = "best CFG scale " + ", ".join(f"{k}: {v[1]:g} (FID-CLIP {v[0]:.3f})" for k, v in best.items())
+        d2 = "best CFG scale " + ", ".join(
+            f"{k}: {v[1]:g} (FID-CLIP {v[0]:.3f})" for k, v in best.items()
+        )
         gains = {}
         for strategy in sorted({r["strategy"] for r in rows if r["panel"] == "samples"}):
-            pts = sorted((int(r["num_samples"]), float(r["fid"])) for r in rows if r["panel"] == "samples" and r["strategy"] == strategy)
+            pts = sorted(
+                (int(r["num_samples"]), float(r["fid"]))
+                for r in rows
+                if r["panel"] == "samples" and r["strategy"] == strategy
+            )
             if len(pts) >= 2:
                 gains[strategy] = (pts[-2][1] - pts[-1][1], pts)
         ok3 = None
         if {"mixed", "cfg_topp", "cdk"} <= set(gains):
             ok3 = gains["mixed"][0] > max(gains["cfg_topp"][0], gains["cdk"][0])
-        d3 = "; ".join(f"{s}: " + " -> ".join(f"{f:.3f}" for _, f in g[1]) for s, g in gains.items())
+        d3 = "; ".join(
+            f"{s}: " + " -> ".join(f"{f:.3f}" for _, f in g[1]) for s, g in gains.items()
+        )
         return ok2, d2, ok3, ("FID-CLIP by samples " + d3) if d3 else ""
 
     def findings(self, t1: dict, dec: dict, ppl: dict | None, t2: dict) -> None:
@@ -209,21 +280,37 @@ class Report:
         ppl_note = ""
         if ppl:
             ppl_note = f"; image perplexity k0 {_num(ppl.get('ppl_image_k0'))}, k2 {_num(ppl.get('ppl_image_k2'))}"
-        self.add(f"1. Retrieval lowers FID (0 -> 1 -> 2 documents): {verdict(ok1)}: FID-CLIP {', '.join(_num(f) for f in fids)}{ppl_note}.")
+        self.add(
+            f"1. Retrieval lowers FID (0 -> 1 -> 2 documents): {verdict(ok1)}: FID-CLIP {', '.join(_num(f) for f in fids)}{ppl_note}."
+        )
         ok2, d2, ok3, d3 = self.ablation_findings()
-        self.add(f"2. The best CFG scale is about the same across model sizes (at most one grid step apart): {verdict(ok2)}: {d2}.")
-        self.add(f"3. The mixed strategy keeps improving with more samples where cfg_topp and cdk flatten "
-                 f"(its last doubling gains more than theirs): {verdict(ok3)}: {d3}.")
+        self.add(
+            f"2. The best CFG scale is about the same across model sizes (at most one grid step apart): {verdict(ok2)}: {d2}."
+        )
+        self.add(
+            f"3. The mixed strategy keeps improving with more samples where cfg_topp and cdk flatten "
+            f"(its last doubling gains more than theirs): {verdict(ok3)}: {d3}."
+        )
         cp, cs = (t2["cap"]["pretrain"] or {}).get("CIDEr"), (t2["cap"]["sft"] or {}).get("CIDEr")
-        vp, vs = (t2["vqa"]["pretrain"] or {}).get("overall"), (t2["vqa"]["sft"] or {}).get("overall")
+        vp, vs = (
+            (t2["vqa"]["pretrain"] or {}).get("overall"),
+            (t2["vqa"]["sft"] or {}).get("overall"),
+        )
         ok4 = None if None in (cp, cs, vp, vs) else (cs > cp and vs > vp)
-        self.add(f"4. SFT lifts VQA and captioning over the pretrained model: {verdict(ok4)}: CIDEr {_num(cp)} -> {_num(cs)}, "
-                 f"VQA {_num(vp, 2)} -> {_num(vs, 2)}.", "")
+        self.add(
+            f"4. SFT lifts VQA and captioning over the pretrained model: {verdict(ok4)}: CIDEr {_num(cp)} -> {_num(cs)}, "
+            f"VQA {_num(vp, 2)} -> {_num(vs, 2)}.",
+            "",
+        )
 
     def build(self) -> str:
-        self.add("# lit_cm3leon report: the shapes world", "",
-                 "Made by `python -m lit_cm3leon.report` from the files under outputs/. Paper figures are labelled "
-                 f"\"{SOURCE}\"; every other number comes from this run.", "")
+        self.add(
+            "# lit_cm3leon report: the shapes world",
+            "",
+            "Made by `python -m lit_cm3leon.report` from the files under outputs/. Paper figures are labelled "
+            f'"{SOURCE}"; every other number comes from this run.',
+            "",
+        )
         self.stages()
         self.tokenizers()
         t1 = self.table1()
@@ -236,7 +323,9 @@ class Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--outputs", default="outputs", help="the pipeline's outputs/ folder")
     args = ap.parse_args(argv)
     out = Path(args.outputs)

@@ -27,7 +27,11 @@ def compose(tmp_path):
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             cfg = hydra_compose(
                 "fit",
-                overrides=[f"paths.root_dir={tmp_path}", f"paths.run_dir={tmp_path}/run", *(overrides or [])],
+                overrides=[
+                    f"paths.root_dir={tmp_path}",
+                    f"paths.run_dir={tmp_path}/run",
+                    *(overrides or []),
+                ],
                 return_hydra_config=True,
             )
         from hydra.core.hydra_config import HydraConfig

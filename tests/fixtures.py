@@ -10,7 +10,9 @@ import numpy as np
 WORDS = ["red", "green", "blue", "circle", "square", "triangle", "a", "and", "small", "large"]
 
 
-def make_token_shards(root: Path, n: int, hw: int = 4, n_codes: int = 16, seed: int = 0, per_shard: int = 50) -> Path:
+def make_token_shards(
+    root: Path, n: int, hw: int = 4, n_codes: int = 16, seed: int = 0, per_shard: int = 50
+) -> Path:
     """A pre-tokenized shard folder (the `prepare tokenize` layout) with learnable structure:
     the first word of each caption decides the image's codes."""
     rng = np.random.default_rng(seed)
@@ -20,13 +22,20 @@ def make_token_shards(root: Path, n: int, hw: int = 4, n_codes: int = 16, seed: 
         codes, records = [], []
         for i in rows:
             color = int(rng.integers(0, 3))
-            codes.append(np.full((hw, hw), color * 5, dtype=np.int16) + rng.integers(0, 2, (hw, hw)).astype(np.int16))
+            codes.append(
+                np.full((hw, hw), color * 5, dtype=np.int16)
+                + rng.integers(0, 2, (hw, hw)).astype(np.int16)
+            )
             text = f"a {WORDS[color]} {WORDS[3 + int(rng.integers(0, 3))]}"
             records.append({"doc_id": i, "text": text, "source": "fixture"})
         name = f"shard-{s:05d}"
-        np.savez(root / f"{name}.npz", codes=np.stack(codes), doc_id=np.array(list(rows), dtype=np.int64))
+        np.savez(
+            root / f"{name}.npz", codes=np.stack(codes), doc_id=np.array(list(rows), dtype=np.int64)
+        )
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (root / "manifest.json").write_text(json.dumps({"h": hw, "w": hw, "n_codes": n_codes, "count": n}))
+    (root / "manifest.json").write_text(
+        json.dumps({"h": hw, "w": hw, "n_codes": n_codes, "count": n})
+    )
     return root
 
 
@@ -61,12 +70,19 @@ def make_tiny_outputs(out: Path) -> Path:
     from lit_cm3leon.tokenizer.text import cli as text_cli
     from lit_cm3leon.training.checkpoint import save_decoder
 
-    assert text_cli(["--out", str(out / "text_tokenizer"), "--vocab-size", "300", "--shapes-samples", "100"]) == 0
+    assert (
+        text_cli(
+            ["--out", str(out / "text_tokenizer"), "--vocab-size", "300", "--shapes-samples", "100"]
+        )
+        == 0
+    )
     load_image_tokenizer("shapes").save(out / "image_tokenizer")
     codec = DocumentCodec.load(out / "text_tokenizer")
     torch.manual_seed(0)
     model = build_model(ModelConfig.preset("debug", vocab_size=codec.vocab.size, max_seq_len=512))
-    torch.nn.init.normal_(model.lm_head.weight, std=2.0)  # a fresh head is zero: make prompts matter
+    torch.nn.init.normal_(
+        model.lm_head.weight, std=2.0
+    )  # a fresh head is zero: make prompts matter
     save_decoder(out / "pretrain", model, codec.vocab)
     arch = out.parent / "tiny-clip.json"
     arch.write_text(json.dumps(TINY_CLIP))
@@ -76,13 +92,28 @@ def make_tiny_outputs(out: Path) -> Path:
     return out
 
 
-def tiny_pretrain_overrides(steps: int, *extra: str, seq_len: int = 48, batch_size: int = 2) -> list[str]:
+def tiny_pretrain_overrides(
+    steps: int, *extra: str, seq_len: int = 48, batch_size: int = 2
+) -> list[str]:
     """`fit experiment=pretrain` at the debug size on fixture shards: no retrieval, no image
     tokenizer (so no sample grid and no artifact requirements), fp32, CSV logs."""
     return [
-        "experiment=pretrain", "model=debug", "data.index_dir=null", "data.n_retrieved=0",
-        "data.val_retrieve_k=0", f"data.seq_len={seq_len}", "data.image_tokens=16", f"data.batch_size={batch_size}",
-        f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1",
-        "trainer.precision=32-true", "trainer.enable_model_summary=false", "logger=csv",
-        "~callbacks.progress_bar", "~callbacks.sample_grid", "requires=[]", *extra,
+        "experiment=pretrain",
+        "model=debug",
+        "data.index_dir=null",
+        "data.n_retrieved=0",
+        "data.val_retrieve_k=0",
+        f"data.seq_len={seq_len}",
+        "data.image_tokens=16",
+        f"data.batch_size={batch_size}",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        "trainer.limit_val_batches=1",
+        "trainer.precision=32-true",
+        "trainer.enable_model_summary=false",
+        "logger=csv",
+        "~callbacks.progress_bar",
+        "~callbacks.sample_grid",
+        "requires=[]",
+        *extra,
     ]

@@ -56,7 +56,9 @@ class PoisonAt(L.Callback):
 
     instances: list[PoisonAt] = []
 
-    def __init__(self, steps: list[int], value: str = "nan", rank: int | None = None, out: str | None = None) -> None:
+    def __init__(
+        self, steps: list[int], value: str = "nan", rank: int | None = None, out: str | None = None
+    ) -> None:
         self.steps, self.value, self.rank, self.out = set(steps), value, rank, out
         self.changed: dict[int, bool] = {}
         self.bad_logged: dict[int, float] = {}
@@ -72,7 +74,9 @@ class PoisonAt(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         after = list(pl_module.parameters())
-        self.changed[self._step] = any(not torch.equal(a, b.detach()) for a, b in zip(self._before, after, strict=True))
+        self.changed[self._step] = any(
+            not torch.equal(a, b.detach()) for a, b in zip(self._before, after, strict=True)
+        )
         bad = trainer.callback_metrics.get("train/skipped_nonfinite")
         if bad is not None:
             self.bad_logged[self._step] = float(bad)
@@ -92,7 +96,13 @@ class RecordBatches(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         lr = trainer.optimizers[0].param_groups[0]["lr"]
-        loss = outputs["loss"].item() if isinstance(outputs, dict) and outputs.get("loss") is not None else float("nan")
+        loss = (
+            outputs["loss"].item()
+            if isinstance(outputs, dict) and outputs.get("loss") is not None
+            else float("nan")
+        )
         with open(self.path, "a") as f:
             crcs = ",".join(str(zlib.crc32(row.numpy().tobytes())) for row in batch["ids"].cpu())
-            f.write(f"{trainer.global_step} {trainer.global_rank} {batch_idx} {lr!r} {int(batch['ids'].sum())} {loss!r} {crcs}\n")
+            f.write(
+                f"{trainer.global_step} {trainer.global_rank} {batch_idx} {lr!r} {int(batch['ids'].sum())} {loss!r} {crcs}\n"
+            )

@@ -12,8 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230),
-          "yellow": (230, 220, 40), "magenta": (210, 50, 210), "cyan": (40, 210, 220)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 70, 230),
+    "yellow": (230, 220, 40),
+    "magenta": (210, 50, 210),
+    "cyan": (40, 210, 220),
+}
 SHAPES = ("circle", "square", "triangle")
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 
@@ -35,8 +41,14 @@ class StandinSample:
 
 
 class StandinWorld:
-    def __init__(self, image_size: int = 32, grid: int = 3, max_shapes: int = 3,
-                 heldout_fraction: float = 0.1, seed: int = 0) -> None:
+    def __init__(
+        self,
+        image_size: int = 32,
+        grid: int = 3,
+        max_shapes: int = 3,
+        heldout_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
         self.image_size, self.grid, self.max_shapes, self.seed = image_size, grid, max_shapes, seed
 
     def sample(self, split: str, index: int) -> StandinSample:
@@ -47,8 +59,14 @@ class StandinWorld:
         cells = rng.choice(self.grid * self.grid, size=n, replace=False)
         objs = []
         for c in cells:
-            objs.append((SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))],
-                         int(c) // self.grid, int(c) % self.grid))
+            objs.append(
+                (
+                    SHAPES[rng.integers(len(SHAPES))],
+                    list(COLORS)[rng.integers(len(COLORS))],
+                    int(c) // self.grid,
+                    int(c) % self.grid,
+                )
+            )
         img = np.full((self.image_size, self.image_size, 3), 245, np.uint8)
         cs = self.image_size // self.grid
         yy, xx = np.mgrid[0:cs, 0:cs]
@@ -59,7 +77,7 @@ class StandinWorld:
                 m = (yy >= 1) & (yy < cs - 1) & (xx >= 1) & (xx < cs - 1)
             else:
                 m = (yy >= 1) & (np.abs(xx - cs / 2 + 0.5) <= (yy - 1) / 2 + 0.5)
-            img[r * cs:(r + 1) * cs, c * cs:(c + 1) * cs][m] = COLORS[color]
+            img[r * cs : (r + 1) * cs, c * cs : (c + 1) * cs][m] = COLORS[color]
         short = " and ".join(f"a {col} {sh}" for sh, col, _, _ in objs)
         long = ", ".join(f"a {col} {sh} at the {ROWS[r]} {COLS[c]}" for sh, col, r, c in objs)
         return StandinSample(StandinScene(tuple(objs)), img, short, long)

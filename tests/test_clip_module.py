@@ -32,8 +32,9 @@ def test_recall_counts_attribute_hits_and_chance():
 
 def test_clip_training_smoke(tmp_path):
     L.seed_everything(0)
-    dm = ShapesPairDataModule(StandinWorld(), n_train=640, batch_size=32, parity=0,
-                              caption="both", n_val=64)
+    dm = ShapesPairDataModule(
+        StandinWorld(), n_train=640, batch_size=32, parity=0, caption="both", n_val=64
+    )
     dm.setup("fit")
     assert (dm.train_set.indices % 2 == 0).all() and len(dm.train_set) == 320
     module = CLIPModule(arch="shapes-clip-debug", max_steps=20, warmup_steps=5, lr=3e-3)
@@ -43,9 +44,16 @@ def test_clip_training_smoke(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, callbacks=[Record()], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=20,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[Record()],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, dm)
     assert len(losses) == 20 and np.mean(losses[-5:]) < np.mean(losses[:5])
     assert {"t2i_r1", "t2i_r5", "i2t_r1", "t2i_r1_chance"} <= set(module.last_metrics)

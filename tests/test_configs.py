@@ -52,17 +52,44 @@ def test_callbacks_and_loggers_instantiate(compose):
 
 
 def test_help_lists_groups():
-    out = subprocess.run([sys.executable, "-m", "lit_cm3leon.fit", "--help"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "lit_cm3leon.fit", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
-    for group in ("data", "model", "trainer", "callbacks", "logger", "paths", "experiment", "debug",
-                  "hparams_search", "decoding", "retrieval"):
+    for group in (
+        "data",
+        "model",
+        "trainer",
+        "callbacks",
+        "logger",
+        "paths",
+        "experiment",
+        "debug",
+        "hparams_search",
+        "decoding",
+        "retrieval",
+    ):
         assert f"{group}:" in out.stdout, f"--help does not list the {group} group"
 
 
 def test_unknown_experiment_lists_available(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "lit_cm3leon.fit", "experiment=no_such_thing",
-                          f"paths.root_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lit_cm3leon.fit",
+            "experiment=no_such_thing",
+            f"paths.root_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode != 0
     assert "Available options in 'experiment'" in out.stderr
     for name in EXPERIMENTS:
@@ -70,8 +97,13 @@ def test_unknown_experiment_lists_available(tmp_path):
 
 
 def test_no_experiment_names_the_fix(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "lit_cm3leon.fit", f"paths.root_dir={tmp_path}"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "lit_cm3leon.fit", f"paths.root_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode != 0 and "experiment=<name>" in out.stderr
 
 

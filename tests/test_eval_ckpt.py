@@ -21,7 +21,18 @@ from PIL import Image
 from tests.fixtures import make_tiny_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA = ("protocol", "seed", "ckpt", "strategy", "cfg_scale", "num_samples", "retrieve_k", "n", "ci95", "bootstrap")
+SCHEMA = (
+    "protocol",
+    "seed",
+    "ckpt",
+    "strategy",
+    "cfg_scale",
+    "num_samples",
+    "retrieve_k",
+    "n",
+    "ci95",
+    "bootstrap",
+)
 
 
 def script(name: str):
@@ -106,10 +117,16 @@ def test_run_folder_of_another_checkpoint_is_refused(outputs, tmp_path):
     from lit_cm3leon.evaluation.metrics_io import InputError
     from lit_cm3leon.evaluation.t2i_run import RunSpec
 
-    RunSpec("a", "digest1", "shapes-heldout", 4, 0, 2, {"strategy": "cfg_topp"}).check_against(tmp_path)
-    RunSpec("moved/a", "digest1", "shapes-heldout", 4, 0, 2, {"strategy": "cfg_topp"}).check_against(tmp_path)
+    RunSpec("a", "digest1", "shapes-heldout", 4, 0, 2, {"strategy": "cfg_topp"}).check_against(
+        tmp_path
+    )
+    RunSpec(
+        "moved/a", "digest1", "shapes-heldout", 4, 0, 2, {"strategy": "cfg_topp"}
+    ).check_against(tmp_path)
     with pytest.raises(InputError, match="ckpt_digest"):
-        RunSpec("a", "digest2", "shapes-heldout", 4, 0, 2, {"strategy": "cfg_topp"}).check_against(tmp_path)
+        RunSpec("a", "digest2", "shapes-heldout", 4, 0, 2, {"strategy": "cfg_topp"}).check_against(
+            tmp_path
+        )
 
 
 def test_prefix_helpers():
@@ -129,8 +146,14 @@ def test_caption_claim_accuracy():
     from lit_cm3leon.data.shapes import Scene, Shape
     from lit_cm3leon.evaluation.shapes_i2t import caption_attr_scores
 
-    scene = Scene("white", (Shape("circle", "red", "large", 0, 0), Shape("square", "blue", "small", 1, 1)))
-    preds = {0: "a large red circle at the top left and a green square", 1: "", 2: "a red circle and a blue square"}
+    scene = Scene(
+        "white", (Shape("circle", "red", "large", 0, 0), Shape("square", "blue", "small", 1, 1))
+    )
+    preds = {
+        0: "a large red circle at the top left and a green square",
+        1: "",
+        2: "a red circle and a blue square",
+    }
     s = caption_attr_scores(preds, {0: scene, 1: scene, 2: scene})
     assert s["caption_attr_precision"].tolist() == [0.5, 0.0, 1.0]
     assert s["caption_attr_recall"].tolist() == [0.5, 0.0, 1.0]
@@ -143,15 +166,29 @@ def test_captioning_and_vqa_ckpt(outputs):
 
     common = ["--ckpt", str(outputs / "pretrain"), "--outputs", str(outputs), "--bootstrap", "10",
               "--baseline-train", "300"]  # fmt: skip
-    assert script("captioning").main([*common, "--n", "3", "--max-text-tokens", "8", "--metrics", "Bleu_4,CIDEr"]) == 0
+    assert (
+        script("captioning").main(
+            [*common, "--n", "3", "--max-text-tokens", "8", "--metrics", "Bleu_4,CIDEr"]
+        )
+        == 0
+    )
     cap = outputs / "eval" / "captioning" / "pretrain_shapes-heldout_n3_caption_long_greedy_seed0"
     preds = json.loads((cap / "predictions.json").read_text())
-    assert [p["image_id"] for p in preds] == [0, 1, 2] and all(isinstance(p["caption"], str) for p in preds)
+    assert [p["image_id"] for p in preds] == [0, 1, 2] and all(
+        isinstance(p["caption"], str) for p in preds
+    )
     anns = json.loads((cap / "annotations.json").read_text())
     assert len(anns["images"]) == 3 and len(anns["annotations"]) == 6
     m = read_metrics(cap / "metrics.json")
     assert m["protocol"] == "shapes-captions" and m["strategy"] == "greedy" and m["n"] == 3
-    for key in ("Bleu_4", "CIDEr", "caption_attr_acc", "baseline_Bleu_4", "baseline_CIDEr", "baseline_caption_attr_acc"):
+    for key in (
+        "Bleu_4",
+        "CIDEr",
+        "caption_attr_acc",
+        "baseline_Bleu_4",
+        "baseline_CIDEr",
+        "baseline_caption_attr_acc",
+    ):
         assert key in m and key in m["ci95"], key
     assert isinstance(m["baseline_caption"], str) and m["baseline_caption"].endswith("background")
     # an untrained decoder's captions are no better than the most frequent caption
@@ -214,7 +251,10 @@ def test_ablation_tiny_grid(outputs):
 def test_rank_sharding_scores_once_all_samples_exist(outputs, clean, tmp_path):
     coco_fid = script("coco_fid")
     run = tmp_path / "sharded"
-    assert coco_fid.main(fid_args(outputs, "--run-dir", str(run), "--rank", "0", "--world-size", "2")) == 0
+    assert (
+        coco_fid.main(fid_args(outputs, "--run-dir", str(run), "--rank", "0", "--world-size", "2"))
+        == 0
+    )
     made = sorted(p.name for p in (run / "samples").glob("*.png"))
     assert made == ["00000.png", "00001.png"]  # chunk 0 of 2
     assert not (run / "metrics.json").is_file()
@@ -243,11 +283,26 @@ def test_coco_captions_prompts(outputs, tmp_path):
     captions.write_text(json.dumps({"images": images, "annotations": annotations}))
     base = fid_args(outputs, "--n", "4", "--captions", str(captions))
     assert coco_fid.main(base) == 2  # needs --reference
-    assert coco_fid.main([*base, "--reference", str(ref), "--features", "clip", "--run-dir", str(tmp_path / "run")]) == 0
+    assert (
+        coco_fid.main(
+            [
+                *base,
+                "--reference",
+                str(ref),
+                "--features",
+                "clip",
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["protocol"] == "coco-captions_val" and "attr_acc" not in m and "clip_score" in m
     prompts = json.loads((tmp_path / "run" / "prompts.json").read_text())
-    assert prompts["00001.png"] == world.sample("train", 1).caption_long  # the first caption of each image
+    assert (
+        prompts["00001.png"] == world.sample("train", 1).caption_long
+    )  # the first caption of each image
 
 
 def test_engine_mixed_splits_each_prompts_samples(monkeypatch):
@@ -280,10 +335,14 @@ def test_engine_mixed_splits_each_prompts_samples(monkeypatch):
 
     monkeypatch.setattr(engine_mod, "generate", fake_generate)
     eng = engine_mod.Engine(torch.nn.Linear(1, 1), Codec())
-    eng.text_to_image_codes(["a", "b"], engine_mod.Decoding(strategy="mixed", num_samples=3), batch_size=64)
+    eng.text_to_image_codes(
+        ["a", "b"], engine_mod.Decoding(strategy="mixed", num_samples=3), batch_size=64
+    )
     assert calls == [("cfg_topp", 4), ("cdk", 2)]  # samples 0-1 of each prompt, then sample 2
     calls.clear()
-    eng.text_to_image_codes(["a", "b"], engine_mod.Decoding(strategy="cdk", num_samples=3), batch_size=64)
+    eng.text_to_image_codes(
+        ["a", "b"], engine_mod.Decoding(strategy="cdk", num_samples=3), batch_size=64
+    )
     assert calls == [("cdk", 6)]
 
 
@@ -300,13 +359,21 @@ def test_scoring_an_oracle_run(outputs, tmp_path):
     spec = tr.RunSpec("oracle", "-", pset.protocol, 6, 0, 2, {})
     dec = type("D", (), {"strategy": None, "cfg_scale": None, "num_samples": 1, "retrieve_k": 0})
     scorers = tr.Scorers("clip", load_clip_encoder(outputs / "eval_clip"))
-    rec = tr.score_run(folder, pset.prompts, pset.reference, tr.header_for(spec, dec), scorers, pset.scenes, 5, 0)
-    assert rec["fid"] == pytest.approx(0.0, abs=1e-3) and rec["attr_acc"] == 1.0 and rec["exact"] == 1.0
+    rec = tr.score_run(
+        folder, pset.prompts, pset.reference, tr.header_for(spec, dec), scorers, pset.scenes, 5, 0
+    )
+    assert (
+        rec["fid"] == pytest.approx(0.0, abs=1e-3)
+        and rec["attr_acc"] == 1.0
+        and rec["exact"] == 1.0
+    )
     assert rec["count_acc"] == 1.0
     (folder / "metrics.json").unlink()
     swapped = np.stack([refs[1], refs[0], *refs[2:]])
     for p in (folder / "samples").glob("*.png"):
         p.unlink()
     tr.write_images(folder / "samples", swapped)
-    rec = tr.score_run(folder, pset.prompts, pset.reference, tr.header_for(spec, dec), scorers, pset.scenes, 5, 0)
+    rec = tr.score_run(
+        folder, pset.prompts, pset.reference, tr.header_for(spec, dec), scorers, pset.scenes, 5, 0
+    )
     assert rec["exact"] == pytest.approx(4 / 6) and rec["fid"] == pytest.approx(0.0, abs=1e-3)

@@ -23,8 +23,14 @@ def outputs(tmp_path_factory) -> Path:
     root = Path(os.environ.get("LIT_CM3LEON_E2E_ROOT") or tmp_path_factory.mktemp("e2e"))
     out = root / "outputs"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lit_cm3leon.pipeline", "--budget", "reduced", "--out", str(out)],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=60 * 60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_cm3leon.pipeline", "--budget", "reduced", "--out", str(out)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60 * 60,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out
 
@@ -70,6 +76,20 @@ def test_sft_captions_beat_most_frequent_caption(outputs):
 
 def test_rerun_only_points_at_the_report(outputs):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lit_cm3leon.pipeline", "--budget", "reduced", "--out", str(outputs)],
-                          cwd=outputs.parent, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lit_cm3leon.pipeline",
+            "--budget",
+            "reduced",
+            "--out",
+            str(outputs),
+        ],
+        cwd=outputs.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "report is at" in proc.stdout and "[1/" not in proc.stdout

@@ -28,8 +28,14 @@ def artifacts(tmp_path):
 
 def overrides(steps: int) -> list[str]:
     return tiny_pretrain_overrides(
-        steps, "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "module.warmup_steps=5",
-        "module.lr=3e-3", "callbacks.model_checkpoint.every_n_train_steps=10", seq_len=64, batch_size=4,
+        steps,
+        "trainer.val_check_interval=10",
+        "trainer.limit_val_batches=2",
+        "module.warmup_steps=5",
+        "module.lr=3e-3",
+        "callbacks.model_checkpoint.every_n_train_steps=10",
+        seq_len=64,
+        batch_size=4,
     )
 
 
@@ -57,7 +63,9 @@ def test_pretrain_fit_publishes_and_resumes(compose, artifacts, tmp_path):
     metrics = train(cfg)
     assert metrics["train/loss"] < 6.0
     out = artifacts / "pretrain"
-    model, vocab, record = load_decoder(out, vocab=Vocab.load(artifacts / "text_tokenizer" / "vocab.json"))
+    model, vocab, record = load_decoder(
+        out, vocab=Vocab.load(artifacts / "text_tokenizer" / "vocab.json")
+    )
     assert record["step"] == 20 and (out / "manifest.json").is_file()
     last = tmp_path / "logs" / "pretrain" / "checkpoints" / "last.ckpt"
     torch.load(last, weights_only=True)  # plain containers only

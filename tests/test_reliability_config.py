@@ -8,9 +8,17 @@ from lit_cm3leon.fit import train
 from lit_cm3leon.utils.config import ConfigError
 from tests.fixtures import make_text_tokenizer, make_token_shards
 
-BASE = ["experiment=pretrain", "model=debug", "data.index_dir=null", "data.n_retrieved=0",
-        "data.val_retrieve_k=0", "data.seq_len=48", "data.image_tokens=16", "trainer.max_steps=2",
-        "logger=csv"]
+BASE = [
+    "experiment=pretrain",
+    "model=debug",
+    "data.index_dir=null",
+    "data.n_retrieved=0",
+    "data.val_retrieve_k=0",
+    "data.seq_len=48",
+    "data.image_tokens=16",
+    "trainer.max_steps=2",
+    "logger=csv",
+]
 
 
 @pytest.fixture
@@ -21,7 +29,9 @@ def artifacts(tmp_path, monkeypatch):
     make_token_shards(out / "tokens" / "shapes-heldout", 8, seed=1)
     from lit_cm3leon.tokenizer.image import load_image_tokenizer
 
-    load_image_tokenizer("shapes").save(out / "image_tokenizer")  # a fresh tokenizer meets `requires`
+    load_image_tokenizer("shapes").save(
+        out / "image_tokenizer"
+    )  # a fresh tokenizer meets `requires`
 
     def refuse(*args, **kwargs):
         raise AssertionError("something was instantiated before the config was validated")
@@ -31,20 +41,50 @@ def artifacts(tmp_path, monkeypatch):
 
 
 CASES = {
-    "context shorter than an image": (["data.seq_len=12"], r"data.seq_len=12 is shorter than one image.*raise data.seq_len"),
-    "context longer than the model": (["data.seq_len=300"], r"exceeds model.max_seq_len=256.*lower data.seq_len"),
-    "image tokens of another tokenizer": (["data.image_tokens=64", "data.seq_len=100"],
-                                          r"data.image_tokens=64 but .* make 4x4=16 .*set data.image_tokens=16"),
-    "retrieval on, index null": (["data.n_retrieved=3"], r"retrieval is on .* data.index_dir is null: set data.n_retrieved=0"),
-    "retrieval on, no index built": (["data.val_retrieve_k=2", "data.index_dir=${paths.output_dir}/index"],
-                                     r"no memory bank at .*index: build it with `python -m lit_cm3leon.prepare index`"),
-    "sample stream shorter than the run": (["data.max_steps=1"], r"data.max_steps=1 is less than trainer.max_steps=2"),
-    "missing resume checkpoint": (["ckpt_path=/nonexistent/last.ckpt"], r"ckpt_path=/nonexistent/last.ckpt does not exist.*ckpt_path=null"),
-    "missing init_from decoder": (["module.init_from=/nonexistent/pretrain"], r"module.init_from=.* holds no model.pt.*experiment=pretrain"),
-    "lr monitor without a logger": (["logger=none"], r"callbacks.lr_monitor needs a logger.*~callbacks.lr_monitor"),
-    "bad fraction out of range": (["data.max_bad_fraction=1.5"], r"data.max_bad_fraction=1.5 must be in \[0, 1\)"),
-    "missing shards": (["data.tokens_dir=${paths.output_dir}/tokens/none"],
-                       r"needs .*tokens/none/manifest.json.*prepare tokenize --source shapes --split train"),
+    "context shorter than an image": (
+        ["data.seq_len=12"],
+        r"data.seq_len=12 is shorter than one image.*raise data.seq_len",
+    ),
+    "context longer than the model": (
+        ["data.seq_len=300"],
+        r"exceeds model.max_seq_len=256.*lower data.seq_len",
+    ),
+    "image tokens of another tokenizer": (
+        ["data.image_tokens=64", "data.seq_len=100"],
+        r"data.image_tokens=64 but .* make 4x4=16 .*set data.image_tokens=16",
+    ),
+    "retrieval on, index null": (
+        ["data.n_retrieved=3"],
+        r"retrieval is on .* data.index_dir is null: set data.n_retrieved=0",
+    ),
+    "retrieval on, no index built": (
+        ["data.val_retrieve_k=2", "data.index_dir=${paths.output_dir}/index"],
+        r"no memory bank at .*index: build it with `python -m lit_cm3leon.prepare index`",
+    ),
+    "sample stream shorter than the run": (
+        ["data.max_steps=1"],
+        r"data.max_steps=1 is less than trainer.max_steps=2",
+    ),
+    "missing resume checkpoint": (
+        ["ckpt_path=/nonexistent/last.ckpt"],
+        r"ckpt_path=/nonexistent/last.ckpt does not exist.*ckpt_path=null",
+    ),
+    "missing init_from decoder": (
+        ["module.init_from=/nonexistent/pretrain"],
+        r"module.init_from=.* holds no model.pt.*experiment=pretrain",
+    ),
+    "lr monitor without a logger": (
+        ["logger=none"],
+        r"callbacks.lr_monitor needs a logger.*~callbacks.lr_monitor",
+    ),
+    "bad fraction out of range": (
+        ["data.max_bad_fraction=1.5"],
+        r"data.max_bad_fraction=1.5 must be in \[0, 1\)",
+    ),
+    "missing shards": (
+        ["data.tokens_dir=${paths.output_dir}/tokens/none"],
+        r"needs .*tokens/none/manifest.json.*prepare tokenize --source shapes --split train",
+    ),
 }
 
 
@@ -56,7 +96,9 @@ def test_bad_config_fails_before_anything_is_built(compose, artifacts, case):
 
 
 def test_valid_config_passes_validation(compose, artifacts):
-    with pytest.raises(AssertionError, match="instantiated"):  # validation passed, then building began
+    with pytest.raises(
+        AssertionError, match="instantiated"
+    ):  # validation passed, then building began
         train(compose(BASE))
 
 
@@ -83,4 +125,6 @@ def test_auto_resume_takes_the_newest_complete_checkpoint(compose, tmp_path):
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # killed mid-write
     os.utime(last, (2_000, 2_000))
     assert _resolve_ckpt_path(cfg) == str(ckpt_dir / "step000010.ckpt")
-    assert compose(["trainer=slurm"]).trainer.default_root_dir == str(ckpt_dir.parent.parent / "fit" / "checkpoints")
+    assert compose(["trainer=slurm"]).trainer.default_root_dir == str(
+        ckpt_dir.parent.parent / "fit" / "checkpoints"
+    )

@@ -53,7 +53,10 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
 def test_too_many_bad_records_stop_with_the_worst_files(tmp_path):
     root = make_token_shards(tmp_path / "shards", 60, per_shard=20)
     damage(root)
-    with pytest.raises(ValueError, match=r"23 of 60 records.*max_bad_fraction=0.1.*Worst files: shard-00001.npz: 20 rows"):
+    with pytest.raises(
+        ValueError,
+        match=r"23 of 60 records.*max_bad_fraction=0.1.*Worst files: shard-00001.npz: 20 rows",
+    ):
         TokenShards(root, max_bad_fraction=0.1)
 
 

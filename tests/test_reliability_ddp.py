@@ -18,9 +18,14 @@ STEPS = 6
 
 def args(root, trainer: str, batch: int) -> list[str]:
     return tiny_pretrain_overrides(
-        STEPS, f"paths.root_dir={root}", f"trainer={trainer}", "trainer.log_every_n_steps=1",
-        "module.warmup_steps=2", "module.lr=3e-3",
-        f"+callbacks.rec._target_={CB}.RecordBatches", f"+callbacks.rec.path={root}/batches.txt",
+        STEPS,
+        f"paths.root_dir={root}",
+        f"trainer={trainer}",
+        "trainer.log_every_n_steps=1",
+        "module.warmup_steps=2",
+        "module.lr=3e-3",
+        f"+callbacks.rec._target_={CB}.RecordBatches",
+        f"+callbacks.rec.path={root}/batches.txt",
         batch_size=batch,
     )
 
@@ -48,7 +53,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     a = torch.load(one / "outputs" / "pretrain" / "model.pt", weights_only=True)
     b = torch.load(two / "outputs" / "pretrain" / "model.pt", weights_only=True)
     assert a["step"] == b["step"] == STEPS
-    worst = max(float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in a["state_dict"])
+    worst = max(
+        float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in a["state_dict"]
+    )
     print(f"max |w_1proc - w_2proc| = {worst:.3g}")
     # measured 6.4e-6; 1.5e-2 when each rank normalizes its loss by its own token count
     assert worst < 5e-5, worst
@@ -56,7 +63,11 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
 def test_failing_rank_brings_the_job_down(tmp_path):
     root = make_root(tmp_path)
-    fail = [f"+callbacks.fail._target_={CB}.RaiseAt", "+callbacks.fail.step=2", "+callbacks.fail.rank=1"]
+    fail = [
+        f"+callbacks.fail._target_={CB}.RaiseAt",
+        "+callbacks.fail.step=2",
+        "+callbacks.fail.rank=1",
+    ]
     t0 = time.monotonic()
     out = run_fit(args(root, "ddp_sim", 2) + fail, timeout=180)
     elapsed = time.monotonic() - t0
@@ -70,14 +81,20 @@ def test_failing_rank_brings_the_job_down(tmp_path):
 def test_nonfinite_loss_on_one_rank_skips_the_step_on_all(tmp_path):
     """NaN on rank 1 only: the ranks agree to skip (no hang, no divergence) and the run ends."""
     root = make_root(tmp_path)
-    poison = [f"+callbacks.poison._target_={CB}.PoisonAt", "+callbacks.poison.steps=[2]",
-              "+callbacks.poison.rank=1", f"+callbacks.poison.out={root}/changed"]
+    poison = [
+        f"+callbacks.poison._target_={CB}.PoisonAt",
+        "+callbacks.poison.steps=[2]",
+        "+callbacks.poison.rank=1",
+        f"+callbacks.poison.out={root}/changed",
+    ]
     out = run_fit(args(root, "ddp_sim", 2) + poison, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     for rank in (0, 1):
         changed = json.loads((root / f"changed.rank{rank}.json").read_text())
         assert changed == {str(s): s != 2 for s in range(STEPS)}, (rank, changed)
-    assert torch.load(root / "outputs" / "pretrain" / "model.pt", weights_only=True)["step"] == STEPS
+    assert (
+        torch.load(root / "outputs" / "pretrain" / "model.pt", weights_only=True)["step"] == STEPS
+    )
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -88,8 +105,13 @@ def test_sigterm_to_one_rank_checkpoints_and_stops_all_ranks(tmp_path, rank):
     import signal
 
     root = make_root(tmp_path)
-    sig = [f"+callbacks.sig._target_={CB}.SignalAt", "+callbacks.sig.step=2", f"+callbacks.sig.rank={rank}",
-           f"+callbacks.sig.signum={int(signal.SIGTERM)}", "+callbacks.sig.when=start"]
+    sig = [
+        f"+callbacks.sig._target_={CB}.SignalAt",
+        "+callbacks.sig.step=2",
+        f"+callbacks.sig.rank={rank}",
+        f"+callbacks.sig.signum={int(signal.SIGTERM)}",
+        "+callbacks.sig.when=start",
+    ]
     out = run_fit(args(root, "ddp_sim", 2) + sig, timeout=180)
     assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
     assert "preempted at step 3" in out.stdout + out.stderr

@@ -20,12 +20,19 @@ def artifacts(tmp_path):
     return out
 
 
-def overrides(steps: int, poison: list[int], precision: str = "32-true", value: str = "nan") -> list[str]:
+def overrides(
+    steps: int, poison: list[int], precision: str = "32-true", value: str = "nan"
+) -> list[str]:
     return tiny_pretrain_overrides(
-        steps, f"trainer.precision={precision}", "trainer.gradient_clip_val=1.0", "trainer.log_every_n_steps=1",
-        "module.warmup_steps=1", "module.max_bad_steps=3",
+        steps,
+        f"trainer.precision={precision}",
+        "trainer.gradient_clip_val=1.0",
+        "trainer.log_every_n_steps=1",
+        "module.warmup_steps=1",
+        "module.max_bad_steps=3",
         "+callbacks.poison._target_=tests.reliability_callbacks.PoisonAt",
-        f"+callbacks.poison.steps={poison}", f"+callbacks.poison.value={value}",
+        f"+callbacks.poison.steps={poison}",
+        f"+callbacks.poison.value={value}",
     )
 
 
@@ -45,7 +52,9 @@ def test_nonfinite_step_is_skipped_and_run_continues(compose, artifacts, precisi
 
 
 def test_k_nonfinite_steps_in_a_row_stop_the_run(compose, artifacts):
-    with pytest.raises(FloatingPointError, match=r"NaN/inf for 3 steps in a row \(step 4\).*learning rate"):
+    with pytest.raises(
+        FloatingPointError, match=r"NaN/inf for 3 steps in a row \(step 4\).*learning rate"
+    ):
         train(compose(overrides(8, [2, 3, 4])))
     (cb,) = PoisonAt.instances
     assert not cb.changed[2] and not cb.changed[3]

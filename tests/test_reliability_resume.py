@@ -30,8 +30,13 @@ def make_root(root: Path) -> Path:
 
 def fit_args(root: Path, steps: int = 2 * N) -> list[str]:
     return tiny_pretrain_overrides(
-        steps, f"paths.root_dir={root}", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
-        "module.warmup_steps=3", "module.lr=3e-3", f"callbacks.model_checkpoint.every_n_train_steps={N}",
+        steps,
+        f"paths.root_dir={root}",
+        "trainer.val_check_interval=4",
+        "trainer.log_every_n_steps=1",
+        "module.warmup_steps=3",
+        "module.lr=3e-3",
+        f"callbacks.model_checkpoint.every_n_train_steps={N}",
         batch_size=4,
     )
 
@@ -41,8 +46,15 @@ def run_fit(args: list[str], timeout: float = 240) -> subprocess.CompletedProces
     (DDP ranks included) is killed and TimeoutExpired raised."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "lit_cm3leon.fit", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -66,8 +78,10 @@ def published_state(root: Path) -> dict[str, torch.Tensor]:
 def logged_losses(root: Path) -> dict[int, str]:
     """step -> train/loss as written by the CSV logger (exact text) by the root's latest run."""
     losses: dict[int, str] = {}
-    paths = sorted((root / "logs" / "pretrain" / "runs").glob("*/csv/version_*/metrics.csv"),
-                   key=lambda p: p.stat().st_mtime)
+    paths = sorted(
+        (root / "logs" / "pretrain" / "runs").glob("*/csv/version_*/metrics.csv"),
+        key=lambda p: p.stat().st_mtime,
+    )
     for path in paths[-1:]:
         with open(path) as f:
             for row in csv.DictReader(f):
@@ -98,16 +112,24 @@ def assert_same_as_reference(root: Path, reference, resumed_at: int) -> None:
     losses = logged_losses(root)
     assert set(losses) >= set(range(resumed_at, 2 * N)), sorted(losses)
     assert len(set(losses.values())) >= 2 * N - resumed_at  # the loss moves: a real comparison
-    for step in range(resumed_at, 2 * N):  # CSV rows are 0-based steps of the batch that was trained
-        assert losses[step] == ref_losses[step], f"train/loss at step {step}: {losses[step]} vs {ref_losses[step]}"
+    for step in range(
+        resumed_at, 2 * N
+    ):  # CSV rows are 0-based steps of the batch that was trained
+        assert losses[step] == ref_losses[step], (
+            f"train/loss at step {step}: {losses[step]} vs {ref_losses[step]}"
+        )
 
 
 def test_sigkill_then_resume_is_bit_exact(tmp_path, reference):
     """SIGKILL two steps after the checkpoint at N (data of step N+2 already fetched); the
     resumed run replays N..2N and ends with the same weights and the same logged losses."""
     root = make_root(tmp_path)
-    kill = [f"+callbacks.kill._target_={CB}.SignalAt", f"+callbacks.kill.step={N + 2}",
-            f"+callbacks.kill.signum={int(signal.SIGKILL)}", "+callbacks.kill.when=start"]
+    kill = [
+        f"+callbacks.kill._target_={CB}.SignalAt",
+        f"+callbacks.kill.step={N + 2}",
+        f"+callbacks.kill.signum={int(signal.SIGKILL)}",
+        "+callbacks.kill.when=start",
+    ]
     out = run_fit(fit_args(root) + kill)
     assert out.returncode == -signal.SIGKILL, (out.returncode, out.stderr[-3000:])
     last = root / "logs" / "pretrain" / "checkpoints" / "last.ckpt"
@@ -124,8 +146,12 @@ def test_preemption_signal_checkpoints_and_exits_cleanly(tmp_path, reference, si
     """SIGTERM / SIGUSR1 during step N+1 (between periodic checkpoints): the step finishes,
     last.ckpt is written at N+1, the process exits 0 without publishing, resuming is bit-exact."""
     root = make_root(tmp_path)
-    sig = [f"+callbacks.sig._target_={CB}.SignalAt", f"+callbacks.sig.step={N}",
-           f"+callbacks.sig.signum={int(signum)}", "+callbacks.sig.when=start"]
+    sig = [
+        f"+callbacks.sig._target_={CB}.SignalAt",
+        f"+callbacks.sig.step={N}",
+        f"+callbacks.sig.signum={int(signum)}",
+        "+callbacks.sig.when=start",
+    ]
     out = run_fit(fit_args(root) + sig)
     assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
     assert "preempted at step" in out.stdout + out.stderr

@@ -47,7 +47,9 @@ def test_fit_refuses_pickle_payload_checkpoint_unrun(compose, artifacts, tmp_pat
             pickle.dump(record, f)
     else:
         torch.save(record, path)
-    with pytest.raises(CheckpointError, match=r"ckpt_path=.*evil.ckpt.*safe load refuses.*ckpt_path=null"):
+    with pytest.raises(
+        CheckpointError, match=r"ckpt_path=.*evil.ckpt.*safe load refuses.*ckpt_path=null"
+    ):
         train(compose([*overrides(), f"ckpt_path={path}"]))
     assert not marker.exists(), "the payload ran"
 
@@ -57,17 +59,25 @@ def test_resume_checkpoint_of_another_size_names_the_difference(compose, artifac
     last = tmp_path / "logs" / "pretrain" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     cfg = compose([*overrides(4), "model.n_layer=3", "model.d_model=32"])
-    with pytest.raises(CheckpointError, match=r"n_layer: checkpoint 2 vs config 3; d_model: checkpoint 64 vs config 32"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"n_layer: checkpoint 2 vs config 3; d_model: checkpoint 64 vs config 32",
+    ):
         train(cfg)
 
 
 def test_init_from_decoder_of_another_size_or_vocab_is_refused(compose, artifacts, tmp_path):
     vocab = Vocab.load(artifacts / "text_tokenizer" / "vocab.json")
     base = {"n_layer": 2, "n_head": 4, "d_model": 64, "max_seq_len": 256}
-    other_size = build_model(ModelConfig.from_dict({**base, "n_layer": 1, "mlp_ratio": 2, "vocab_size": vocab.size}))
+    other_size = build_model(
+        ModelConfig.from_dict({**base, "n_layer": 1, "mlp_ratio": 2, "vocab_size": vocab.size})
+    )
     save_decoder(tmp_path / "small" / "model.pt", other_size, vocab)
-    with pytest.raises(CheckpointError, match=r"another model size \(n_layer: checkpoint 1 vs config 2, "
-                       r"mlp_ratio: checkpoint 2 vs config 4\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"another model size \(n_layer: checkpoint 1 vs config 2, "
+        r"mlp_ratio: checkpoint 2 vs config 4\)",
+    ):
         train(compose([*overrides(), f"module.init_from={tmp_path / 'small'}"]))
 
     other_vocab = Vocab(n_text=vocab.n_text, n_image=32, image_h=4, image_w=4)

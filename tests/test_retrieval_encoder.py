@@ -66,7 +66,9 @@ def test_save_load_roundtrip(enc, tmp_path):
     back = load_encoder(str(tmp_path / "enc"))
     assert back.hash == enc.hash and back.name == "shapes-clip"
     np.testing.assert_array_equal(back.embed_image(img), enc.embed_image(img))
-    np.testing.assert_array_equal(back.embed_text(["a blue square"]), enc.embed_text(["a blue square"]))
+    np.testing.assert_array_equal(
+        back.embed_text(["a blue square"]), enc.embed_text(["a blue square"])
+    )
 
 
 def test_local_pretrained_file_and_offline_tag(enc, tmp_path):

@@ -24,9 +24,15 @@ class FakeEnc:
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
 def test_save_open_identical_results(kind, tmp_path):
     vecs, q = rand_unit(3000, 16), rand_unit(50, 16, seed=1)
-    bank = MemoryBank.build(vecs, np.arange(3000) * 7, has_image=np.arange(3000) % 3 > 0,
-                            encoder_name="enc", encoder_hash="abc", kind=kind,
-                            params={"pq_m": 4} if kind == "ivfpq" else None)
+    bank = MemoryBank.build(
+        vecs,
+        np.arange(3000) * 7,
+        has_image=np.arange(3000) % 3 > 0,
+        encoder_name="enc",
+        encoder_hash="abc",
+        kind=kind,
+        params={"pq_m": 4} if kind == "ivfpq" else None,
+    )
     s1, r1 = bank.search(q, 8)
     bank.save(tmp_path / "bank")
     back = MemoryBank.open(tmp_path / "bank", FakeEnc())
@@ -48,14 +54,19 @@ def test_flat_is_exact_and_ivf_shards_merge_like_one():
     want = np.argsort(-(q @ vecs.T), axis=1)[:, :5]
     np.testing.assert_array_equal(r, want)
     one = build_index([vecs], "ivf", {"nlist": 32, "nprobe": 4})
-    three = build_index([vecs[:1000], vecs[1000:2500], vecs[2500:]], "ivf", {"nlist": 32, "nprobe": 4})
+    three = build_index(
+        [vecs[:1000], vecs[1000:2500], vecs[2500:]], "ivf", {"nlist": 32, "nprobe": 4}
+    )
     np.testing.assert_array_equal(one.search(q, 5)[1], three.search(q, 5)[1])
 
 
 def test_open_with_other_encoder_is_a_clear_error(tmp_path):
-    MemoryBank.build(rand_unit(100, 16), np.arange(100), encoder_name="enc",
-                     encoder_hash="abc").save(tmp_path / "b")
-    with pytest.raises(BankMismatchError, match=r"'enc' \(hash abc, dim 16\).*'other' \(hash zzz, dim 16\)"):
+    MemoryBank.build(
+        rand_unit(100, 16), np.arange(100), encoder_name="enc", encoder_hash="abc"
+    ).save(tmp_path / "b")
+    with pytest.raises(
+        BankMismatchError, match=r"'enc' \(hash abc, dim 16\).*'other' \(hash zzz, dim 16\)"
+    ):
         MemoryBank.open(tmp_path / "b", FakeEnc("other", "zzz"))
     with pytest.raises(BankMismatchError, match="dim 32"):
         MemoryBank.open(tmp_path / "b", FakeEnc("enc", "abc", 32))
@@ -88,8 +99,25 @@ STANDIN = json.dumps({"_target_": "tests.shapes_standin.StandinWorld", "seed": 0
 
 def test_cli_shapes_source(saved_encoder, tmp_path, capsys):
     d, enc = saved_encoder
-    assert cli(["--encoder", str(d), "--source", "shapes", "--n", "40", "--world", STANDIN,
-                "--out", str(tmp_path / "idx"), "--shard-size", "16"]) == 0
+    assert (
+        cli(
+            [
+                "--encoder",
+                str(d),
+                "--source",
+                "shapes",
+                "--n",
+                "40",
+                "--world",
+                STANDIN,
+                "--out",
+                str(tmp_path / "idx"),
+                "--shard-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     bank = MemoryBank.open(tmp_path / "idx", enc)
     assert len(bank) == 40 and bank.multimodal.all()
     from tests.shapes_standin import StandinWorld
@@ -107,9 +135,11 @@ def test_cli_token_shards_with_files_and_bad_records(saved_encoder, tmp_path):
     tok = tmp_path / "tokens"
     tok.mkdir()
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tok / "a.png")
-    recs = [{"doc_id": 10, "text": "a grey picture", "image_path": "a.png"},
-            {"doc_id": 11, "text": "text only"},
-            {"doc_id": 12, "text": "broken", "image_path": "missing.png"}]
+    recs = [
+        {"doc_id": 10, "text": "a grey picture", "image_path": "a.png"},
+        {"doc_id": 11, "text": "text only"},
+        {"doc_id": 12, "text": "broken", "image_path": "missing.png"},
+    ]
     lines = [json.dumps(r) for r in recs] + ["{not json"]
     (tok / "shard-00003.jsonl").write_text("\n".join(lines) + "\n")
     assert cli(["--encoder", str(d), "--tokens", str(tok), "--out", str(tmp_path / "idx")]) == 0
@@ -129,13 +159,35 @@ def test_cli_shapes_token_shards_rerender_by_index(saved_encoder, tmp_path):
     tok = tmp_path / "tokens"
     tok.mkdir()
     world = StandinWorld(seed=0)
-    recs = [{"doc_id": i, "text": world.sample("train", i).caption_short, "source": "shapes",
-             "split": "train", "index": i} for i in (5, 9, 2)]
+    recs = [
+        {
+            "doc_id": i,
+            "text": world.sample("train", i).caption_short,
+            "source": "shapes",
+            "split": "train",
+            "index": i,
+        }
+        for i in (5, 9, 2)
+    ]
     (tok / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert cli(["--encoder", str(d), "--tokens", str(tok), "--world", STANDIN,
-                "--out", str(tmp_path / "idx")]) == 0
+    assert (
+        cli(
+            [
+                "--encoder",
+                str(d),
+                "--tokens",
+                str(tok),
+                "--world",
+                STANDIN,
+                "--out",
+                str(tmp_path / "idx"),
+            ]
+        )
+        == 0
+    )
     bank = MemoryBank.open(tmp_path / "idx", enc)
     assert bank.doc_ids.tolist() == [5, 9, 2] and bank.multimodal.all()
     s = world.sample("train", 9)
-    np.testing.assert_allclose(bank.vectors([1])[0], enc.embed_document(s.caption_short, s.image),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        bank.vectors([1])[0], enc.embed_document(s.caption_short, s.image), atol=1e-5
+    )

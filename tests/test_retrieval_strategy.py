@@ -37,8 +37,14 @@ def crafted_bank():
     ids = list(ROWS)
     vecs = np.stack([ROWS[i][0] for i in ids])
     mm = np.array([ROWS[i][1] for i in ids])
-    return MemoryBank.build(vecs, ids, has_text=np.ones(len(ids), bool), has_image=mm,
-                            encoder_name="fake", encoder_hash="fake")
+    return MemoryBank.build(
+        vecs,
+        ids,
+        has_text=np.ones(len(ids), bool),
+        has_image=mm,
+        encoder_name="fake",
+        encoder_hash="fake",
+    )
 
 
 def test_admissible_rules():
@@ -47,7 +53,9 @@ def test_admissible_rules():
     mm = np.array([True, True, True, False])
     np.testing.assert_array_equal(admissible(ids, scores, mm, 1, 0.9), [False, False, True, False])
     np.testing.assert_array_equal(admissible(ids, scores, None, None, 1.0), [True] * 4)
-    np.testing.assert_array_equal(admissible(ids, scores, None, 3, 0.99), [False, True, False, True])
+    np.testing.assert_array_equal(
+        admissible(ids, scores, None, 3, 0.99), [False, True, False, True]
+    )
 
 
 def test_greedy_diverse_skips_near_identical():
@@ -58,8 +66,9 @@ def test_greedy_diverse_skips_near_identical():
 
 
 def test_merge_candidates_keeps_best_score_per_row():
-    s, r = merge_candidates((np.array([0.9, 0.5]), np.array([3, 1])),
-                            (np.array([0.7, 0.6, 0.1]), np.array([1, 2, -1])))
+    s, r = merge_candidates(
+        (np.array([0.9, 0.5]), np.array([3, 1])), (np.array([0.7, 0.6, 0.1]), np.array([1, 2, -1]))
+    )
     np.testing.assert_array_equal(r, [3, 1, 2])
     np.testing.assert_allclose(s, [0.9, 0.7, 0.6])
 
@@ -97,8 +106,11 @@ class FakeEncoder:
 
 
 def test_prompt_docs_on_crafted_bank():
-    r = Retriever(crafted_bank(), FakeEncoder({"*": E[0]}, E[0]),
-                  {"retrieve_k": 2, "max_score": 0.9, "diversity_threshold": 0.95})
+    r = Retriever(
+        crafted_bank(),
+        FakeEncoder({"*": E[0]}, E[0]),
+        {"retrieve_k": 2, "max_score": 0.9, "diversity_threshold": 0.95},
+    )
     assert r.prompt_docs(["anything"]) == [[103, 105]]
     assert r.prompt_docs(["anything"], k=0) == [[]]
 
@@ -110,10 +122,17 @@ def test_training_uses_image_search_and_text_search():
     vecs += [unit(0, 1, 0, 0, 0, 0.1 * i) for i in range(10)]
     bank = MemoryBank.build(np.stack(vecs), np.arange(16), encoder_name="fake", encoder_hash="f")
     enc = FakeEncoder({"*": E[3]}, E[2])
-    cfg = {"search_k": 3, "n_train_docs": 6, "candidates": 6, "max_score": 0.999,
-           "diversity_threshold": 1.0, "query_dropout": 0.2}
-    got = Retriever(bank, enc, cfg).training_docs(["w"] * 2, np.zeros((2, 4, 4, 3)), [None, 4],
-                                                  np.random.default_rng(0))
+    cfg = {
+        "search_k": 3,
+        "n_train_docs": 6,
+        "candidates": 6,
+        "max_score": 0.999,
+        "diversity_threshold": 1.0,
+        "query_dropout": 0.2,
+    }
+    got = Retriever(bank, enc, cfg).training_docs(
+        ["w"] * 2, np.zeros((2, 4, 4, 3)), [None, 4], np.random.default_rng(0)
+    )
     assert sorted(got[0]) == [0, 1, 2, 3, 4, 5]  # 3 from the image search + 3 from the text one
     assert sorted(got[1]) == [0, 1, 2, 3, 5]  # the pair's own doc id (4) is excluded
 
@@ -124,11 +143,21 @@ def test_training_draws_among_top_candidates_and_drops_words():
     bank = MemoryBank.build(vecs, np.arange(50), encoder_name="fake", encoder_hash="f")
     text = " ".join(f"w{i}" for i in range(50))
     enc = FakeEncoder({"*": E[0]}, E[0])
-    cfg = RetrievalConfig(search_k=40, n_train_docs=3, candidates=8, max_score=0.999,
-                          diversity_threshold=1.0, query_dropout=0.2)
+    cfg = RetrievalConfig(
+        search_k=40,
+        n_train_docs=3,
+        candidates=8,
+        max_score=0.999,
+        diversity_threshold=1.0,
+        query_dropout=0.2,
+    )
     r = Retriever(bank, enc, cfg)
     rng = np.random.default_rng(0)
-    drawn = [d for _ in range(30) for d in r.training_docs([text], np.zeros((1, 4, 4, 3)), [None], rng)[0]]
+    drawn = [
+        d
+        for _ in range(30)
+        for d in r.training_docs([text], np.zeros((1, 4, 4, 3)), [None], rng)[0]
+    ]
     top8 = set(range(8))  # most relevant: smallest second component
     assert set(drawn) <= top8 and len(set(drawn)) >= 6  # random draws, all within the top 8
     dropped = [t for t in enc.seen if t != text]

@@ -26,7 +26,9 @@ def test_rates_are_clipped_to_the_thresholds_and_sum_to_one():
     assert r[2] == pytest.approx(3.0 * natural[2])  # the smallest task hits the 3x ceiling
     r = mixture_rates([100, 100], [1000, 1], 0.3, 3.0)  # a huge down-weight stops at 0.3x
     assert r[1] == pytest.approx(0.3 * 0.5) and r[0] == pytest.approx(0.85)
-    r = mixture_rates([10, 10, 10], [2, 1, None], 0.0, 100.0)  # no clipping: the weights (None = size)
+    r = mixture_rates(
+        [10, 10, 10], [2, 1, None], 0.0, 100.0
+    )  # no clipping: the weights (None = size)
     assert np.allclose(r, np.array([2, 1, 10]) / 13)
     with pytest.raises(ValueError, match="non-empty pool"):
         mixture_rates([10, 0], None)
@@ -40,9 +42,22 @@ def codec(tmp_path_factory):
 def fake_pools(n: dict[str, int]) -> dict[str, list[dict]]:
     rng = np.random.default_rng(0)
     return {
-        "caption_short": [{"image": rng.integers(0, 16, (4, 4)), "caption": f"a red circle {i}", "captions": ["a", "b"]} for i in range(n["caption_short"])],
-        "vqa": [{"image": rng.integers(0, 16, (4, 4)), "question": "what color?", "answer": "red"} for _ in range(n["vqa"])],
-        "text2image": [{"image": rng.integers(0, 16, (4, 4)), "caption": "a blue square"} for _ in range(n["text2image"])],
+        "caption_short": [
+            {
+                "image": rng.integers(0, 16, (4, 4)),
+                "caption": f"a red circle {i}",
+                "captions": ["a", "b"],
+            }
+            for i in range(n["caption_short"])
+        ],
+        "vqa": [
+            {"image": rng.integers(0, 16, (4, 4)), "question": "what color?", "answer": "red"}
+            for _ in range(n["vqa"])
+        ],
+        "text2image": [
+            {"image": rng.integers(0, 16, (4, 4)), "caption": "a blue square"}
+            for _ in range(n["text2image"])
+        ],
     }
 
 
@@ -63,7 +78,9 @@ def test_sampling_follows_the_rates_and_is_deterministic(codec):
 
 def test_items_put_the_loss_on_targets_only(codec):
     v = codec.vocab
-    ds = SFTSequences(fake_pools({"caption_short": 5, "vqa": 5, "text2image": 5}), codec, seq_len=48, length=60)
+    ds = SFTSequences(
+        fake_pools({"caption_short": 5, "vqa": 5, "text2image": 5}), codec, seq_len=48, length=60
+    )
     for i in range(60):
         item = ds[i]
         ids, w = item["ids"].tolist(), item["weights"]
@@ -73,8 +90,12 @@ def test_items_put_the_loss_on_targets_only(codec):
         assert w[: len(prompt) - 1].sum() == 0
         assert (w[len(prompt) - 1 : n - 1] == 1).all() and w[n - 1 :].sum() == 0
         assert len(target) + 1 == int(w.sum())
-    val = SFTSequences(fake_pools({"caption_short": 3, "vqa": 2, "text2image": 1}), codec, seq_len=48, sample=False)
-    assert len(val) == 6 and [val.task_of(i)[0] for i in range(6)] == ["caption_short"] * 3 + ["vqa"] * 2 + ["text2image"]
+    val = SFTSequences(
+        fake_pools({"caption_short": 3, "vqa": 2, "text2image": 1}), codec, seq_len=48, sample=False
+    )
+    assert len(val) == 6 and [val.task_of(i)[0] for i in range(6)] == ["caption_short"] * 3 + [
+        "vqa"
+    ] * 2 + ["text2image"]
 
 
 # --- shapes world --------------------------------------------------------------------------
@@ -91,7 +112,11 @@ def test_shapes_pools_cover_every_task_and_cache_codes(image_tokenizer, tmp_path
     world = ShapesWorld()
     pools = shapes_pools(world, "train", 0, 12, image_tokenizer, tmp_path)
     assert set(pools) == set(TASKS) and all(pools[t] for t in TASKS)
-    assert len(pools["caption_short"]) == 12 and len(pools["vqa"]) >= 12 * 3 and len(pools["reasoning"]) == 24
+    assert (
+        len(pools["caption_short"]) == 12
+        and len(pools["vqa"]) >= 12 * 3
+        and len(pools["reasoning"]) == 24
+    )
     assert {ex["answer"] for ex in pools["reasoning"]} == {"yes", "no"}
     s = world.sample("train", 3)
     assert pools["caption_long"][3]["caption"] == s.caption_long
@@ -108,7 +133,9 @@ def test_shapes_pools_cover_every_task_and_cache_codes(image_tokenizer, tmp_path
         again = shapes_pools(world, "train", 0, 12, image_tokenizer, tmp_path)
     finally:
         image_tokenizer.encode = real
-    assert not calls and np.array_equal(again["seg2image"][5]["condition"], pools["seg2image"][5]["condition"])
+    assert not calls and np.array_equal(
+        again["seg2image"][5]["condition"], pools["seg2image"][5]["condition"]
+    )
 
 
 # --- fit through the entry point -----------------------------------------------------------
@@ -131,9 +158,19 @@ def artifacts(tmp_path, image_tokenizer):
 
 def overrides(steps: int) -> list[str]:
     return [
-        "experiment=sft", "model=debug", "data.shapes.n_train=16", "data.shapes.n_val=4", "data.val_per_task=2",
-        "data.batch_size=4", f"trainer.max_steps={steps}", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
-        "trainer.precision=32-true", "logger=csv", "module.warmup_steps=2", "module.lr=3e-3",
+        "experiment=sft",
+        "model=debug",
+        "data.shapes.n_train=16",
+        "data.shapes.n_val=4",
+        "data.val_per_task=2",
+        "data.batch_size=4",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        "trainer.precision=32-true",
+        "logger=csv",
+        "module.warmup_steps=2",
+        "module.lr=3e-3",
     ]
 
 
@@ -143,7 +180,9 @@ def test_sft_fit_starts_from_pretrain_and_publishes(compose, artifacts):
     before, _, _ = load_decoder(artifacts / "pretrain")
     metrics = train(compose(overrides(6)))
     assert np.isfinite(metrics["train/loss"]) and "val/loss" in metrics
-    model, vocab, record = load_decoder(artifacts / "sft", vocab=Vocab.load(artifacts / "text_tokenizer" / "vocab.json"))
+    model, vocab, record = load_decoder(
+        artifacts / "sft", vocab=Vocab.load(artifacts / "text_tokenizer" / "vocab.json")
+    )
     assert record["step"] == 6 and (artifacts / "sft" / "manifest.json").is_file()
     # training started from the pretrained weights (their mark is still there) and moved them
     pos = record["state_dict"]["pos_emb.weight"]

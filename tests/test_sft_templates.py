@@ -33,11 +33,21 @@ def example(task: str, seed: int = 0) -> dict:
     def img():
         return rng.integers(0, 16, (4, 4))
 
-    common = {"image": img(), "caption": "a red circle and a blue square", "question": "what color is the circle?",
-              "answer": "red", "paragraph": "There are two shapes. A red circle is on the left.",
-              "instruction": "make the circle green", "target": img(), "condition": img(),
-              "objects": [{"label": "a red circle", "box": [2, 3, 10, 12]}, {"label": "a blue square", "box": [20, 20, 32, 32]}],
-              "size": [32, 32]}
+    common = {
+        "image": img(),
+        "caption": "a red circle and a blue square",
+        "question": "what color is the circle?",
+        "answer": "red",
+        "paragraph": "There are two shapes. A red circle is on the left.",
+        "instruction": "make the circle green",
+        "target": img(),
+        "condition": img(),
+        "objects": [
+            {"label": "a red circle", "box": [2, 3, 10, 12]},
+            {"label": "a blue square", "box": [20, 20, 32, 32]},
+        ],
+        "size": [32, 32],
+    }
     if task == "reasoning":
         common.update(question="is there a red circle?", answer="yes")
     return common
@@ -51,7 +61,9 @@ def test_render_round_trips_and_masks_the_prompt(codec, task):
     assert codec.decode(codec.encode(full)) == full
     ids, w = render_ids(codec, task, example(task))
     assert ids[0] == v.bos and ids[-1] == v.eos
-    assert codec.decode(ids[1:-1]) == full  # the sequence is the codec's encoding of prompt + target
+    assert (
+        codec.decode(ids[1:-1]) == full
+    )  # the sequence is the codec's encoding of prompt + target
     p_ids, t_ids = split_target(ids, codec)
     assert p_ids == inference_prompt(task, codec, **example(task))  # what generation starts from
     assert p_ids[-1] == v.brk
@@ -62,7 +74,9 @@ def test_render_round_trips_and_masks_the_prompt(codec, task):
         assert len(t_ids) == v.image_tokens and all(v.is_image(t) for t in t_ids)
     else:
         assert all(v.is_text(t) for t in t_ids)
-    out = decode_target(task, codec, [*t_ids, v.eos, v.pad])  # what generation returns -> the answer
+    out = decode_target(
+        task, codec, [*t_ids, v.eos, v.pad]
+    )  # what generation returns -> the answer
     if TEMPLATES[task].target == "image":
         assert np.array_equal(out, target.segments[0].codes)
     else:
@@ -76,11 +90,23 @@ def test_formats_are_as_documented(codec):
     ex = example("vqa")
     ids = inference_prompt("vqa", codec, image=ex["image"], question="what color is the circle?")
     img = (ex["image"].reshape(-1) + v.image_offset).tolist()
-    assert ids == [v.bos, *img, v.brk, *codec.encode_text("Question: what color is the circle? Answer:"), v.brk]
+    assert ids == [
+        v.bos,
+        *img,
+        v.brk,
+        *codec.encode_text("Question: what color is the circle? Answer:"),
+        v.brk,
+    ]
     t2i = inference_prompt("text2image", codec, caption="a red circle")
     assert t2i == [v.bos, *codec.encode_text("a red circle"), v.brk]  # the pretraining pair format
     cap = inference_prompt("caption_short", codec, image=ex["image"])
-    assert cap == [v.bos, *img, v.brk, *codec.encode_text("Describe the image in a few words."), v.brk]
+    assert cap == [
+        v.bos,
+        *img,
+        v.brk,
+        *codec.encode_text("Describe the image in a few words."),
+        v.brk,
+    ]
 
 
 def test_spatial_boxes_become_location_tokens(codec):
@@ -90,7 +116,10 @@ def test_spatial_boxes_become_location_tokens(codec):
     assert quantize_box([10, 10, 20, 20], 40, 20) == (25, 50, 50, 99)
     prompt, _ = get_template("spatial").render(example("spatial"))
     text = prompt.segments[0].text
-    assert "a red circle <loc:6><loc:9><loc:31><loc:37>" in text and "<loc:62><loc:62><loc:99><loc:99>" in text
+    assert (
+        "a red circle <loc:6><loc:9><loc:31><loc:37>" in text
+        and "<loc:62><loc:62><loc:99><loc:99>" in text
+    )
     ids = codec.encode(prompt)
     locs = [t - v.loc_offset for t in ids if v.is_loc(t)]
     assert locs == [6, 9, 31, 37, 62, 62, 99, 99]
@@ -153,13 +182,24 @@ def test_generation_from_an_inference_prompt(codec, task):
 
     torch.manual_seed(0)
     v = codec.vocab
-    model = build_model(ModelConfig(vocab_size=v.size, n_layer=1, n_head=2, d_model=32, max_seq_len=128)).eval()
+    model = build_model(
+        ModelConfig(vocab_size=v.size, n_layer=1, n_head=2, d_model=32, max_seq_len=128)
+    ).eval()
     mode = TEMPLATES[task].target
     prompt = inference_prompt(task, codec, **example(task))
-    (new,) = generate(model, [prompt], v, max_new_tokens=v.image_tokens + 1 if mode == "image" else 12,
-                      strategy="temperature", mode=mode, seed=1)
+    (new,) = generate(
+        model,
+        [prompt],
+        v,
+        max_new_tokens=v.image_tokens + 1 if mode == "image" else 12,
+        strategy="temperature",
+        mode=mode,
+        seed=1,
+    )
     if mode == "image":
-        assert all(v.is_image(t) for t in new[: v.image_tokens]) and new[v.image_tokens :] == [v.brk]
+        assert all(v.is_image(t) for t in new[: v.image_tokens]) and new[v.image_tokens :] == [
+            v.brk
+        ]
         assert decode_target(task, codec, new).shape == (v.image_h, v.image_w)
     else:
         body = new[:-1] if new[-1] == v.eos else new

@@ -60,8 +60,12 @@ class PairArrays(Dataset):
         return self.short[i] if self.rng.random() < 0.5 else self.long[i]
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "text": self.text(i), "group": int(self.groups[i]),
-                "index": int(self.indices[i])}
+        return {
+            "image": self.images[i],
+            "text": self.text(i),
+            "group": int(self.groups[i]),
+            "index": int(self.indices[i]),
+        }
 
 
 def collate_pairs(items: list[dict]) -> dict:
@@ -88,9 +92,17 @@ class ShapesPairDataModule(L.LightningDataModule):
         seed: caption choice for "both".
     """
 
-    def __init__(self, world=None, n_train: int = 8000, batch_size: int = 128,
-                 parity: int | None = None, caption: str = "both", n_val: int = 500,
-                 num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        world=None,
+        n_train: int = 8000,
+        batch_size: int = 128,
+        parity: int | None = None,
+        caption: str = "both",
+        n_val: int = 500,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if parity not in (None, 0, 1):
             raise ValueError(f"parity must be null, 0 or 1; got {parity!r}")
@@ -108,16 +120,28 @@ class ShapesPairDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
-            self.train_set = PairArrays(self.world, "train", self.train_indices(), self.caption,
-                                        seed=self.seed)
+            self.train_set = PairArrays(
+                self.world, "train", self.train_indices(), self.caption, seed=self.seed
+            )
         if self.val_set is None:
             val_caption = "short" if self.caption == "short" else "long"
             self.val_set = PairArrays(self.world, "heldout", range(self.n_val), val_caption)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          drop_last=True, collate_fn=collate_pairs, num_workers=self.num_workers)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=collate_pairs,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256, shuffle=False, collate_fn=collate_pairs,
-                          num_workers=self.num_workers)
+        return DataLoader(
+            self.val_set,
+            batch_size=256,
+            shuffle=False,
+            collate_fn=collate_pairs,
+            num_workers=self.num_workers,
+        )

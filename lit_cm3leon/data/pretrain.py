@@ -56,7 +56,11 @@ class PairSequences(Dataset):
         self.bank = bank if bank is not None else shards  # the rows candidates point at
         self.candidates = candidates  # int64 [N, M] of rows in the bank (-1 = none), or None
         self.seq_len, self.length, self.seed = seq_len, length, seed
-        self.n_retrieved, self.p_fewer, self.image_first_prob = n_retrieved, p_fewer, image_first_prob
+        self.n_retrieved, self.p_fewer, self.image_first_prob = (
+            n_retrieved,
+            p_fewer,
+            image_first_prob,
+        )
         self.cm3, self.query_weight, self.shuffle = cm3, query_weight, shuffle
         self._perm_epoch, self._perm = -1, None
 
@@ -89,7 +93,11 @@ class PairSequences(Dataset):
             if rng.random() < self.p_fewer:  # also see 0..k-1 documents, as at inference
                 k = int(rng.integers(0, self.n_retrieved))
             for r in rng.choice(pool, size=min(k, len(pool)), replace=False):
-                retrieved.append(self.doc_ids(self.bank, int(r), image_first=rng.random() < self.image_first_prob))
+                retrieved.append(
+                    self.doc_ids(
+                        self.bank, int(r), image_first=rng.random() < self.image_first_prob
+                    )
+                )
         room = self.seq_len + 1 - (self.cm3.max_extra_tokens if self.cm3 is not None else 0)
         ids = build_sequence(query, retrieved, self.vocab, context_len=room)  # never cuts an image
         if self.cm3 is not None:
@@ -183,11 +191,17 @@ class PretrainDataModule(L.LightningDataModule):
         from lit_cm3leon.retrieval.bank_docs import training_candidates
 
         hp = self.hparams
-        key = candidates_cache_key(hp.tokens_dir, hp.index_dir, len(shards), hp.seed, hp.retrieval, hp.candidate_pool)
+        key = candidates_cache_key(
+            hp.tokens_dir, hp.index_dir, len(shards), hp.seed, hp.retrieval, hp.candidate_pool
+        )
         path = Path(hp.cache_dir) / f"train_candidates-{key}.npy"
         if path.is_file():
             return np.load(path, allow_pickle=False)
-        log.info("searching retrieval candidates for %d training pairs (once; cached at %s)", len(shards), path)
+        log.info(
+            "searching retrieval candidates for %d training pairs (once; cached at %s)",
+            len(shards),
+            path,
+        )
         cands = training_candidates(retriever, shards, hp.candidate_pool, seed=hp.seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
@@ -203,24 +217,47 @@ class PretrainDataModule(L.LightningDataModule):
         train = TokenShards(hp.tokens_dir, max_bad_fraction=hp.max_bad_fraction)
         heldout = TokenShards(hp.heldout_tokens_dir, max_bad_fraction=hp.max_bad_fraction)
         retriever = self._retriever() if hp.n_retrieved > 0 or hp.val_retrieve_k > 0 else None
-        cands = self._train_candidates(train, retriever) if retriever and hp.n_retrieved > 0 else None
+        cands = (
+            self._train_candidates(train, retriever) if retriever and hp.n_retrieved > 0 else None
+        )
         world = max(1, self.trainer.world_size) if self.trainer else 1
         accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
         length = hp.max_steps * accumulate * hp.batch_size * world  # every optimizer step's batches
         cm3 = CM3Transform(codec.vocab, **(hp.cm3 or {})) if hp.cm3 is not None else None
         self.train_ds = PairSequences(
-            train, codec, cands, hp.seq_len, length, seed=hp.seed, n_retrieved=hp.n_retrieved,
-            p_fewer=hp.p_fewer, image_first_prob=hp.image_first_prob, cm3=cm3, query_weight=hp.query_weight,
+            train,
+            codec,
+            cands,
+            hp.seq_len,
+            length,
+            seed=hp.seed,
+            n_retrieved=hp.n_retrieved,
+            p_fewer=hp.p_fewer,
+            image_first_prob=hp.image_first_prob,
+            cm3=cm3,
+            query_weight=hp.query_weight,
         )
         n_val = min(hp.val_size, len(heldout))
         val_cands = None
         if retriever is not None and hp.val_retrieve_k > 0:  # inference mode: search by caption
             from lit_cm3leon.retrieval.bank_docs import prompt_rows
 
-            val_cands = prompt_rows(retriever, train, [heldout.text(i) for i in range(n_val)], hp.val_retrieve_k)
+            val_cands = prompt_rows(
+                retriever, train, [heldout.text(i) for i in range(n_val)], hp.val_retrieve_k
+            )
         self.val_ds = PairSequences(
-            heldout, codec, val_cands, hp.seq_len, n_val, seed=hp.seed + 1, n_retrieved=hp.val_retrieve_k,
-            p_fewer=0.0, image_first_prob=0.0, cm3=None, shuffle=False, bank=train,
+            heldout,
+            codec,
+            val_cands,
+            hp.seq_len,
+            n_val,
+            seed=hp.seed + 1,
+            n_retrieved=hp.val_retrieve_k,
+            p_fewer=0.0,
+            image_first_prob=0.0,
+            cm3=None,
+            shuffle=False,
+            bank=train,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -231,8 +268,11 @@ class PretrainDataModule(L.LightningDataModule):
             accumulate = self.trainer.accumulate_grad_batches
             self._sampler.start = self.trainer.global_step * accumulate * self.hparams.batch_size
         return DataLoader(
-            self.train_ds, batch_size=self.hparams.batch_size, sampler=self._sampler,
-            num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+            self.train_ds,
+            batch_size=self.hparams.batch_size,
+            sampler=self._sampler,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
             drop_last=True,
         )
 

@@ -123,12 +123,21 @@ def _with_image(rec: Records, example: dict, *keys: str) -> None:
 # --- captions ------------------------------------------------------------------------------
 def read_coco_captions(root: str | Path, split: str) -> Records:
     """Official COCO caption annotations (``captions_<split>.json``)."""
-    expected = f"annotations/captions_{split}.json and images in {split}/ (the official COCO layout)"
+    expected = (
+        f"annotations/captions_{split}.json and images in {split}/ (the official COCO layout)"
+    )
     root = _root(root, "COCO captions", expected)
-    path = _first(root, [f"annotations/captions_{split}.json", f"captions_{split}.json"], "COCO captions", expected)
+    path = _first(
+        root,
+        [f"annotations/captions_{split}.json", f"captions_{split}.json"],
+        "COCO captions",
+        expected,
+    )
     data = _load_json(path, "COCO captions")
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise LayoutError(f"COCO captions: {path} lacks 'images'/'annotations'; expected {expected}")
+        raise LayoutError(
+            f"COCO captions: {path} lacks 'images'/'annotations'; expected {expected}"
+        )
     image_dir = _first(root, [split, f"images/{split}"], "COCO captions", expected)
     rec = Records("coco_captions", split)
     files: dict[int, str] = {}
@@ -150,13 +159,26 @@ def read_coco_captions(root: str | Path, split: str) -> Records:
         captions.setdefault(image_id, []).append(caption)
     for image_id in sorted(captions):
         caps = captions[image_id]
-        ex = {"source": "coco_captions", "id": image_id, "image": str(image_dir / files[image_id]), "caption": caps[0], "captions": caps}
+        ex = {
+            "source": "coco_captions",
+            "id": image_id,
+            "image": str(image_dir / files[image_id]),
+            "caption": caps[0],
+            "captions": caps,
+        }
         _with_image(rec, ex, "image")
     return rec
 
 
-def _karpathy(name: str, root: str | Path, split: str, json_name: str, image_dirs: list[str] | None) -> Records:
-    splits = {"train": ("train", "restval"), "restval": ("restval",), "val": ("val",), "test": ("test",)}
+def _karpathy(
+    name: str, root: str | Path, split: str, json_name: str, image_dirs: list[str] | None
+) -> Records:
+    splits = {
+        "train": ("train", "restval"),
+        "restval": ("restval",),
+        "val": ("val",),
+        "test": ("test",),
+    }
     if split not in splits:
         raise ValueError(f"{name}: split must be one of {sorted(splits)}, got {split!r}")
     expected = f"{json_name} (Karpathy split) beside the image folders"
@@ -165,7 +187,11 @@ def _karpathy(name: str, root: str | Path, split: str, json_name: str, image_dir
     data = _load_json(path, name)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise LayoutError(f"{name}: {path} has no 'images' list; expected {expected}")
-    base = _first(root, image_dirs, name, f"images in {' or '.join(image_dirs)}") if image_dirs else root
+    base = (
+        _first(root, image_dirs, name, f"images in {' or '.join(image_dirs)}")
+        if image_dirs
+        else root
+    )
     rec = Records(name, split)
     for im in data["images"]:
         try:
@@ -180,7 +206,13 @@ def _karpathy(name: str, root: str | Path, split: str, json_name: str, image_dir
         if not caps:
             rec.skip("no caption")
             continue
-        ex = {"source": name, "id": image_id, "image": str(base / rel), "caption": caps[0], "captions": caps}
+        ex = {
+            "source": name,
+            "id": image_id,
+            "image": str(base / rel),
+            "caption": caps[0],
+            "captions": caps,
+        }
         _with_image(rec, ex, "image")
     return rec
 
@@ -192,7 +224,9 @@ def read_coco_karpathy(root: str | Path, split: str) -> Records:
 
 def read_flickr30k(root: str | Path, split: str) -> Records:
     """Karpathy's ``dataset_flickr30k.json`` with images in ``flickr30k-images/`` (or ``images/``)."""
-    return _karpathy("flickr30k", root, split, "dataset_flickr30k.json", ["flickr30k-images", "images"])
+    return _karpathy(
+        "flickr30k", root, split, "dataset_flickr30k.json", ["flickr30k-images", "images"]
+    )
 
 
 # --- VQA -----------------------------------------------------------------------------------
@@ -204,18 +238,32 @@ def _majority(answers: list[str]) -> str | None:
 
 
 def _vqa_layout(
-    name: str, root: str | Path, split: str, questions: str, annotations: str, image_dir: str | Path | None = None
+    name: str,
+    root: str | Path,
+    split: str,
+    questions: str,
+    annotations: str,
+    image_dir: str | Path | None = None,
 ) -> Records:
     expected = f"{questions} and {annotations} (the VQA layout), images in {split}/COCO_{split}_<image_id:012d>.jpg"
     root = _root(root, name, expected)
-    qpath = _first(root, [questions, f"Questions/{questions}", f"questions/{questions}"], name, expected)
-    apath = _first(root, [annotations, f"Annotations/{annotations}", f"annotations/{annotations}"], name, expected)
+    qpath = _first(
+        root, [questions, f"Questions/{questions}", f"questions/{questions}"], name, expected
+    )
+    apath = _first(
+        root,
+        [annotations, f"Annotations/{annotations}", f"annotations/{annotations}"],
+        name,
+        expected,
+    )
     qdata, adata = _load_json(qpath, name), _load_json(apath, name)
     if not isinstance(qdata, dict) or "questions" not in qdata:
         raise LayoutError(f"{name}: {qpath} has no 'questions'; expected {expected}")
     if not isinstance(adata, dict) or "annotations" not in adata:
         raise LayoutError(f"{name}: {apath} has no 'annotations'; expected {expected}")
-    image_dir = _first(Path(image_dir) if image_dir else root, [split, f"images/{split}"], name, expected)
+    image_dir = _first(
+        Path(image_dir) if image_dir else root, [split, f"images/{split}"], name, expected
+    )
     rec = Records(name, split)
     anns: dict[int, dict] = {}
     for a in adata["annotations"]:
@@ -225,9 +273,15 @@ def _vqa_layout(
             rec.skip("malformed annotation")
     for q in qdata["questions"]:
         try:
-            qid, image_id, question = int(q["question_id"]), int(q["image_id"]), _text(q["question"])
+            qid, image_id, question = (
+                int(q["question_id"]),
+                int(q["image_id"]),
+                _text(q["question"]),
+            )
             ann = anns.get(qid)
-            answers = [t for t in (_text(a.get("answer")) for a in ann["answers"]) if t] if ann else []
+            answers = (
+                [t for t in (_text(a.get("answer")) for a in ann["answers"]) if t] if ann else []
+            )
         except (KeyError, TypeError, ValueError, AttributeError):
             rec.skip("malformed question")
             continue
@@ -236,8 +290,16 @@ def _vqa_layout(
             continue
         answer = _text(ann.get("multiple_choice_answer")) or _majority(answers)
         image = image_dir / f"COCO_{split}_{image_id:012d}.jpg"
-        ex = {"source": name, "id": qid, "image_id": image_id, "image": str(image), "question": question,
-              "answer": answer, "answers": answers, "answer_type": ann.get("answer_type")}
+        ex = {
+            "source": name,
+            "id": qid,
+            "image_id": image_id,
+            "image": str(image),
+            "question": question,
+            "answer": answer,
+            "answers": answers,
+            "answer_type": ann.get("answer_type"),
+        }
         _with_image(rec, ex, "image")
     return rec
 
@@ -261,7 +323,12 @@ def read_vizwiz(root: str | Path, split: str) -> Records:
     """VizWiz-VQA (``<split>.json``: a list of {image, question, answers, answer_type, answerable})."""
     expected = f"{split}.json or Annotations/{split}.json and the images in {split}/"
     root = _root(root, "VizWiz", expected)
-    path = _first(root, [f"{split}.json", f"Annotations/{split}.json", f"annotations/{split}.json"], "VizWiz", expected)
+    path = _first(
+        root,
+        [f"{split}.json", f"Annotations/{split}.json", f"annotations/{split}.json"],
+        "VizWiz",
+        expected,
+    )
     data = _load_json(path, "VizWiz")
     if not isinstance(data, list):
         raise LayoutError(f"VizWiz: {path} is not a list of questions; expected {expected}")
@@ -278,9 +345,16 @@ def read_vizwiz(root: str | Path, split: str) -> Records:
         if question is None or not answers:
             rec.skip("empty question or answers")
             continue
-        ex = {"source": "vizwiz", "id": q.get("image", k), "image": str(image), "question": question,
-              "answer": _majority(answers), "answers": answers, "answer_type": q.get("answer_type"),
-              "answerable": q.get("answerable")}
+        ex = {
+            "source": "vizwiz",
+            "id": q.get("image", k),
+            "image": str(image),
+            "question": question,
+            "answer": _majority(answers),
+            "answers": answers,
+            "answer_type": q.get("answer_type"),
+            "answerable": q.get("answerable"),
+        }
         _with_image(rec, ex, "image")
     return rec
 
@@ -294,7 +368,9 @@ def read_image_paragraph(root: str | Path, split: str) -> Records:
     spath = _first(root, [f"{split}_split.json"], "Image Paragraph", expected)
     paragraphs, ids = _load_json(ppath, "Image Paragraph"), _load_json(spath, "Image Paragraph")
     if not isinstance(paragraphs, list) or not isinstance(ids, list):
-        raise LayoutError(f"Image Paragraph: {ppath} and {spath} must be JSON lists; expected {expected}")
+        raise LayoutError(
+            f"Image Paragraph: {ppath} and {spath} must be JSON lists; expected {expected}"
+        )
     dirs = [d for d in ("images", "VG_100K", "VG_100K_2") if (root / d).is_dir()]
     if not dirs:
         raise LayoutError(f"Image Paragraph: no image folder under {root}; expected {expected}")
@@ -311,8 +387,19 @@ def read_image_paragraph(root: str | Path, split: str) -> Records:
         if text is None:
             rec.skip("empty paragraph")
             continue
-        image = next((root / d / f"{image_id}.jpg" for d in dirs if (root / d / f"{image_id}.jpg").is_file()), root / dirs[0] / f"{image_id}.jpg")
-        _with_image(rec, {"source": "image_paragraph", "id": image_id, "image": str(image), "paragraph": text}, "image")
+        image = next(
+            (
+                root / d / f"{image_id}.jpg"
+                for d in dirs
+                if (root / d / f"{image_id}.jpg").is_file()
+            ),
+            root / dirs[0] / f"{image_id}.jpg",
+        )
+        _with_image(
+            rec,
+            {"source": "image_paragraph", "id": image_id, "image": str(image), "paragraph": text},
+            "image",
+        )
     return rec
 
 
@@ -324,18 +411,26 @@ def read_instructpix2pix(root: str | Path, split: str) -> Records:
     """InstructPix2Pix's generated dataset (``seeds.json``, ``<dir>/prompt.json``, ``<seed>_0/1.jpg``)."""
     expected = "seeds.json and prompt folders holding prompt.json with 'edit', <seed>_0.jpg and <seed>_1.jpg"
     if split not in IP2P_SPLITS:
-        raise ValueError(f"instructpix2pix: split must be one of {sorted(IP2P_SPLITS)}, got {split!r}")
+        raise ValueError(
+            f"instructpix2pix: split must be one of {sorted(IP2P_SPLITS)}, got {split!r}"
+        )
     root = _root(root, "InstructPix2Pix", expected)
     rec = Records("instructpix2pix", split)
     if (root / "seeds.json").is_file():
         seeds = _load_json(root / "seeds.json", "InstructPix2Pix")
         if not isinstance(seeds, list):
-            raise LayoutError(f"InstructPix2Pix: {root / 'seeds.json'} is not a list of [dir, [seeds]]")
+            raise LayoutError(
+                f"InstructPix2Pix: {root / 'seeds.json'} is not a list of [dir, [seeds]]"
+            )
     else:
         dirs = sorted(p.parent for p in root.glob("*/prompt.json"))
         if not dirs:
-            raise LayoutError(f"InstructPix2Pix: neither seeds.json nor */prompt.json under {root}; expected {expected}")
-        seeds = [[d.name, sorted(f.name[: -len("_0.jpg")] for f in d.glob("*_0.jpg"))] for d in dirs]
+            raise LayoutError(
+                f"InstructPix2Pix: neither seeds.json nor */prompt.json under {root}; expected {expected}"
+            )
+        seeds = [
+            [d.name, sorted(f.name[: -len("_0.jpg")] for f in d.glob("*_0.jpg"))] for d in dirs
+        ]
     lo, hi = IP2P_SPLITS[split]
     for entry in seeds[math.floor(lo * len(seeds)) : math.floor(hi * len(seeds))]:
         try:
@@ -349,9 +444,15 @@ def read_instructpix2pix(root: str | Path, split: str) -> Records:
             rec.skip("empty edit or no seeds")
             continue
         for key in keys:
-            ex = {"source": "instructpix2pix", "id": f"{name}/{key}", "image": str(root / name / f"{key}_0.jpg"),
-                  "target": str(root / name / f"{key}_1.jpg"), "instruction": instruction,
-                  "input_caption": prompt.get("input"), "output_caption": prompt.get("output")}
+            ex = {
+                "source": "instructpix2pix",
+                "id": f"{name}/{key}",
+                "image": str(root / name / f"{key}_0.jpg"),
+                "target": str(root / name / f"{key}_1.jpg"),
+                "instruction": instruction,
+                "input_caption": prompt.get("input"),
+                "output_caption": prompt.get("output"),
+            }
             _with_image(rec, ex, "image", "target")
     return rec
 
@@ -369,7 +470,11 @@ READERS: dict[str, Callable[..., Records]] = {
 
 
 def read_source(
-    reader: str, root: str | Path, split: str, max_examples: int | None = None, image_dir: str | Path | None = None
+    reader: str,
+    root: str | Path,
+    split: str,
+    max_examples: int | None = None,
+    image_dir: str | Path | None = None,
 ) -> Records:
     """Run a reader by name; keep the first ``max_examples`` examples when set. ``image_dir``
     (vqa2, okvqa only) points at the COCO images when they are not under ``root``."""
@@ -377,7 +482,9 @@ def read_source(
         raise KeyError(f"unknown reader {reader!r}; readers: {', '.join(READERS)}")
     if image_dir is not None:
         if reader not in ("vqa2", "okvqa"):
-            raise ValueError(f"image_dir is an option of the vqa2 and okvqa readers, not of {reader}")
+            raise ValueError(
+                f"image_dir is an option of the vqa2 and okvqa readers, not of {reader}"
+            )
         rec = READERS[reader](root, split, image_dir=image_dir)
     else:
         rec = READERS[reader](root, split)

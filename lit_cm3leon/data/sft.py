@@ -54,7 +54,10 @@ MAPS_VERSION = 1  # bump when the map rendering changes (it is part of the cache
 
 # --- mixture -------------------------------------------------------------------------------
 def mixture_rates(
-    sizes: Sequence[float], weights: Sequence[float | None] | None = None, min_ratio: float = 0.3, max_ratio: float = 3.0
+    sizes: Sequence[float],
+    weights: Sequence[float | None] | None = None,
+    min_ratio: float = 0.3,
+    max_ratio: float = 3.0,
 ) -> np.ndarray:
     """Sampling rate of each task: weights clipped to ``[min_ratio, max_ratio]`` x natural share.
 
@@ -68,7 +71,11 @@ def mixture_rates(
     if not 0 <= min_ratio <= 1 <= max_ratio:
         raise ValueError(f"need 0 <= min_ratio <= 1 <= max_ratio, got {min_ratio}, {max_ratio}")
     p = n / n.sum()
-    w = n.copy() if weights is None else np.array([n[i] if x is None else float(x) for i, x in enumerate(weights)])
+    w = (
+        n.copy()
+        if weights is None
+        else np.array([n[i] if x is None else float(x) for i, x in enumerate(weights)])
+    )
     if (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"task weights must be >= 0 and not all 0, got {w.tolist()}")
     w = w / w.sum()
@@ -111,9 +118,17 @@ class SFTSequences(Dataset):
         for t in self.tasks:
             get_template(t)  # unknown task names fail here
         self.pools = {t: list(pools[t]) for t in self.tasks}
-        self.codec, self.seq_len, self.seed, self.loss_on, self.sample = codec, seq_len, seed, loss_on, sample
+        self.codec, self.seq_len, self.seed, self.loss_on, self.sample = (
+            codec,
+            seq_len,
+            seed,
+            loss_on,
+            sample,
+        )
         sizes = [len(self.pools[t]) for t in self.tasks]
-        self.rates = np.asarray(rates if rates is not None else np.asarray(sizes) / sum(sizes), dtype=np.float64)
+        self.rates = np.asarray(
+            rates if rates is not None else np.asarray(sizes) / sum(sizes), dtype=np.float64
+        )
         if self.rates.size != len(self.tasks):
             raise ValueError(f"{self.rates.size} rates for {len(self.tasks)} tasks")
         self._cum = np.cumsum(self.rates / self.rates.sum())
@@ -155,7 +170,9 @@ def _key(*parts: object) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def encode_cached(tokenizer, images_fn, n: int, cache: Path | None, batch_size: int = 256) -> np.ndarray:
+def encode_cached(
+    tokenizer, images_fn, n: int, cache: Path | None, batch_size: int = 256
+) -> np.ndarray:
     """int16 codes [n, h, w] of ``images_fn(start, stop) -> uint8 [k, H, W, 3]``, from ``cache``
     when present (else encoded in batches and written there)."""
     if cache is not None and cache.is_file():
@@ -169,7 +186,9 @@ def encode_cached(tokenizer, images_fn, n: int, cache: Path | None, batch_size: 
         out[a:b] = tokenizer.encode(images_fn(a, b), batch_size=batch_size).numpy().astype(np.int16)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")  # ranks may race: replace is atomic
+        tmp = cache.with_name(
+            f"{cache.stem}.{os.getpid()}.tmp.npz"
+        )  # ranks may race: replace is atomic
         np.savez(tmp, codes=out)
         tmp.replace(cache)
     return out
@@ -197,12 +216,20 @@ def shapes_paragraph(world, scene) -> str:
 
     n = len(scene.shapes)
     head = f"There {'is one shape' if n == 1 else f'are {n} shapes'} on {'an' if scene.background[0] in 'aeiou' else 'a'} {scene.background} background."
-    body = [f"A {s.size} {s.color} {s.kind} is {position_phrase(world.where(s))}." for s in scene.shapes]
+    body = [
+        f"A {s.size} {s.color} {s.kind} is {position_phrase(world.where(s))}." for s in scene.shapes
+    ]
     return " ".join([head, *body])
 
 
 def shapes_pools(
-    world, split: str, start: int, n: int, tokenizer, cache_dir: str | Path | None, tasks: Sequence[str] = TASKS
+    world,
+    split: str,
+    start: int,
+    n: int,
+    tokenizer,
+    cache_dir: str | Path | None,
+    tasks: Sequence[str] = TASKS,
 ) -> dict[str, list[dict]]:
     """Examples of every task from shapes samples ``start .. start+n-1`` of ``split``.
 
@@ -226,7 +253,9 @@ def shapes_pools(
         if cache_dir is not None:
             key = _key(tokenizer.hash, repr(world), split, start, n, kind, MAPS_VERSION)
             cache = Path(cache_dir) / f"sft-shapes-{split}-{start}-{n}-{kind}-{key}.npz"
-        codes[kind] = encode_cached(tokenizer, lambda a, b, fn=fn: np.stack([fn(s) for s in samples[a:b]]), n, cache)
+        codes[kind] = encode_cached(
+            tokenizer, lambda a, b, fn=fn: np.stack([fn(s) for s in samples[a:b]]), n, cache
+        )
     size = [world.image_size, world.image_size]
     pools: dict[str, list[dict]] = {t: [] for t in tasks}
     for i, s in enumerate(samples):
@@ -241,15 +270,26 @@ def shapes_pools(
         for qa in s.vqa:
             task = "reasoning" if qa.qtype == "yesno" else "vqa"
             if task in add:
-                add[task]({"image": img, "question": qa.question, "answer": qa.answer, "qtype": qa.qtype})
+                add[task](
+                    {"image": img, "question": qa.question, "answer": qa.answer, "qtype": qa.qtype}
+                )
         if "edit" in add:
-            add["edit"]({"image": img, "instruction": s.edit.instruction, "target": codes["edited"][i]})
+            add["edit"](
+                {"image": img, "instruction": s.edit.instruction, "target": codes["edited"][i]}
+            )
         if "seg2image" in add:
-            add["seg2image"]({"condition": codes["seg"][i], "caption": s.caption_short, "image": img})
+            add["seg2image"](
+                {"condition": codes["seg"][i], "caption": s.caption_short, "image": img}
+            )
         if "edge2image" in add:
-            add["edge2image"]({"condition": codes["edges"][i], "caption": s.caption_short, "image": img})
+            add["edge2image"](
+                {"condition": codes["edges"][i], "caption": s.caption_short, "image": img}
+            )
         if "spatial" in add:
-            objects = [{"label": f"a {sh.color} {sh.kind}", "box": list(b)} for sh, b in zip(s.scene.shapes, s.boxes, strict=True)]
+            objects = [
+                {"label": f"a {sh.color} {sh.kind}", "box": list(b)}
+                for sh, b in zip(s.scene.shapes, s.boxes, strict=True)
+            ]
             add["spatial"]({"objects": objects, "size": size, "image": img})
         if "text2image" in add:
             add["text2image"]({"caption": s.caption_long, "image": img})
@@ -257,7 +297,11 @@ def shapes_pools(
 
 
 # --- files (official formats) --------------------------------------------------------------
-IMAGE_KEYS = ("image", "target", "condition")  # example keys that hold image paths before tokenizing
+IMAGE_KEYS = (
+    "image",
+    "target",
+    "condition",
+)  # example keys that hold image paths before tokenizing
 
 
 def file_pools(
@@ -284,7 +328,9 @@ def file_pools(
         if split is None:
             continue
         name = f"{src['reader']}:{split}"
-        records = read_source(src["reader"], src["root"], split, src.get("max_examples"), src.get("image_dir"))
+        records = read_source(
+            src["reader"], src["root"], split, src.get("max_examples"), src.get("image_dir")
+        )
         skipped[name] = read_skipped = records.skipped
         paths = sorted({str(r[k]) for r in records for k in IMAGE_KEYS if k in r})
         ok = np.ones(len(paths), dtype=bool)
@@ -325,7 +371,13 @@ def file_pools(
                 pools.setdefault(task, []).append(ex)
         total = len(records) + read_skipped
         if records.skipped:
-            log.warning("%s: skipped %d of %d records (%s)", name, records.skipped, total, dict(records.reasons))
+            log.warning(
+                "%s: skipped %d of %d records (%s)",
+                name,
+                records.skipped,
+                total,
+                dict(records.reasons),
+            )
         if total and records.skipped / total > max_bad_fraction:
             raise ValueError(
                 f"{name} under {src['root']}: {records.skipped} of {total} records are unusable "
@@ -395,19 +447,29 @@ class SFTDataModule(L.LightningDataModule):
 
             cfg = dict(hp.shapes or {})
             world = ShapesWorld(**cfg.get("world", {}))
-            train = shapes_pools(world, "train", 0, int(cfg.get("n_train", 2000)), tok, hp.cache_dir, tasks)
-            val = shapes_pools(world, "heldout", 0, int(cfg.get("n_val", 64)), tok, hp.cache_dir, tasks)
+            train = shapes_pools(
+                world, "train", 0, int(cfg.get("n_train", 2000)), tok, hp.cache_dir, tasks
+            )
+            val = shapes_pools(
+                world, "heldout", 0, int(cfg.get("n_val", 64)), tok, hp.cache_dir, tasks
+            )
         else:
             if not hp.sources:
-                raise ValueError("data.source=files needs data.sources: [{reader, root, split, tasks}, ...]")
+                raise ValueError(
+                    "data.source=files needs data.sources: [{reader, root, split, tasks}, ...]"
+                )
             train, skipped = file_pools(hp.sources, "split", tok, hp.cache_dir, hp.max_bad_fraction)
-            val, vskipped = file_pools(hp.sources, "val_split", tok, hp.cache_dir, hp.max_bad_fraction)
+            val, vskipped = file_pools(
+                hp.sources, "val_split", tok, hp.cache_dir, hp.max_bad_fraction
+            )
             self.skipped = {**skipped, **{f"{k} (val)": n for k, n in vskipped.items()}}
             train = {t: train[t] for t in tasks if t in train}
             val = {t: val[t] for t in tasks if t in val}
         empty = [t for t in tasks if not train.get(t)]
         if empty:
-            log.warning("no training examples for tasks %s: they are left out of the mixture", empty)
+            log.warning(
+                "no training examples for tasks %s: they are left out of the mixture", empty
+            )
         train = {t: v for t, v in train.items() if v}
         if not train:
             raise ValueError(f"no SFT training examples for any of the tasks {tasks}")
@@ -423,23 +485,42 @@ class SFTDataModule(L.LightningDataModule):
         weights = [(hp.tasks or {}).get(t) for t in order]
         rates = mixture_rates([len(train[t]) for t in order], weights, hp.min_ratio, hp.max_ratio)
         self.rates = dict(zip(order, rates.tolist(), strict=True))
-        log.info("SFT mixture: %s", ", ".join(f"{t} {len(train[t])} ex @ {r:.3f}" for t, r in self.rates.items()))
+        log.info(
+            "SFT mixture: %s",
+            ", ".join(f"{t} {len(train[t])} ex @ {r:.3f}" for t, r in self.rates.items()),
+        )
         world = max(1, self.trainer.world_size if self.trainer else 1)
         length = hp.max_steps * hp.batch_size * world
         self.train_ds = SFTSequences(train, codec, hp.seq_len, length, rates, hp.seed, hp.loss_on)
         # spread over each pool (consecutive examples often share a scene or an image)
-        val = {t: v[:: max(1, len(v) // hp.val_per_task)][: hp.val_per_task] for t, v in val.items() if v}
-        self.val_ds = SFTSequences(val, codec, hp.seq_len, seed=hp.seed + 1, loss_on=hp.loss_on, sample=False) if val else None
+        val = {
+            t: v[:: max(1, len(v) // hp.val_per_task)][: hp.val_per_task]
+            for t, v in val.items()
+            if v
+        }
+        self.val_ds = (
+            SFTSequences(val, codec, hp.seq_len, seed=hp.seed + 1, loss_on=hp.loss_on, sample=False)
+            if val
+            else None
+        )
 
     def train_dataloader(self) -> DataLoader:
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
         self._sampler = ResumableSampler(len(self.train_ds), rank, world)
         if self.trainer is not None:
-            self._sampler.start = self.trainer.global_step * self.trainer.accumulate_grad_batches * self.hparams.batch_size
+            self._sampler.start = (
+                self.trainer.global_step
+                * self.trainer.accumulate_grad_batches
+                * self.hparams.batch_size
+            )
         return DataLoader(
-            self.train_ds, batch_size=self.hparams.batch_size, sampler=self._sampler,
-            num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0, drop_last=True,
+            self.train_ds,
+            batch_size=self.hparams.batch_size,
+            sampler=self._sampler,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            drop_last=True,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -50,7 +50,9 @@ class TokenShards:
                 doc_ids.append(kept[1])
                 records.extend(kept[2])
         if not npzs:
-            raise FileNotFoundError(f"{self.root} has a manifest but no shard-*.npz: expected {LAYOUT}")
+            raise FileNotFoundError(
+                f"{self.root} has a manifest but no shard-*.npz: expected {LAYOUT}"
+            )
         n_good = sum(len(d) for d in doc_ids)
         self.bad_records = sum(self.bad_files.values())
         total = n_good + self.bad_records
@@ -63,7 +65,13 @@ class TokenShards:
                     f"max_bad_fraction={max_bad_fraction}. Worst files: {detail}. Rewrite them with "
                     "`python -m lit_cm3leon.prepare tokenize`, delete them, or raise data.max_bad_fraction"
                 )
-            log.warning("%s: skipped %d of %d unreadable records: %s", self.root, self.bad_records, total, detail)
+            log.warning(
+                "%s: skipped %d of %d unreadable records: %s",
+                self.root,
+                self.bad_records,
+                total,
+                detail,
+            )
         self.codes = np.concatenate(codes)  # [N, h, w]
         self.doc_ids = np.concatenate(doc_ids)  # [N]
         self.records = records
@@ -86,7 +94,11 @@ class TokenShards:
             try:
                 rec = json.loads(line)
                 doc_id = rec["doc_id"]
-                if not isinstance(rec["text"], str) or isinstance(doc_id, bool) or not isinstance(doc_id, int):
+                if (
+                    not isinstance(rec["text"], str)
+                    or isinstance(doc_id, bool)
+                    or not isinstance(doc_id, int)
+                ):
                     raise TypeError("doc_id must be an int and text a string")
             except (ValueError, KeyError, TypeError) as err:
                 reason = reason or f"line {k + 1}: {type(err).__name__}: {err}"
@@ -106,11 +118,15 @@ class TokenShards:
                 codes = np.asarray(z["codes"]).astype(np.int64)
                 doc_id = np.asarray(z["doc_id"]).astype(np.int64)
             if codes.ndim != 3 or doc_id.ndim != 1 or len(codes) != len(doc_id):
-                raise ValueError(f"codes {codes.shape} and doc_id {doc_id.shape} do not form [N,h,w] + [N]")
+                raise ValueError(
+                    f"codes {codes.shape} and doc_id {doc_id.shape} do not form [N,h,w] + [N]"
+                )
             h, w = self.manifest.get("h"), self.manifest.get("w")
             if h and w and codes.shape[1:] != (h, w):
                 raise ValueError(f"codes grid {codes.shape[1:]} but manifest.json says {(h, w)}")
-        except Exception as err:  # truncated zip, bad header, missing array: the whole shard is lost
+        except (
+            Exception
+        ) as err:  # truncated zip, bad header, missing array: the whole shard is lost
             self._bad(npz.name, max(n_lines, 1), f"unreadable: {type(err).__name__}: {err}")
             return None
         keep = np.array([int(d) in by_id for d in doc_id], dtype=bool)
@@ -121,7 +137,9 @@ class TokenShards:
         if n_codes:
             in_range = ((codes >= 0) & (codes < n_codes)).all(axis=(1, 2))
             if (keep & ~in_range).any():
-                self._bad(npz.name, int((keep & ~in_range).sum()), f"image codes outside [0, {n_codes})")
+                self._bad(
+                    npz.name, int((keep & ~in_range).sum()), f"image codes outside [0, {n_codes})"
+                )
             keep &= in_range
         return codes[keep], doc_id[keep], [by_id[int(d)] for d in doc_id[keep]]
 

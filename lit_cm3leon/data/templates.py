@@ -89,7 +89,9 @@ def quantize_coord(c: float, size: float, n_loc: int = 100) -> int:
     return int(min(n_loc - 1, max(0, np.floor(float(c) / float(size) * n_loc))))
 
 
-def quantize_box(box: Sequence[float], width: float, height: float, n_loc: int = 100) -> tuple[int, int, int, int]:
+def quantize_box(
+    box: Sequence[float], width: float, height: float, n_loc: int = 100
+) -> tuple[int, int, int, int]:
     """``(x0, y0, x1, y1)`` in pixels -> four location bins (x by width, y by height)."""
     x0, y0, x1, y1 = box
     return (
@@ -140,8 +142,14 @@ class Template:
 
 def _image_then(task: str, image_key: str = "image"):
     def fn(ex: Mapping[str, Any], n_loc: int) -> Document:
-        fields = {k: _text(ex, k) for k in ("question", "instruction", "caption") if f"{{{k}}}" in INSTRUCTIONS[task]}
-        return Document([_codes(ex.get(image_key), image_key), Text(INSTRUCTIONS[task].format(**fields))])
+        fields = {
+            k: _text(ex, k)
+            for k in ("question", "instruction", "caption")
+            if f"{{{k}}}" in INSTRUCTIONS[task]
+        }
+        return Document(
+            [_codes(ex.get(image_key), image_key), Text(INSTRUCTIONS[task].format(**fields))]
+        )
 
     return fn
 
@@ -211,7 +219,9 @@ def encode_example(
     if max_len is not None:
         room = max_len - t.size - 3  # <bos>, the <break> before the target, <eos>
         if room < 0:
-            raise ValueError(f"the target alone needs {t.size + 3} ids, more than max_len={max_len}")
+            raise ValueError(
+                f"the target alone needs {t.size + 3} ids, more than max_len={max_len}"
+            )
         if p.size > room:
             p = trim_text(p, v, room)
     ids = np.concatenate([[v.bos], p, [v.brk], t, [v.eos]]).astype(np.int64)
@@ -222,7 +232,11 @@ def encode_example(
 
 
 def render_ids(
-    codec: DocumentCodec, task: str, example: Mapping[str, Any], loss_on: LossOn = "target", max_len: int | None = None
+    codec: DocumentCodec,
+    task: str,
+    example: Mapping[str, Any],
+    loss_on: LossOn = "target",
+    max_len: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one example of ``task`` and encode it (:func:`encode_example`)."""
     prompt, target = get_template(task).render(example, codec.vocab.n_loc)

@@ -104,10 +104,22 @@ def base_strategies(strategies: Sequence[str]) -> list[str]:
 def _dec(strategy: str, cfg_scale: float, num_samples: int):
     from lit_cm3leon.engine import Decoding
 
-    return Decoding(strategy=strategy, cfg_scale=1.0 if strategy in UNGUIDED else float(cfg_scale), num_samples=num_samples)
+    return Decoding(
+        strategy=strategy,
+        cfg_scale=1.0 if strategy in UNGUIDED else float(cfg_scale),
+        num_samples=num_samples,
+    )
 
 
-def run(cfg: Ablation, res: tr.Resources, pset: tr.PromptSet, rank: int = 0, world_size: int = 1, progress: bool = True, log=print) -> list[Cell]:
+def run(
+    cfg: Ablation,
+    res: tr.Resources,
+    pset: tr.PromptSet,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    log=print,
+) -> list[Cell]:
     """Generate (this rank's chunks) and score every cell that is complete; returns all cells
     (``record`` None for cells still waiting on other ranks)."""
     cells: list[Cell] = []
@@ -122,12 +134,26 @@ def run(cfg: Ablation, res: tr.Resources, pset: tr.PromptSet, rank: int = 0, wor
     K = max(cfg.samples)
     for size in sizes:
         ckpt = cfg.ckpts[size]
-        cand = {b: candidates(ckpt, b, cfg, res, pset, K, rank, world_size, log) for b in base_strategies(cfg.strategies)}
+        cand = {
+            b: candidates(ckpt, b, cfg, res, pset, K, rank, world_size, log)
+            for b in base_strategies(cfg.strategies)
+        }
         for strategy in cfg.strategies:
             for k in cfg.samples:
                 log(f"[samples] {size} {strategy} k={k}")
                 folder, rec = prefix_cell(ckpt, strategy, k, K, cand, cfg, res, pset)
-                cells.append(Cell("samples", size, ckpt, strategy, _dec(strategy, cfg.samples_cfg_scale, k).cfg_scale, k, folder, rec))
+                cells.append(
+                    Cell(
+                        "samples",
+                        size,
+                        ckpt,
+                        strategy,
+                        _dec(strategy, cfg.samples_cfg_scale, k).cfg_scale,
+                        k,
+                        folder,
+                        rec,
+                    )
+                )
     return cells
 
 
@@ -135,7 +161,12 @@ def candidates(ckpt, strategy, cfg: Ablation, res, pset, K, rank, world_size, lo
     """The candidates folder of one base strategy (generated where missing)."""
     dec = _dec(strategy, cfg.samples_cfg_scale, K)
     n = len(pset.prompts)
-    folder = res.outputs / "eval" / "t2i" / tr.run_name(ckpt, pset.protocol, n, dec, cfg.seed, "_candidates")
+    folder = (
+        res.outputs
+        / "eval"
+        / "t2i"
+        / tr.run_name(ckpt, pset.protocol, n, dec, cfg.seed, "_candidates")
+    )
     spec = tr.RunSpec(str(ckpt), tr.file_digest(tr.ckpt_file(ckpt)), pset.protocol, n, cfg.seed, cfg.chunk,
                       asdict(dec), {"kind": "candidates"})  # fmt: skip
     spec.check_against(folder)
@@ -143,14 +174,31 @@ def candidates(ckpt, strategy, cfg: Ablation, res, pset, K, rank, world_size, lo
     if not all(tr.candidate_path(folder, c).is_file() for c in range(n_chunks)):
         log(f"[candidates] {tr.ckpt_label(ckpt)} {strategy}: {K} per prompt")
         engine = res.engine(ckpt, retrieval=dec.retrieve_k > 0)
-        tr.generate_candidates(engine, pset.prompts, dec, folder, res.rerank_scorer(), cfg.seed, cfg.chunk, rank, world_size)
+        tr.generate_candidates(
+            engine,
+            pset.prompts,
+            dec,
+            folder,
+            res.rerank_scorer(),
+            cfg.seed,
+            cfg.chunk,
+            rank,
+            world_size,
+        )
     return folder
 
 
-def prefix_cell(ckpt, strategy: str, k: int, K: int, cand: dict[str, Path], cfg: Ablation, res, pset) -> tuple[Path, dict | None]:
+def prefix_cell(
+    ckpt, strategy: str, k: int, K: int, cand: dict[str, Path], cfg: Ablation, res, pset
+) -> tuple[Path, dict | None]:
     n = len(pset.prompts)
     dec = _dec(strategy, cfg.samples_cfg_scale, k)
-    folder = res.outputs / "eval" / "t2i" / tr.run_name(ckpt, pset.protocol, n, dec, cfg.seed, f"_prefix{K}")
+    folder = (
+        res.outputs
+        / "eval"
+        / "t2i"
+        / tr.run_name(ckpt, pset.protocol, n, dec, cfg.seed, f"_prefix{K}")
+    )
     if tr.is_finished(folder):
         import json
 
@@ -162,9 +210,8 @@ def prefix_cell(ckpt, strategy: str, k: int, K: int, cand: dict[str, Path], cfg:
         return folder, None  # other ranks still generating
     codes = tr.interleave(*[c for c, _ in loaded]) if len(loaded) > 1 else loaded[0][0]
     scores = tr.interleave(*[s for _, s in loaded]) if len(loaded) > 1 else loaded[0][1]
-    selection = (
-        f"best (retriever CLIP) of the first {k} of {K} candidates"
-        + (" alternating cfg_topp and cdk" if strategy == "mixed" else "")
+    selection = f"best (retriever CLIP) of the first {k} of {K} candidates" + (
+        " alternating cfg_topp and cdk" if strategy == "mixed" else ""
     )
     spec = tr.RunSpec(str(ckpt), tr.file_digest(tr.ckpt_file(ckpt)), pset.protocol, n, cfg.seed, cfg.chunk,
                       asdict(dec), {"selection": selection, "candidates": [str(cand[b]) for b in parts]})  # fmt: skip
@@ -230,7 +277,11 @@ def findings(table: list[dict]) -> list[str]:
     rws, cols, at = _pivot(table, "cfg", "cfg_scale", "size")
     best = {}
     for size in cols:
-        vals = [(at[(s, size)]["fid"], s) for s in rws if (s, size) in at and at[(s, size)]["fid"] is not None]
+        vals = [
+            (at[(s, size)]["fid"], s)
+            for s in rws
+            if (s, size) in at and at[(s, size)]["fid"] is not None
+        ]
         if vals:
             best[size] = min(vals)[1]
     if best:
@@ -240,7 +291,11 @@ def findings(table: list[dict]) -> list[str]:
                       "." if len(best) == 1 else " (differs across sizes, unlike the paper)."))  # fmt: skip
     rws, cols, at = _pivot(table, "samples", "num_samples", "strategy")
     for strategy in cols:
-        vals = [(k, at[(k, strategy)]["fid"]) for k in rws if (k, strategy) in at and at[(k, strategy)]["fid"] is not None]
+        vals = [
+            (k, at[(k, strategy)]["fid"])
+            for k in rws
+            if (k, strategy) in at and at[(k, strategy)]["fid"] is not None
+        ]
         if len(vals) >= 2:
             (k0, f0), (k1, f1), (kl, fl) = vals[0], vals[-2], vals[-1]
             out.append(f"{strategy}: FID {f0:.3f} at {k0} sample(s) -> {fl:.3f} at {kl}; last step {k1}->{kl}: "
@@ -250,13 +305,20 @@ def findings(table: list[dict]) -> list[str]:
 
 def to_markdown(table: list[dict], title: str) -> str:
     metric = next((r["metric"] for r in table if r["metric"]), "FID")
-    lines = [f"# Figure 4 ({title}): {metric} of text-to-image samples, lower is better", "", PAPER_FIGURE4, ""]
+    lines = [
+        f"# Figure 4 ({title}): {metric} of text-to-image samples, lower is better",
+        "",
+        PAPER_FIGURE4,
+        "",
+    ]
     rws, cols, at = _pivot(table, "cfg", "cfg_scale", "size")
     if cols:
         strategy = next(r["strategy"] for r in table if r["panel"] == "cfg")
         lines += [f"## {metric} against CFG scale per model size ({strategy}, 1 sample; 95% CI)", "",
                   "| CFG scale | " + " | ".join(map(str, cols)) + " |", "| --- |" + " --- |" * len(cols)]  # fmt: skip
-        lines += [f"| {s:g} | " + " | ".join(_cell(at.get((s, c))) for c in cols) + " |" for s in rws]
+        lines += [
+            f"| {s:g} | " + " | ".join(_cell(at.get((s, c))) for c in cols) + " |" for s in rws
+        ]
         lines.append("")
     rws, cols, at = _pivot(table, "samples", "num_samples", "strategy")
     if cols:
@@ -278,14 +340,21 @@ def plot(table: list[dict], path: str | Path, title: str) -> Path:
 
     metric = next((r["metric"] for r in table if r["metric"]), "FID")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, panel, xkey, group in ((axes[0], "cfg", "cfg_scale", "size"), (axes[1], "samples", "num_samples", "strategy")):
+    for ax, panel, xkey, group in (
+        (axes[0], "cfg", "cfg_scale", "size"),
+        (axes[1], "samples", "num_samples", "strategy"),
+    ):
         sel = [r for r in table if r["panel"] == panel and r["fid"] is not None]
         for g in dict.fromkeys(r[group] for r in sel):
-            pts = sorted((r[xkey], r["fid"], r["fid_lo"], r["fid_hi"]) for r in sel if r[group] == g)
+            pts = sorted(
+                (r[xkey], r["fid"], r["fid_lo"], r["fid_hi"]) for r in sel if r[group] == g
+            )
             x, y = [p[0] for p in pts], [p[1] for p in pts]
             err = None
             if all(p[2] is not None for p in pts):
-                err = np.array([[max(0.0, p[1] - p[2]) for p in pts], [max(0.0, p[3] - p[1]) for p in pts]])
+                err = np.array(
+                    [[max(0.0, p[1] - p[2]) for p in pts], [max(0.0, p[3] - p[1]) for p in pts]]
+                )
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=str(g))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
@@ -311,7 +380,11 @@ def write_outputs(cells: Sequence[Cell], out_dir: str | Path, title: str) -> dic
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = rows(cells)
-    paths = {"csv": out_dir / "figure4.csv", "md": out_dir / "figure4.md", "png": out_dir / "figure4.png"}
+    paths = {
+        "csv": out_dir / "figure4.csv",
+        "md": out_dir / "figure4.md",
+        "png": out_dir / "figure4.png",
+    }
     paths["csv"].write_text(to_csv(table))
     paths["md"].write_text(to_markdown(table, title))
     plot(table, paths["png"], title)

@@ -82,16 +82,26 @@ def add_run_args(parser: argparse.ArgumentParser, protocol: str, out_required: b
         "--seed", type=int, default=0, help="run seed; also seeds the bootstrap resampling"
     )
     g.add_argument(
-        "--ckpt", default=None, help="checkpoint that produced the predictions (recorded); scripts with a --ckpt mode generate from it when no predictions are given"
+        "--ckpt",
+        default=None,
+        help="checkpoint that produced the predictions (recorded); scripts with a --ckpt mode generate from it when no predictions are given",
     )
     g.add_argument(
         "--strategy",
         default=None,
         help="decoding strategy of the predictions (recorded; coco_fid.py --ckpt: used, default cfg_topp)",
     )
-    g.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (recorded; coco_fid.py --ckpt: used, default 3)")
     g.add_argument(
-        "--num-samples", type=int, default=None, help="samples per prompt (recorded; coco_fid.py --ckpt: used, default 1)"
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="CFG scale (recorded; coco_fid.py --ckpt: used, default 3)",
+    )
+    g.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="samples per prompt (recorded; coco_fid.py --ckpt: used, default 1)",
     )
     g.add_argument(
         "--retrieve-k",
@@ -108,7 +118,8 @@ def add_run_args(parser: argparse.ArgumentParser, protocol: str, out_required: b
     g.add_argument(
         "--out",
         required=out_required,
-        help="metrics.json to write" + ("" if out_required else " (with --ckpt: default inside the run folder)"),
+        help="metrics.json to write"
+        + ("" if out_required else " (with --ckpt: default inside the run folder)"),
     )
     g.add_argument("--force", action="store_true", help="overwrite an existing --out")
 

@@ -125,7 +125,9 @@ def table2_markdown(records: Iterable[Mapping[str, Any]]) -> str:
         if f"baseline_{key}" in rec:  # the honest baseline scored in the same run (shapes --ckpt)
             bci = _ci(rec.get("ci95", {}).get(f"baseline_{key}"), scale, 1)
             bval = rec[f"baseline_{key}"] * scale
-            ours.setdefault(BASELINE_LABELS[key], {})[title] = f"{bval:.1f} {bci}" if bci != "–" else f"{bval:.1f}"
+            ours.setdefault(BASELINE_LABELS[key], {})[title] = (
+                f"{bval:.1f} {bci}" if bci != "–" else f"{bval:.1f}"
+            )
     lines = [
         "Table 2: image-to-text after SFT (CIDEr x 100, VQA accuracy %; our 95% CI in brackets)",
         "",

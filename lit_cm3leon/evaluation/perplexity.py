@@ -19,7 +19,9 @@ def unigram_nll(train_codes: np.ndarray, test_codes: np.ndarray, n_codes: int) -
     return -logp[np.arange(positions)[None, :], flat_test].mean(1)
 
 
-def perplexity_table(engine, captions: list[str], codes: np.ndarray, train_codes: np.ndarray, retrieve_ks=(0, 1, 2)) -> dict[str, np.ndarray]:
+def perplexity_table(
+    engine, captions: list[str], codes: np.ndarray, train_codes: np.ndarray, retrieve_ks=(0, 1, 2)
+) -> dict[str, np.ndarray]:
     """Per-image NLL arrays: ``nll_k{k}`` for each k, and ``nll_unigram``."""
     out = {f"nll_k{k}": engine.image_nll(captions, codes, retrieve_k=k) for k in retrieve_ks}
     out["nll_unigram"] = unigram_nll(train_codes, codes, engine.vocab.n_image)

@@ -38,13 +38,22 @@ def caption_items(n: int, world: ShapesWorld | None = None):
     samples = [world.sample("heldout", i) for i in range(n)]
     ids = list(range(n))
     refs = {i: [s.caption_short, s.caption_long] for i, s in zip(ids, samples, strict=True)}
-    return ids, np.stack([s.image for s in samples]), refs, {i: s.scene for i, s in zip(ids, samples, strict=True)}
+    return (
+        ids,
+        np.stack([s.image for s in samples]),
+        refs,
+        {i: s.scene for i, s in zip(ids, samples, strict=True)},
+    )
 
 
 def coco_caption_file(refs: Mapping[int, Sequence[str]]) -> dict:
     """References in the COCO captions annotation layout (for rescoring with --annotations)."""
     images = [{"id": i, "file_name": f"heldout-{i:05d}.png"} for i in refs]
-    anns = [{"id": 10 * i + j, "image_id": i, "caption": c} for i, caps in refs.items() for j, c in enumerate(caps)]
+    anns = [
+        {"id": 10 * i + j, "image_id": i, "caption": c}
+        for i, caps in refs.items()
+        for j, c in enumerate(caps)
+    ]
     return {"images": images, "annotations": anns}
 
 
@@ -64,7 +73,11 @@ def caption_attr_scores(preds: Mapping, scenes: Mapping) -> dict[str, np.ndarray
         prec.append(p)
         rec.append(r)
         f1.append(2 * p * r / (p + r) if p + r > 0 else 0.0)
-    return {"caption_attr_acc": np.array(f1), "caption_attr_precision": np.array(prec), "caption_attr_recall": np.array(rec)}
+    return {
+        "caption_attr_acc": np.array(f1),
+        "caption_attr_precision": np.array(prec),
+        "caption_attr_recall": np.array(rec),
+    }
 
 
 def most_frequent_caption(n_train: int, world: ShapesWorld | None = None) -> str:
@@ -107,7 +120,10 @@ def official_vqa_files(items: Sequence[VQAItem]) -> tuple[dict, dict]:
     """(questions, annotations) in the official VQA v2 layout."""
     questions = {
         "data_subtype": "shapes-heldout",
-        "questions": [{"image_id": it.scene_index, "question": it.question, "question_id": it.question_id} for it in items],
+        "questions": [
+            {"image_id": it.scene_index, "question": it.question, "question_id": it.question_id}
+            for it in items
+        ],
     }
     annotations = {
         "data_subtype": "shapes-heldout",
@@ -118,7 +134,10 @@ def official_vqa_files(items: Sequence[VQAItem]) -> tuple[dict, dict]:
                 "question_type": it.qtype,
                 "answer_type": it.answer_type,
                 "multiple_choice_answer": it.answer,
-                "answers": [{"answer": it.answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)],
+                "answers": [
+                    {"answer": it.answer, "answer_confidence": "yes", "answer_id": j + 1}
+                    for j in range(10)
+                ],
             }
             for it in items
         ],
@@ -136,7 +155,9 @@ def answer_prior(n_train: int, world: ShapesWorld | None = None) -> dict[str, st
     return {q: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for q, c in counts.items()}
 
 
-def generate_texts(engine, prompts: Sequence[list[int]], dec, seed: int = 0, batch_size: int = 64) -> list[str]:
+def generate_texts(
+    engine, prompts: Sequence[list[int]], dec, seed: int = 0, batch_size: int = 64
+) -> list[str]:
     """Text continuation of each prompt (ids from ``inference_prompt``), batch by batch."""
     out: list[str] = []
     for s in range(0, len(prompts), batch_size):
@@ -148,14 +169,31 @@ def generate_texts(engine, prompts: Sequence[list[int]], dec, seed: int = 0, bat
 # --- command-line pieces shared by eval/captioning.py and eval/vqa.py -------------------
 def add_i2t_args(p: argparse.ArgumentParser, n: int, max_text_tokens: int) -> None:
     g = p.add_argument_group("generate with --ckpt (shapes world)")
-    g.add_argument("--outputs", default="outputs", help="the pipeline's outputs/ folder (tokenizers; runs go to <outputs>/eval/)")
-    g.add_argument("--n", type=int, default=n, help=f"held-out items (default {n}, the shapes protocol)")
+    g.add_argument(
+        "--outputs",
+        default="outputs",
+        help="the pipeline's outputs/ folder (tokenizers; runs go to <outputs>/eval/)",
+    )
+    g.add_argument(
+        "--n", type=int, default=n, help=f"held-out items (default {n}, the shapes protocol)"
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
     g.add_argument("--top-k", type=int, default=0, help="top-k when sampling (0: off)")
-    g.add_argument("--max-text-tokens", type=int, default=max_text_tokens, help="new text tokens at most")
-    g.add_argument("--baseline-train", type=int, default=5000, help="training samples the baseline is counted on")
+    g.add_argument(
+        "--max-text-tokens", type=int, default=max_text_tokens, help="new text tokens at most"
+    )
+    g.add_argument(
+        "--baseline-train",
+        type=int,
+        default=5000,
+        help="training samples the baseline is counted on",
+    )
     g.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
-    g.add_argument("--run-dir", default=None, help="run folder (default named after the settings under <outputs>/eval/)")
+    g.add_argument(
+        "--run-dir",
+        default=None,
+        help="run folder (default named after the settings under <outputs>/eval/)",
+    )
 
 
 def i2t_run_dir(args: argparse.Namespace, kind: str, task: str) -> Path:
@@ -163,7 +201,11 @@ def i2t_run_dir(args: argparse.Namespace, kind: str, task: str) -> Path:
 
     if args.run_dir:
         return Path(args.run_dir)
-    dec = "greedy" if args.temperature <= 0 else f"t{args.temperature:g}" + (f"_topk{args.top_k}" if args.top_k else "")
+    dec = (
+        "greedy"
+        if args.temperature <= 0
+        else f"t{args.temperature:g}" + (f"_topk{args.top_k}" if args.top_k else "")
+    )
     name = f"{ckpt_label(args.ckpt)}_shapes-heldout_n{args.n}_{task}_{dec}_seed{args.seed}"
     return Path(args.outputs) / "eval" / kind / name
 
@@ -176,6 +218,12 @@ def i2t_setup(args: argparse.Namespace):
     from lit_cm3leon.engine import Decoding, Engine
 
     engine = Engine.load(args.ckpt, args.outputs, retrieval=False)
-    dec = Decoding(temperature=args.temperature, top_k=args.top_k, max_text_tokens=args.max_text_tokens)
+    dec = Decoding(
+        temperature=args.temperature, top_k=args.top_k, max_text_tokens=args.max_text_tokens
+    )
     strategy = "greedy" if args.temperature <= 0 else "temperature"
-    return engine, dec, dict(ckpt=str(args.ckpt), strategy=strategy, cfg_scale=None, num_samples=1, retrieve_k=0)
+    return (
+        engine,
+        dec,
+        dict(ckpt=str(args.ckpt), strategy=strategy, cfg_scale=None, num_samples=1, retrieve_k=0),
+    )

@@ -23,11 +23,17 @@ from PIL import Image
 from lit_cm3leon.data.shapes import Scene, ShapesWorld, parse_scene, scene_accuracy
 
 
-def shapes_protocol(n: int, world: ShapesWorld | None = None) -> tuple[list[str], list[Scene], np.ndarray]:
+def shapes_protocol(
+    n: int, world: ShapesWorld | None = None
+) -> tuple[list[str], list[Scene], np.ndarray]:
     """(prompts, scenes, reference images uint8 [n, H, W, 3]) of the first n held-out scenes."""
     world = world or ShapesWorld()
     samples = [world.sample("heldout", i) for i in range(n)]
-    return [s.caption_long for s in samples], [s.scene for s in samples], np.stack([s.image for s in samples])
+    return (
+        [s.caption_long for s in samples],
+        [s.scene for s in samples],
+        np.stack([s.image for s in samples]),
+    )
 
 
 def sample_path(folder: Path, i: int) -> Path:
@@ -53,14 +59,17 @@ def generate_samples(
     (folder / "samples").mkdir(parents=True, exist_ok=True)
     chunks = [list(range(s, min(s + chunk, len(prompts)))) for s in range(0, len(prompts), chunk)]
     todo = [
-        (c, idx) for c, idx in enumerate(chunks)
+        (c, idx)
+        for c, idx in enumerate(chunks)
         if c % world_size == rank and not all(sample_path(folder, i).is_file() for i in idx)
     ]
     bar = None
     if progress and todo:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(idx) for _, idx in todo), desc=f"generating {folder.name}", unit="prompt")
+        bar = tqdm(
+            total=sum(len(idx) for _, idx in todo), desc=f"generating {folder.name}", unit="prompt"
+        )
     for c, idx in todo:
         images = engine.text_to_image([prompts[i] for i in idx], dec, seed=seed + c, scorer=scorer)
         for i, img in zip(idx, images[:, 0], strict=True):
@@ -74,10 +83,14 @@ def generate_samples(
     return folder
 
 
-def attribute_scores(images: np.ndarray, scenes: Sequence[Scene], world: ShapesWorld | None = None) -> dict[str, np.ndarray]:
+def attribute_scores(
+    images: np.ndarray, scenes: Sequence[Scene], world: ShapesWorld | None = None
+) -> dict[str, np.ndarray]:
     """Per-image scene-parser scores against the prompt scenes: attributes, exact, count."""
     world = world or ShapesWorld()
-    rows = [scene_accuracy(parse_scene(img, world), sc) for img, sc in zip(images, scenes, strict=True)]
+    rows = [
+        scene_accuracy(parse_scene(img, world), sc) for img, sc in zip(images, scenes, strict=True)
+    ]
     return {k: np.array([r[k] for r in rows]) for k in ("attributes", "exact", "count")}
 
 

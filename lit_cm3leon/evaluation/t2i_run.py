@@ -65,7 +65,9 @@ def run_name(ckpt: str | Path, protocol: str, n: int, dec, seed: int, suffix: st
 
     default = Decoding()
     knobs = [
-        f"{abbr}{getattr(dec, k):g}" for k, abbr in KNOB_ABBREV.items() if getattr(dec, k) != getattr(default, k)
+        f"{abbr}{getattr(dec, k):g}"
+        for k, abbr in KNOB_ABBREV.items()
+        if getattr(dec, k) != getattr(default, k)
     ]
     name = (
         f"{ckpt_label(ckpt)}_{protocol}_n{n}_{dec.strategy}_cfg{dec.cfg_scale:g}_s{dec.num_samples}"
@@ -165,7 +167,9 @@ class Scorers:
     def extractor(self):
         if self.features == "clip":
             if self.eval_clip is None:
-                raise InputError("FID-CLIP needs the evaluation CLIP (outputs/eval_clip or --eval-clip)")
+                raise InputError(
+                    "FID-CLIP needs the evaluation CLIP (outputs/eval_clip or --eval-clip)"
+                )
             return fidlib.clip_extractor(self.eval_clip)
         return fidlib.inception_extractor(self.inception_weights), None
 
@@ -187,20 +191,30 @@ def score_run(
     clean_partial(folder)
     missing = missing_samples(folder, n)
     if missing:
-        raise InputError(f"{folder}: {len(missing)} of {n} samples missing (first {missing[0]:05d}.png)")
+        raise InputError(
+            f"{folder}: {len(missing)} of {n} samples missing (first {missing[0]:05d}.png)"
+        )
     extractor, fn_resize = scorers.extractor()
-    res = fidlib.score_fid(folder / "samples", reference, extractor, fn_resize, n_bootstrap, seed, scorers.batch_size)
+    res = fidlib.score_fid(
+        folder / "samples", reference, extractor, fn_resize, n_bootstrap, seed, scorers.batch_size
+    )
     metrics: dict[str, Any] = dict(fidlib.summary(res, scorers.features))
     ci95: dict[str, list[float]] = {"fid": [round(v, 4) for v in res.ci95]} if res.ci95 else {}
     per: dict[str, np.ndarray] = {}
     files = [str(sample_path(folder, i)) for i in range(n)]
     if scorers.eval_clip is not None:
         per["clip_score"] = fidlib.score_clip(files, list(prompts), scorers.eval_clip)
-        metrics["clip_score_definition"] = "100 * max(cos(image, text), 0), mean over samples (evaluation CLIP)"
+        metrics["clip_score_definition"] = (
+            "100 * max(cos(image, text), 0), mean over samples (evaluation CLIP)"
+        )
     if scenes is not None:
         images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
         att = attribute_scores(images, scenes)
-        per["attr_acc"], per["exact"], per["count_acc"] = att["attributes"], att["exact"], att["count"]
+        per["attr_acc"], per["exact"], per["count_acc"] = (
+            att["attributes"],
+            att["exact"],
+            att["count"],
+        )
         metrics["attr_acc_definition"] = (
             "scene parser on each sample vs the prompt's scene: mean of colour/kind/size/position "
             "accuracy of matched shapes (exact: the whole scene right; count_acc: as many shapes "
@@ -267,7 +281,9 @@ def generate_candidates(
         texts = list(prompts[s : s + chunk])
         codes = engine.text_to_image_codes(texts, dec, seed=seed + c)
         images = engine.decode_images(codes)
-        scores = np.stack([np.asarray(scorer(list(images[i]), t), dtype=np.float32) for i, t in enumerate(texts)])
+        scores = np.stack(
+            [np.asarray(scorer(list(images[i]), t), dtype=np.float32) for i, t in enumerate(texts)]
+        )
         tmp = path.with_name(path.stem + ".tmp.npz")
         np.savez(tmp, codes=codes.astype(np.int16), scores=scores)
         os.replace(tmp, path)
@@ -281,7 +297,9 @@ def load_candidates(folder: str | Path, n: int, chunk: int) -> tuple[np.ndarray,
     for c in range((n + chunk - 1) // chunk):
         path = candidate_path(folder, c)
         if not path.is_file():
-            raise InputError(f"{folder}: candidates chunk {c} missing ({path.name}); generation unfinished")
+            raise InputError(
+                f"{folder}: candidates chunk {c} missing ({path.name}); generation unfinished"
+            )
         with np.load(path) as z:
             parts.append((z["codes"].astype(np.int64), z["scores"]))
     return np.concatenate([p[0] for p in parts])[:n], np.concatenate([p[1] for p in parts])[:n]
@@ -308,7 +326,12 @@ class PromptSet:
     scenes: list | None = None  # shapes world: the prompts' scenes (for attr_acc)
 
 
-def prompt_set(n: int, outputs: str | Path, captions: str | Path | None = None, reference: str | Path | None = None) -> PromptSet:
+def prompt_set(
+    n: int,
+    outputs: str | Path,
+    captions: str | Path | None = None,
+    reference: str | Path | None = None,
+) -> PromptSet:
     """The shapes protocol (first n held-out scenes) or the first captions of a COCO file."""
     if captions is None:
         from lit_cm3leon.evaluation.t2i import shapes_protocol
@@ -325,7 +348,12 @@ def prompt_set(n: int, outputs: str | Path, captions: str | Path | None = None, 
 class Resources:
     """Loaded once, shared by every run of a process (the ablation runs many)."""
 
-    def __init__(self, outputs: str | Path, eval_clip: str | Path | None = None, retriever: str | Path | None = None):
+    def __init__(
+        self,
+        outputs: str | Path,
+        eval_clip: str | Path | None = None,
+        retriever: str | Path | None = None,
+    ):
         self.outputs = Path(outputs)
         self.eval_clip_dir = Path(eval_clip) if eval_clip else self.outputs / "eval_clip"
         self.retriever_dir = Path(retriever) if retriever else self.outputs / "retriever"
@@ -343,14 +371,18 @@ class Resources:
     def clip(self, folder: Path, what: str):
         if folder not in self._clips:
             if not folder.is_dir():
-                raise InputError(f"{what}: no CLIP folder at {folder} (written by ClipEncoder.save / `fit experiment=...`)")
+                raise InputError(
+                    f"{what}: no CLIP folder at {folder} (written by ClipEncoder.save / `fit experiment=...`)"
+                )
             self._clips[folder] = fidlib.load_clip_encoder(folder)
         return self._clips[folder]
 
     def rerank_scorer(self):
         from lit_cm3leon.engine import clip_scorer
 
-        return clip_scorer(self.clip(self.retriever_dir, "re-ranking (num_samples > 1) needs the retriever CLIP"))
+        return clip_scorer(
+            self.clip(self.retriever_dir, "re-ranking (num_samples > 1) needs the retriever CLIP")
+        )
 
     def eval_clip(self, required: bool):
         if not required and not self.eval_clip_dir.is_dir():
@@ -379,12 +411,18 @@ def evaluate_ckpt(
     from lit_cm3leon.evaluation.t2i import generate_samples, write_prompts
 
     n = len(pset.prompts)
-    folder = Path(run_dir) if run_dir else res.outputs / "eval" / "t2i" / run_name(ckpt, pset.protocol, n, dec, seed)
+    folder = (
+        Path(run_dir)
+        if run_dir
+        else res.outputs / "eval" / "t2i" / run_name(ckpt, pset.protocol, n, dec, seed)
+    )
     if is_finished(folder) and not rescore:
         return folder, json.loads((folder / "metrics.json").read_text())
     f = ckpt_file(ckpt)
     if not f.is_file():
-        raise InputError(f"--ckpt {ckpt}: no checkpoint file {f} (publish one with `python -m lit_cm3leon.fit experiment=pretrain`)")
+        raise InputError(
+            f"--ckpt {ckpt}: no checkpoint file {f} (publish one with `python -m lit_cm3leon.fit experiment=pretrain`)"
+        )
     if dec.retrieve_k > 0 and not (res.outputs / "index" / "manifest.json").is_file():
         raise InputError(
             f"retrieve_k={dec.retrieve_k} needs the memory bank at {res.outputs / 'index'} "
@@ -400,7 +438,9 @@ def evaluate_ckpt(
     if missing_samples(folder, n):
         scorer = res.rerank_scorer() if dec.num_samples > 1 else None
         engine = res.engine(ckpt, retrieval=dec.retrieve_k > 0)
-        generate_samples(engine, pset.prompts, dec, folder, seed, chunk, scorer, rank, world_size, progress)
+        generate_samples(
+            engine, pset.prompts, dec, folder, seed, chunk, scorer, rank, world_size, progress
+        )
     if missing_samples(folder, n):
         return folder, None
     record = score_run(folder, pset.prompts, pset.reference, header_for(spec, dec), scorers, pset.scenes, n_bootstrap, seed,

@@ -33,7 +33,9 @@ def shard_images(shards: TokenShards, rows) -> np.ndarray:
             path = path if path.is_absolute() else shards.root / path
             out.append(np.asarray(open_image(path)))
         else:
-            raise ValueError(f"{shards.root}: record {rec.get('doc_id')} has neither a shapes index nor an image_path")
+            raise ValueError(
+                f"{shards.root}: record {rec.get('doc_id')} has neither a shapes index nor an image_path"
+            )
     return np.stack(out)
 
 
@@ -46,12 +48,21 @@ def rows_of(shards: TokenShards, doc_ids_per_query: list[list[int]], width: int)
     return out
 
 
-def training_candidates(retriever, shards: TokenShards, pool: int, seed: int = 0, batch: int = 256, progress: bool = True) -> np.ndarray:
+def training_candidates(
+    retriever,
+    shards: TokenShards,
+    pool: int,
+    seed: int = 0,
+    batch: int = 256,
+    progress: bool = True,
+) -> np.ndarray:
     """Admissible, diverse candidates [N, pool] for every training pair of ``shards`` (searched
     with the pair's image and its query-dropped caption; the pair itself excluded)."""
     from dataclasses import replace
 
-    retriever.cfg = replace(retriever.cfg, n_train_docs=pool, candidates=max(pool, retriever.cfg.candidates))
+    retriever.cfg = replace(
+        retriever.cfg, n_train_docs=pool, candidates=max(pool, retriever.cfg.candidates)
+    )
     rng = np.random.default_rng([seed, 104729])
     n = len(shards)
     out = np.full((n, pool), -1, dtype=np.int64)
@@ -63,7 +74,9 @@ def training_candidates(retriever, shards: TokenShards, pool: int, seed: int = 0
     for s in starts:
         rows = np.arange(s, min(n, s + batch))
         texts = [shards.text(r) for r in rows]
-        ids = retriever.training_docs(texts, shard_images(shards, rows), [int(shards.doc_ids[r]) for r in rows], rng)
+        ids = retriever.training_docs(
+            texts, shard_images(shards, rows), [int(shards.doc_ids[r]) for r in rows], rng
+        )
         out[rows] = rows_of(shards, ids, pool)
     return out
 
@@ -80,7 +93,9 @@ def open_retriever(index_dir: str | Path, encoder_dir: str | Path, cfg: Mapping 
 
     encoder = ClipEncoder.load(encoder_dir)
     bank = MemoryBank.open(index_dir, encoder)
-    return Retriever(bank, encoder, {k: v for k, v in (cfg or {}).items() if k not in ("encoder", "bank")})
+    return Retriever(
+        bank, encoder, {k: v for k, v in (cfg or {}).items() if k not in ("encoder", "bank")}
+    )
 
 
 def bank_retrieve_fn(outputs: str | Path, cfg: Mapping | None = None):

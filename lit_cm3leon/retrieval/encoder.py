@@ -86,7 +86,11 @@ class ClipEncoder:
         self.image_size = int(_as_int(model_cfg["vision_cfg"].get("image_size", 224)))
         self.mean = tuple(pre.get("mean", oc.OPENAI_DATASET_MEAN))
         self.std = tuple(pre.get("std", oc.OPENAI_DATASET_STD))
-        self.preprocess_cfg = {"size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+        self.preprocess_cfg = {
+            "size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
         text_cfg = model_cfg["text_cfg"]
         self.context_length = int(text_cfg.get("context_length", 77))
         if "hf_tokenizer_name" in text_cfg:
@@ -141,12 +145,18 @@ class ClipEncoder:
             )
         oc = _open_clip()
         cfg = json.loads(cfg_path.read_text())
-        manifest = json.loads((d / MANIFEST_FILE).read_text()) if (d / MANIFEST_FILE).is_file() else {}
+        manifest = (
+            json.loads((d / MANIFEST_FILE).read_text()) if (d / MANIFEST_FILE).is_file() else {}
+        )
         model = oc.create_model(f"local-dir:{d}", load_weights=False, device=device)
         state = torch.load(w_path, map_location=device, weights_only=True)
         model.load_state_dict(state)
-        enc = cls(model, cfg["model_cfg"], name=manifest.get("name", d.name),
-                  preprocess_cfg=cfg.get("preprocess_cfg"))
+        enc = cls(
+            model,
+            cfg["model_cfg"],
+            name=manifest.get("name", d.name),
+            preprocess_cfg=cfg.get("preprocess_cfg"),
+        )
         return enc
 
     def save(self, directory: str | Path, extra: dict | None = None) -> dict:
@@ -202,8 +212,13 @@ class ClipEncoder:
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         x = x.permute(0, 3, 1, 2)
         if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
-                              align_corners=False, antialias=x.shape[-1] > self.image_size)
+            x = F.interpolate(
+                x,
+                size=(self.image_size, self.image_size),
+                mode="bicubic",
+                align_corners=False,
+                antialias=x.shape[-1] > self.image_size,
+            )
             x = x.clamp(0, 1)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
@@ -219,7 +234,9 @@ class ClipEncoder:
         self.model.eval()
         for s in range(0, len(texts), self.batch_size):
             tok = self.tokenize(texts[s : s + self.batch_size])
-            out[s : s + len(tok)] = self.model.encode_text(tok, normalize=True).float().cpu().numpy()
+            out[s : s + len(tok)] = (
+                self.model.encode_text(tok, normalize=True).float().cpu().numpy()
+            )
         self.model.train(was_training)
         return out
 

@@ -57,8 +57,9 @@ def _empty_index(kind: str, dim: int, params: dict) -> faiss.Index:
     if kind == "ivfpq":
         if dim % params["pq_m"]:
             raise ValueError(f"pq_m={params['pq_m']} must divide the dimension {dim}")
-        return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params["nlist"], params["pq_m"],
-                                params["pq_bits"], ip)
+        return faiss.IndexIVFPQ(
+            faiss.IndexFlatIP(dim), dim, params["nlist"], params["pq_m"], params["pq_bits"], ip
+        )
     index = faiss.IndexHNSWFlat(dim, params["hnsw_m"], ip)
     index.hnsw.efConstruction = params["ef_construction"]
     return index
@@ -73,8 +74,9 @@ def _apply_search_params(index: faiss.Index, kind: str, params: dict) -> None:
         index.hnsw.efSearch = params["ef_search"]
 
 
-def build_index(shards: Sequence[np.ndarray], kind: str = "flat", params: dict | None = None,
-                seed: int = 0) -> faiss.Index:
+def build_index(
+    shards: Sequence[np.ndarray], kind: str = "flat", params: dict | None = None, seed: int = 0
+) -> faiss.Index:
     """A faiss index over the rows of ``shards`` (list of float32 [n_i, D]), in order."""
     shards = [np.ascontiguousarray(s, dtype=np.float32) for s in shards if len(s)]
     if not shards:
@@ -90,8 +92,12 @@ def build_index(shards: Sequence[np.ndarray], kind: str = "flat", params: dict |
         take = np.sort(rng.choice(n, size=n_train, replace=False))
         if allv is None:
             offsets = np.cumsum([0] + [len(s) for s in shards])
-            sample = np.concatenate([shards[j][take[(take >= offsets[j]) & (take < offsets[j + 1])]
-                                               - offsets[j]] for j in range(len(shards))])
+            sample = np.concatenate(
+                [
+                    shards[j][take[(take >= offsets[j]) & (take < offsets[j + 1])] - offsets[j]]
+                    for j in range(len(shards))
+                ]
+            )
         else:
             sample = allv[take]
         template.train(sample)
@@ -140,10 +146,20 @@ class MemoryBank:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, vectors: np.ndarray | Sequence[np.ndarray], doc_ids, has_text=None,
-              has_image=None, shard=None, row=None, encoder_name: str = "", encoder_hash: str = "",
-              kind: str = "flat", params: dict | None = None, extra: dict | None = None
-              ) -> MemoryBank:
+    def build(
+        cls,
+        vectors: np.ndarray | Sequence[np.ndarray],
+        doc_ids,
+        has_text=None,
+        has_image=None,
+        shard=None,
+        row=None,
+        encoder_name: str = "",
+        encoder_hash: str = "",
+        kind: str = "flat",
+        params: dict | None = None,
+        extra: dict | None = None,
+    ) -> MemoryBank:
         shards = [vectors] if isinstance(vectors, np.ndarray) else list(vectors)
         n = sum(len(s) for s in shards)
         dim = int(shards[0].shape[1])
@@ -189,7 +205,8 @@ class MemoryBank:
         if missing:
             raise FileNotFoundError(
                 f"{d} is not a memory bank (missing {missing}); build one with "
-                f"`python -m lit_cm3leon.prepare index --encoder outputs/retriever ... --out {d}`")
+                f"`python -m lit_cm3leon.prepare index --encoder outputs/retriever ... --out {d}`"
+            )
         manifest = json.loads((d / MANIFEST_FILE).read_text())
         if encoder is not None:
             want = manifest["encoder"]
@@ -198,7 +215,8 @@ class MemoryBank:
                     f"memory bank {d} was built with encoder {want['name']!r} "
                     f"(hash {want['hash']}, dim {manifest['dim']}) but is opened with encoder "
                     f"{encoder.name!r} (hash {encoder.hash}, dim {encoder.dim}); rebuild the bank "
-                    f"with this encoder or open it with the one that built it")
+                    f"with this encoder or open it with the one that built it"
+                )
         if verify and manifest.get("checksum") != _sha256(d / INDEX_FILE, d / META_FILE):
             raise ValueError(f"memory bank {d}: files do not match the manifest checksum")
         index = faiss.read_index(str(d / INDEX_FILE))
@@ -242,7 +260,8 @@ def _iter_token_records(tokens: Path):
     if not files:
         raise FileNotFoundError(
             f"no shard-*.jsonl under {tokens}: expected the folder written by "
-            f"`python -m lit_cm3leon.prepare tokenize` (shard-00000.npz + shard-00000.jsonl ...)")
+            f"`python -m lit_cm3leon.prepare tokenize` (shard-00000.npz + shard-00000.jsonl ...)"
+        )
     for f in files:
         shard_no = int(f.stem.split("-")[-1])
         with open(f) as fh:
@@ -281,7 +300,9 @@ def _token_source(tokens: Path) -> dict:
         return {}
 
 
-def _documents(args, skipped: dict) -> Iterable[tuple[int, str | None, np.ndarray | None, int, int]]:
+def _documents(
+    args, skipped: dict
+) -> Iterable[tuple[int, str | None, np.ndarray | None, int, int]]:
     """(doc_id, text, image, shard, row) per document; bad records are counted in ``skipped``.
 
     Images: shapes records are re-rendered from the world by (split, index); folder records are
@@ -364,27 +385,52 @@ def build_from_args(args) -> dict:
     params = {k: v for k, v in {"nlist": args.nlist, "nprobe": args.nprobe}.items() if v}
     t1 = time.time()
     bank = MemoryBank.build(
-        shards, cols["doc_id"], cols["has_text"], cols["has_image"], cols["shard"], cols["row"],
-        encoder_name=encoder.name, encoder_hash=encoder.hash, kind=args.kind, params=params,
-        extra={"source": args.source, "tokens": str(args.tokens) if args.tokens else None,
-               "skipped": skipped, "embed_seconds": round(t_embed, 3),
-               "docs_per_second": round(n / max(t_embed, 1e-9), 1)})
+        shards,
+        cols["doc_id"],
+        cols["has_text"],
+        cols["has_image"],
+        cols["shard"],
+        cols["row"],
+        encoder_name=encoder.name,
+        encoder_hash=encoder.hash,
+        kind=args.kind,
+        params=params,
+        extra={
+            "source": args.source,
+            "tokens": str(args.tokens) if args.tokens else None,
+            "skipped": skipped,
+            "embed_seconds": round(t_embed, 3),
+            "docs_per_second": round(n / max(t_embed, 1e-9), 1),
+        },
+    )
     bank.manifest["build_seconds"] = round(time.time() - t1, 3)
     return bank.save(args.out)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lit_cm3leon.prepare index",
-                                description="Embed training documents into a memory bank.")
+    p = argparse.ArgumentParser(
+        prog="python -m lit_cm3leon.prepare index",
+        description="Embed training documents into a memory bank.",
+    )
     p.add_argument("--encoder", required=True, help="saved encoder folder (outputs/retriever)")
     p.add_argument("--tokens", default=None, help="pre-tokenized shard folder (shard-*.jsonl)")
-    p.add_argument("--source", choices=["auto", "shapes", "files"], default="auto",
-                   help="shapes: re-render images from the world by (split, index); files: read "
-                        "images from the records; auto: from each record and the shard manifest")
+    p.add_argument(
+        "--source",
+        choices=["auto", "shapes", "files"],
+        default="auto",
+        help="shapes: re-render images from the world by (split, index); files: read "
+        "images from the records; auto: from each record and the shard manifest",
+    )
     p.add_argument("--n", type=int, default=None, help="shapes: index world train samples 0..N-1")
-    p.add_argument("--world", default=None, help='shapes: ShapesWorld kwargs as JSON, e.g. {"seed":0}')
-    p.add_argument("--caption", choices=["short", "long"], default="long",
-                   help="shapes without --tokens: which caption is the document text")
+    p.add_argument(
+        "--world", default=None, help='shapes: ShapesWorld kwargs as JSON, e.g. {"seed":0}'
+    )
+    p.add_argument(
+        "--caption",
+        choices=["short", "long"],
+        default="long",
+        help="shapes without --tokens: which caption is the document text",
+    )
     p.add_argument("--out", required=True, help="output folder (outputs/index)")
     p.add_argument("--kind", choices=KINDS, default="flat")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default about 4 sqrt(N))")
@@ -395,11 +441,27 @@ def cli(argv: list[str] | None = None) -> int:
     if args.source != "shapes" and args.tokens is None:
         p.error(f"--source {args.source} needs --tokens DIR")
     if not Path(args.encoder).is_dir():
-        p.error(f"--encoder {args.encoder} is not a folder; train it with "
-                f"`python -m lit_cm3leon.fit experiment=retriever`")
+        p.error(
+            f"--encoder {args.encoder} is not a folder; train it with "
+            f"`python -m lit_cm3leon.fit experiment=retriever`"
+        )
     manifest = build_from_args(args)
-    print(json.dumps({k: manifest[k] for k in ("count", "dim", "kind", "skipped",
-                                                "docs_per_second", "build_seconds", "checksum")}))
+    print(
+        json.dumps(
+            {
+                k: manifest[k]
+                for k in (
+                    "count",
+                    "dim",
+                    "kind",
+                    "skipped",
+                    "docs_per_second",
+                    "build_seconds",
+                    "checksum",
+                )
+            }
+        )
+    )
     return 0
 
 

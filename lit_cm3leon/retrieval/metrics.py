@@ -34,8 +34,13 @@ def group_ids(keys: Sequence) -> np.ndarray:
     return out
 
 
-def recall_at_k(query: np.ndarray, gallery: np.ndarray, q_groups: np.ndarray,
-                g_groups: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+def recall_at_k(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    q_groups: np.ndarray,
+    g_groups: np.ndarray,
+    ks: Sequence[int] = (1, 5),
+) -> dict[int, float]:
     """Fraction of queries with a same-group item among their top-k gallery items.
 
     ``query`` [Q, D], ``gallery`` [G, D] (normalized rows; scores are inner products).
@@ -46,8 +51,9 @@ def recall_at_k(query: np.ndarray, gallery: np.ndarray, q_groups: np.ndarray,
     return {k: float(hits[:, :k].any(axis=1).mean()) for k in ks}
 
 
-def chance_recall(q_groups: np.ndarray, g_groups: np.ndarray,
-                  ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+def chance_recall(
+    q_groups: np.ndarray, g_groups: np.ndarray, ks: Sequence[int] = (1, 5)
+) -> dict[int, float]:
     """Expected recall@k of a uniformly random ranking of the gallery."""
     g = len(g_groups)
     values, counts = np.unique(g_groups, return_counts=True)

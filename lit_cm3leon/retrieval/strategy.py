@@ -76,8 +76,13 @@ def merge_candidates(*results: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarra
     return scores[order], rows[order]
 
 
-def admissible(doc_ids: np.ndarray, query_scores: np.ndarray, multimodal: np.ndarray | None,
-               query_doc_id: int | None, max_score: float) -> np.ndarray:
+def admissible(
+    doc_ids: np.ndarray,
+    query_scores: np.ndarray,
+    multimodal: np.ndarray | None,
+    query_doc_id: int | None,
+    max_score: float,
+) -> np.ndarray:
     """Bool mask over candidates: not the query itself, score against the query at most
     ``max_score``, and multimodal (when ``multimodal`` is given)."""
     ok = np.asarray(query_scores) <= max_score
@@ -108,9 +113,17 @@ def sample_then_rest(n: int, pool: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([head, np.arange(min(pool, n), n)]).astype(np.int64)
 
 
-def choose(rel_rows: np.ndarray, cand_vectors: np.ndarray, query_vector: np.ndarray,
-           doc_ids: np.ndarray, multimodal: np.ndarray | None, query_doc_id: int | None,
-           cfg: RetrievalConfig, k: int, rng: np.random.Generator | None = None) -> list[int]:
+def choose(
+    rel_rows: np.ndarray,
+    cand_vectors: np.ndarray,
+    query_vector: np.ndarray,
+    doc_ids: np.ndarray,
+    multimodal: np.ndarray | None,
+    query_doc_id: int | None,
+    cfg: RetrievalConfig,
+    k: int,
+    rng: np.random.Generator | None = None,
+) -> list[int]:
     """Apply the rules to candidates already sorted by relevance.
 
     ``rel_rows`` [n] bank rows, ``cand_vectors`` [n, D] their vectors, ``query_vector`` [D],
@@ -119,8 +132,9 @@ def choose(rel_rows: np.ndarray, cand_vectors: np.ndarray, query_vector: np.ndar
     Returns positions into the candidate arrays.
     """
     q_scores = cand_vectors @ query_vector if len(rel_rows) else np.zeros(0, np.float32)
-    mask = admissible(doc_ids, q_scores, multimodal if cfg.multimodal_only else None,
-                      query_doc_id, cfg.max_score)
+    mask = admissible(
+        doc_ids, q_scores, multimodal if cfg.multimodal_only else None, query_doc_id, cfg.max_score
+    )
     pos = np.flatnonzero(mask)
     if rng is not None:
         pos = pos[sample_then_rest(len(pos), cfg.candidates, rng)]
@@ -143,16 +157,32 @@ class Retriever:
         self.bank, self.encoder = bank, encoder
         self.cfg = RetrievalConfig.from_mapping(cfg)
 
-    def _pick(self, results: list[tuple[np.ndarray, np.ndarray]], query_vector: np.ndarray,
-              query_doc_id: int | None, k: int, rng) -> list[int]:
+    def _pick(
+        self,
+        results: list[tuple[np.ndarray, np.ndarray]],
+        query_vector: np.ndarray,
+        query_doc_id: int | None,
+        k: int,
+        rng,
+    ) -> list[int]:
         _, rows = merge_candidates(*results)
         vecs = self.bank.vectors(rows)
-        picked = choose(rows, vecs, query_vector, self.bank.doc_ids[rows],
-                        self.bank.multimodal[rows], query_doc_id, self.cfg, k, rng)
+        picked = choose(
+            rows,
+            vecs,
+            query_vector,
+            self.bank.doc_ids[rows],
+            self.bank.multimodal[rows],
+            query_doc_id,
+            self.cfg,
+            k,
+            rng,
+        )
         return [int(self.bank.doc_ids[rows[i]]) for i in picked]
 
-    def training_docs(self, texts: Sequence[str], images, doc_ids: Sequence[int | None],
-                      rng: np.random.Generator) -> list[list[int]]:
+    def training_docs(
+        self, texts: Sequence[str], images, doc_ids: Sequence[int | None], rng: np.random.Generator
+    ) -> list[list[int]]:
         """``n_train_docs`` doc ids per (text, image) pair, from an image search and a search
         with the query-dropped text; the pair's own doc id is excluded."""
         texts = list(texts)
@@ -166,12 +196,23 @@ class Retriever:
         k = self.cfg.search_k
         s_img, r_img = self.bank.search(i_emb, k)
         s_txt, r_txt = self.bank.search(t_drop, k)
-        return [self._pick([(s_img[j], r_img[j]), (s_txt[j], r_txt[j])], q_doc[j],
-                           None if doc_ids[j] is None else int(doc_ids[j]),
-                           self.cfg.n_train_docs, rng) for j in range(len(texts))]
+        return [
+            self._pick(
+                [(s_img[j], r_img[j]), (s_txt[j], r_txt[j])],
+                q_doc[j],
+                None if doc_ids[j] is None else int(doc_ids[j]),
+                self.cfg.n_train_docs,
+                rng,
+            )
+            for j in range(len(texts))
+        ]
 
-    def prompt_docs(self, texts: Sequence[str], k: int | None = None,
-                    exclude: Sequence[int | None] | None = None) -> list[list[int]]:
+    def prompt_docs(
+        self,
+        texts: Sequence[str],
+        k: int | None = None,
+        exclude: Sequence[int | None] | None = None,
+    ) -> list[list[int]]:
         """The ``k`` (default ``retrieve_k``) best admissible doc ids for each prompt text."""
         k = self.cfg.retrieve_k if k is None else k
         if k <= 0:

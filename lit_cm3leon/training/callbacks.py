@@ -26,9 +26,17 @@ class PreemptionCheckpoint(L.Callback):
     SIGUSR1: HPC checkpoint and requeue) is left alone.
     """
 
-    def __init__(self, dirpath: str, filename: str = "last", signals: tuple[str, ...] | list[str] = ("SIGUSR1",)) -> None:
+    def __init__(
+        self,
+        dirpath: str,
+        filename: str = "last",
+        signals: tuple[str, ...] | list[str] = ("SIGUSR1",),
+    ) -> None:
         self.path = Path(dirpath) / f"{filename}.ckpt"
-        extra = [getattr(signal, name) if isinstance(name, str) else signal.Signals(name) for name in signals]
+        extra = [
+            getattr(signal, name) if isinstance(name, str) else signal.Signals(name)
+            for name in signals
+        ]
         self.signals = [signal.SIGTERM, *[s for s in extra if s != signal.SIGTERM]]
         self._installed: list[signal.Signals] = []
         self._received: int | None = None
@@ -47,15 +55,23 @@ class PreemptionCheckpoint(L.Callback):
     def _on_signal(self, signum, frame) -> None:
         self._received = signum  # no logging or collectives inside a signal handler
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
         stop = self._received is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop and not trainer._signal_connector.received_sigterm:
-            log.warning("rank %d: preemption signal: stopping after step %d", trainer.global_rank, trainer.global_step)
+            log.warning(
+                "rank %d: preemption signal: stopping after step %d",
+                trainer.global_rank,
+                trainer.global_step,
+            )
             trainer._signal_connector.received_sigterm = True  # Lightning stops after this batch
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         if not isinstance(exception, SIGTERMException):
             return
         if trainer.is_global_zero and self.path.is_symlink():
@@ -64,7 +80,8 @@ class PreemptionCheckpoint(L.Callback):
         if trainer.is_global_zero:
             log.warning(
                 "preempted at step %d: saved %s; run the same command again to resume (ckpt_path=auto)",
-                trainer.global_step, self.path,
+                trainer.global_step,
+                self.path,
             )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -68,7 +68,9 @@ def load_decoder(
     """Rebuild the model from the file alone; check vocabulary and size when given."""
     record = read_checkpoint(path)
     if record.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a lit_cm3leon decoder checkpoint (format={record.get('format')!r})")
+        raise CheckpointError(
+            f"{path} is not a lit_cm3leon decoder checkpoint (format={record.get('format')!r})"
+        )
     ckpt_vocab = Vocab.from_dict(record["vocab"])
     if vocab is not None:
         vocab.check_same(ckpt_vocab, what=f"checkpoint {path}")

@@ -21,18 +21,26 @@ from lit_cm3leon.retrieval.metrics import chance_recall, recall_at_k
 
 class CLIPModule(L.LightningModule):
     """Args:
-        arch: open_clip architecture (a name, e.g. the shipped "shapes-clip", or a JSON file).
-        pretrained: optional local checkpoint to start from.
-        lr, weight_decay, betas: AdamW (no decay on gains, biases, embeddings, logit scale).
-        warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``.
-        max_steps: length of the schedule (keep equal to ``trainer.max_steps``).
-        recall_ks: k values of recall@k.
+    arch: open_clip architecture (a name, e.g. the shipped "shapes-clip", or a JSON file).
+    pretrained: optional local checkpoint to start from.
+    lr, weight_decay, betas: AdamW (no decay on gains, biases, embeddings, logit scale).
+    warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``.
+    max_steps: length of the schedule (keep equal to ``trainer.max_steps``).
+    recall_ks: k values of recall@k.
     """
 
-    def __init__(self, arch: str = "shapes-clip", pretrained: str | None = None,
-                 lr: float = 2e-3, weight_decay: float = 0.1, betas: tuple = (0.9, 0.98),
-                 warmup_steps: int = 30, max_steps: int = 600, min_lr_ratio: float = 0.05,
-                 recall_ks: tuple = (1, 5)) -> None:
+    def __init__(
+        self,
+        arch: str = "shapes-clip",
+        pretrained: str | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.1,
+        betas: tuple = (0.9, 0.98),
+        warmup_steps: int = 30,
+        max_steps: int = 600,
+        min_lr_ratio: float = 0.05,
+        recall_ks: tuple = (1, 5),
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         import open_clip
@@ -65,8 +73,9 @@ class CLIPModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         img_f, txt_f, _ = self(batch["image"], batch["text"])
-        self._val.append((img_f.float().cpu().numpy(), txt_f.float().cpu().numpy(),
-                          batch["group"].cpu().numpy()))
+        self._val.append(
+            (img_f.float().cpu().numpy(), txt_f.float().cpu().numpy(), batch["group"].cpu().numpy())
+        )
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
@@ -89,9 +98,13 @@ class CLIPModule(L.LightningModule):
             (no_decay if flat else decay).append(p)
         hp = self.hparams
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas))
+            [
+                {"params": decay, "weight_decay": hp.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
 
         def schedule(step: int) -> float:
             if step < hp.warmup_steps:
@@ -121,12 +134,18 @@ class CLIPModule(L.LightningModule):
             metrics = {f"val/{k}": v for k, v in metrics.items()}
         n_params = sum(p.numel() for p in self.model.parameters())
         manifest = self.encoder.save(out_dir, extra={"metrics": metrics, "n_params": n_params})
-        return {**metrics, "encoder_hash": manifest["hash"], "dim": manifest["dim"],
-                "arch": self.encoder.name, "n_params": n_params}
+        return {
+            **metrics,
+            "encoder_hash": manifest["hash"],
+            "dim": manifest["dim"],
+            "arch": self.encoder.name,
+            "n_params": n_params,
+        }
 
 
-def cross_modal_recall(text_emb: np.ndarray, image_emb: np.ndarray, groups: np.ndarray,
-                       ks=(1, 5)) -> dict[str, float]:
+def cross_modal_recall(
+    text_emb: np.ndarray, image_emb: np.ndarray, groups: np.ndarray, ks=(1, 5)
+) -> dict[str, float]:
     """t2i and i2t recall@k (attribute hits) and chance, keyed ``t2i_r1``, ``t2i_r1_chance``."""
     out: dict[str, float] = {}
     chance = chance_recall(groups, groups, ks)

@@ -30,9 +30,13 @@ def modality_masks(targets: torch.Tensor, vocab: Vocab) -> dict[str, torch.Tenso
     return {"text": text, "image": image}
 
 
-def weighted_token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def weighted_token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy [B, T] and its weighted mean (weights 0 drop pads and prompts)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(
+        targets
+    )
     return ce, (ce * weights).sum() / weights.sum().clamp_min(1e-8)
 
 
@@ -91,8 +95,15 @@ class CM3LeonModule(L.LightningModule):
                 m = mask & (weights > 0)
                 if m.any():
                     mean = ce[m].mean()
-                    self.log(f"{stage}/loss_{name}", mean, batch_size=bsz, sync_dist=stage != "train")
-                    self.log(f"{stage}/ppl_{name}", mean.exp(), batch_size=bsz, sync_dist=stage != "train")
+                    self.log(
+                        f"{stage}/loss_{name}", mean, batch_size=bsz, sync_dist=stage != "train"
+                    )
+                    self.log(
+                        f"{stage}/ppl_{name}",
+                        mean.exp(),
+                        batch_size=bsz,
+                        sync_dist=stage != "train",
+                    )
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
@@ -128,12 +139,16 @@ class CM3LeonModule(L.LightningModule):
         """Refuse a resume checkpoint of another model size or vocabulary, naming what differs."""
         theirs = (checkpoint.get("hyper_parameters") or {}).get("model") or {}
         ours = self.hparams.model
-        diff = [f"{k}: checkpoint {theirs[k]} vs config {ours.get(k)}"
-                for k in ("n_layer", "n_head", "d_model", "max_seq_len", "mlp_ratio")
-                if k in theirs and theirs[k] != ours.get(k)]
+        diff = [
+            f"{k}: checkpoint {theirs[k]} vs config {ours.get(k)}"
+            for k in ("n_layer", "n_head", "d_model", "max_seq_len", "mlp_ratio")
+            if k in theirs and theirs[k] != ours.get(k)
+        ]
         emb = checkpoint.get("state_dict", {}).get("net.tok_emb.weight")
         if emb is not None and emb.shape[0] != self.vocab.size:
-            diff.append(f"vocabulary size: checkpoint {emb.shape[0]} vs tokenizers {self.vocab.size}")
+            diff.append(
+                f"vocabulary size: checkpoint {emb.shape[0]} vs tokenizers {self.vocab.size}"
+            )
         if diff:
             raise CheckpointError(
                 f"the checkpoint to resume from was trained with another model ({'; '.join(diff)}): "
@@ -168,7 +183,10 @@ class CM3LeonModule(L.LightningModule):
         for name, p in self.net.named_parameters():
             (no_decay if p.ndim < 2 or "emb" in name else decay).append(p)
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": hp.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
             lr=hp.lr,
             betas=tuple(hp.betas),
             eps=hp.eps,

@@ -29,7 +29,13 @@ class SampleGrid(L.Callback):
     ) -> None:
         self.prompts, self.every = list(prompts), every_n_steps
         self.dirs = (text_tokenizer_dir, image_tokenizer_dir)
-        self.n_samples, self.strategy, self.cfg_scale, self.top_p, self.seed = n_samples, strategy, cfg_scale, top_p, seed
+        self.n_samples, self.strategy, self.cfg_scale, self.top_p, self.seed = (
+            n_samples,
+            strategy,
+            cfg_scale,
+            top_p,
+            seed,
+        )
         self._parts = None
 
     def _load(self):
@@ -46,12 +52,19 @@ class SampleGrid(L.Callback):
 
         codec, image_tok = self._load()
         engine = Engine(net, codec, image_tok)
-        dec = Decoding(strategy=self.strategy, cfg_scale=self.cfg_scale, top_p=self.top_p, num_samples=self.n_samples)
+        dec = Decoding(
+            strategy=self.strategy,
+            cfg_scale=self.cfg_scale,
+            top_p=self.top_p,
+            num_samples=self.n_samples,
+        )
         images = engine.text_to_image(self.prompts, dec, seed=self.seed)  # [R, C, H, W, 3]
         R, C, H, W, _ = images.shape
         return images.transpose(0, 2, 1, 3, 4).reshape(R * H, C * W, 3)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if not trainer.is_global_zero or step == 0 or step % self.every:
             return

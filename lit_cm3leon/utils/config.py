@@ -42,7 +42,9 @@ def validate_fit_config(cfg: DictConfig) -> None:
                 "lower data.seq_len or pick a model preset with a longer context"
             )
     index_dir = cfg.data.get("index_dir")
-    wants_retrieval = any((cfg.data.get(k) or 0) > 0 for k in ("n_retrieved", "val_retrieve_k", "retrieve_k"))
+    wants_retrieval = any(
+        (cfg.data.get(k) or 0) > 0 for k in ("n_retrieved", "val_retrieve_k", "retrieve_k")
+    )
     if wants_retrieval and index_dir and not (Path(index_dir) / "manifest.json").is_file():
         raise ConfigError(
             f"retrieval is on (data.n_retrieved/val_retrieve_k > 0) but there is no memory bank at "
@@ -115,7 +117,11 @@ def _check_checkpoints(cfg: DictConfig) -> None:
 
 def _check_callbacks(cfg: DictConfig) -> None:
     callbacks = cfg.get("callbacks") or {}
-    loggers = [v for v in (cfg.get("logger") or {}).values() if isinstance(v, DictConfig) and "_target_" in v]
+    loggers = [
+        v
+        for v in (cfg.get("logger") or {}).values()
+        if isinstance(v, DictConfig) and "_target_" in v
+    ]
     monitor = callbacks.get("lr_monitor")
     if isinstance(monitor, DictConfig) and "_target_" in monitor and not loggers:
         raise ConfigError(

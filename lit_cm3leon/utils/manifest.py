@@ -32,13 +32,17 @@ def _git_commit() -> str | None:
         return None
 
 
-def write_manifest(out_dir: str | Path, stage: str, cfg: Any = None, metrics: dict | None = None, **extra: Any) -> dict:
+def write_manifest(
+    out_dir: str | Path, stage: str, cfg: Any = None, metrics: dict | None = None, **extra: Any
+) -> dict:
     """Write ``out_dir/manifest.json``; ``cfg`` may be a DictConfig or a plain dict."""
     config = cfg
     if cfg is not None and not isinstance(cfg, dict):
         from omegaconf import OmegaConf
 
-        body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own node is not ours
+        body = OmegaConf.masked_copy(
+            cfg, [k for k in cfg if k != "hydra"]
+        )  # Hydra's own node is not ours
         config = OmegaConf.to_container(body, resolve=True)
     record = {
         "stage": stage,
