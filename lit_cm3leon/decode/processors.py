@@ -217,7 +217,7 @@ class ModalityMask:
     ``mode`` sets what text state allows:
 
     * ``"any"``   text ids, location tokens, ``<break> <eos> <sep> <infill> <mask:i>``;
-    * ``"text"``  the same without ``<break>`` (answers and captions hold no image);
+    * ``"text"``  text ids, location tokens and ``<eos>`` (answers and captions);
     * ``"image"`` only ``<break>`` (the next thing must be an image).
 
     ``<pad>`` and ``<bos>`` are never generated. Call :meth:`reset` with the prompts (the state
@@ -242,10 +242,11 @@ class ModalityMask:
         else:
             text[: vocab.n_text] = True
             text[vocab.loc_offset : vocab.size] = True
-            for t in (vocab.eos, vocab.sep, vocab.infill):
-                text[t] = True
-            text[vocab.mask(0) : vocab.mask(vocab.n_masks - 1) + 1] = True
-            text[vocab.brk] = mode == "any"
+            text[vocab.eos] = True
+            if mode == "any":  # document structure too; an answer or caption ("text") has none
+                for t in (vocab.sep, vocab.infill, vocab.brk):
+                    text[t] = True
+                text[vocab.mask(0) : vocab.mask(vocab.n_masks - 1) + 1] = True
         # row of the table by state: 0 text, 1 inside an image, 2 image complete (needs <break>)
         self.table = torch.stack([text, image, brk])
         self.in_image = torch.zeros(0, dtype=torch.bool)
