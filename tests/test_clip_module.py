@@ -90,7 +90,7 @@ def test_experiment_configs_compose_and_instantiate(name, parity, seed, tmp_path
 
     cfg = _compose(name, tmp_path)
     assert cfg.stage == name and cfg.data.parity == parity and cfg.seed == seed
-    assert cfg.data.seed == seed and cfg.retrieval.max_score == 0.9
+    assert cfg.data.seed == seed and cfg.retrieval.max_score == 0.98
     assert cfg.module.max_steps == cfg.trainer.max_steps
     cfg.data.world = {"_target_": "shapes_standin.StandinWorld"}
     dm = instantiate(cfg.data)
@@ -108,5 +108,6 @@ def test_retrieval_configs_compose():
         default = compose("default")
         vit = compose("vit_b32")
     rc = RetrievalConfig.from_mapping(default)
-    assert rc.max_score == 0.9 and rc.query_dropout == 0.2 and rc.n_train_docs == 3
-    assert vit.encoder.path == "ViT-B-32" and vit.max_score == 0.9
+    assert rc.max_score == 0.98 and rc.query_dropout == 0.2 and rc.n_train_docs == 3
+    vit_rc = RetrievalConfig.from_mapping(vit)
+    assert vit.encoder.path == "ViT-B-32" and vit_rc.max_score == 0.9 and vit_rc.n_train_docs == 3
