@@ -47,6 +47,9 @@ def test_clip_training_smoke(tmp_path):
                         enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, callbacks=[Record()], default_root_dir=tmp_path)
     trainer.fit(module, dm)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)  # plain containers only
+    assert ckpt["hyper_parameters"]["arch"] == "shapes-clip-debug"
     assert len(losses) == 20 and np.mean(losses[-5:]) < np.mean(losses[:5])
     assert {"t2i_r1", "t2i_r5", "i2t_r1", "t2i_r1_chance"} <= set(module.last_metrics)
     out = module.export(tmp_path / "retriever")
@@ -97,6 +100,7 @@ def test_experiment_configs_compose_and_instantiate(name, parity, seed, tmp_path
     assert isinstance(dm, ShapesPairDataModule) and dm.parity == parity
     module = instantiate(cfg.module)
     assert isinstance(module, CLIPModule)
+    assert type(module.hparams["betas"]) is list  # not a ListConfig: checkpoints stay plain
 
 
 def test_retrieval_configs_compose():
