@@ -55,6 +55,9 @@ def test_clip_training_smoke(tmp_path):
         default_root_dir=tmp_path,
     )
     trainer.fit(module, dm)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)  # plain containers only
+    assert ckpt["hyper_parameters"]["arch"] == "shapes-clip-debug"
     assert len(losses) == 20 and np.mean(losses[-5:]) < np.mean(losses[:5])
     assert {"t2i_r1", "t2i_r5", "i2t_r1", "t2i_r1_chance"} <= set(module.last_metrics)
     out = module.export(tmp_path / "retriever")
@@ -98,13 +101,14 @@ def test_experiment_configs_compose_and_instantiate(name, parity, seed, tmp_path
 
     cfg = _compose(name, tmp_path)
     assert cfg.stage == name and cfg.data.parity == parity and cfg.seed == seed
-    assert cfg.data.seed == seed and cfg.retrieval.max_score == 0.9
+    assert cfg.data.seed == seed and cfg.retrieval.max_score == 0.98
     assert cfg.module.max_steps == cfg.trainer.max_steps
     cfg.data.world = {"_target_": "tests.shapes_standin.StandinWorld"}
     dm = instantiate(cfg.data)
     assert isinstance(dm, ShapesPairDataModule) and dm.parity == parity
     module = instantiate(cfg.module)
     assert isinstance(module, CLIPModule)
+    assert type(module.hparams["betas"]) is list  # not a ListConfig: checkpoints stay plain
 
 
 def test_retrieval_configs_compose():
@@ -116,5 +120,6 @@ def test_retrieval_configs_compose():
         default = compose("default")
         vit = compose("vit_b32")
     rc = RetrievalConfig.from_mapping(default)
-    assert rc.max_score == 0.9 and rc.query_dropout == 0.2 and rc.n_train_docs == 3
-    assert vit.encoder.path == "ViT-B-32" and vit.max_score == 0.9
+    assert rc.max_score == 0.98 and rc.query_dropout == 0.2 and rc.n_train_docs == 3
+    vit_rc = RetrievalConfig.from_mapping(vit)
+    assert vit.encoder.path == "ViT-B-32" and vit_rc.max_score == 0.9 and vit_rc.n_train_docs == 3

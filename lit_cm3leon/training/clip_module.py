@@ -42,7 +42,20 @@ class CLIPModule(L.LightningModule):
         recall_ks: tuple = (1, 5),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # plain containers only, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            {
+                "arch": str(arch),
+                "pretrained": None if pretrained is None else str(pretrained),
+                "lr": float(lr),
+                "weight_decay": float(weight_decay),
+                "betas": [float(b) for b in betas],
+                "warmup_steps": int(warmup_steps),
+                "max_steps": int(max_steps),
+                "min_lr_ratio": float(min_lr_ratio),
+                "recall_ks": [int(k) for k in recall_ks],
+            }
+        )
         import open_clip
 
         self.encoder = ClipEncoder.from_arch(arch, pretrained=pretrained)
