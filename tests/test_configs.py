@@ -121,3 +121,12 @@ def test_context_shorter_than_an_image_is_refused(compose):
     cfg = compose(["experiment=pretrain", "data.seq_len=40", "requires=[]"])
     with pytest.raises(ConfigError, match="shorter than one image"):
         validate_fit_config(cfg)
+
+
+def test_inference_retrieval_uses_the_training_strategy(compose):
+    """Outside Hydra (generate, eval) the retriever reads the same thresholds as training."""
+    from lit_cm3leon.retrieval.bank_docs import default_strategy
+
+    cfg = compose(["experiment=pretrain"])
+    strategy = default_strategy()
+    assert strategy and all(cfg.retrieval[k] == v for k, v in strategy.items())

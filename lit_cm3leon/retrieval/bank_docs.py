@@ -86,16 +86,28 @@ def prompt_rows(retriever, bank_shards: TokenShards, texts: list[str], k: int) -
     return rows_of(bank_shards, retriever.prompt_docs(texts, k), k)
 
 
+DEFAULT_STRATEGY = Path(__file__).resolve().parents[2] / "configs" / "retrieval" / "default.yaml"
+
+
+def default_strategy() -> dict:
+    """The strategy thresholds of ``configs/retrieval/default.yaml`` (what training uses by
+    default), so inference outside Hydra retrieves with the same rules."""
+    import yaml
+
+    cfg = yaml.safe_load(DEFAULT_STRATEGY.read_text())
+    return {k: v for k, v in cfg.items() if k not in ("encoder", "bank", "defaults")}
+
+
 def open_retriever(index_dir: str | Path, encoder_dir: str | Path, cfg: Mapping | None = None):
+    """A Retriever over the bank at ``index_dir``; ``cfg`` None = :func:`default_strategy`."""
     from lit_cm3leon.retrieval.encoder import ClipEncoder
     from lit_cm3leon.retrieval.index import MemoryBank
     from lit_cm3leon.retrieval.strategy import Retriever
 
     encoder = ClipEncoder.load(encoder_dir)
     bank = MemoryBank.open(index_dir, encoder)
-    return Retriever(
-        bank, encoder, {k: v for k, v in (cfg or {}).items() if k not in ("encoder", "bank")}
-    )
+    cfg = default_strategy() if cfg is None else cfg
+    return Retriever(bank, encoder, {k: v for k, v in cfg.items() if k not in ("encoder", "bank")})
 
 
 def bank_retrieve_fn(outputs: str | Path, cfg: Mapping | None = None):
