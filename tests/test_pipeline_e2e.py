@@ -50,10 +50,11 @@ def test_image_tokenizer_reconstructs(outputs):
 
 
 def test_trained_beats_untrained_text_to_image(outputs):
+    # Scene-parser counts are not a gate at this budget: the reduced tokenizer's reconstructions
+    # already defeat the parser (its agreement is in the image tokenizer's manifest).
     trained, untrained = metrics(outputs, "t2i_k0"), metrics(outputs, "t2i_untrained")
-    assert trained["fid"] < untrained["fid"] and trained["clip_score"] > untrained["clip_score"]
-    # attr_acc favours images crowded with shapes (noise scores high): count the shapes instead
-    assert trained["count_acc"] > untrained["count_acc"]
+    assert trained["fid"] < 0.5 * untrained["fid"]
+    assert trained["clip_score"] > untrained["clip_score"] + 2
 
 
 def test_cfg_3_beats_cfg_1_attribute_accuracy(outputs):
