@@ -130,3 +130,9 @@ def test_inference_retrieval_uses_the_training_strategy(compose):
     cfg = compose(["experiment=pretrain"])
     strategy = default_strategy()
     assert strategy and all(cfg.retrieval[k] == v for k, v in strategy.items())
+
+
+def test_submitit_slurm_launcher_composes(compose):
+    cfg = compose(["experiment=pretrain", "trainer=slurm", "hydra/launcher=slurm"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.nodes == cfg.trainer.num_nodes
