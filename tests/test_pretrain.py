@@ -98,3 +98,17 @@ def test_pickle_payload_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="refuses"):
         load_decoder(path)
     assert not marker.exists()
+
+
+def test_training_checkpoint_consolidates_to_a_published_decoder(compose, artifacts, tmp_path):
+    from lit_cm3leon.consolidate import consolidate
+
+    train(compose(overrides(10)))
+    last = tmp_path / "logs" / "pretrain" / "checkpoints" / "last.ckpt"
+    out = consolidate(last, tmp_path / "consolidated")
+    a, _, _ = load_decoder(out)
+    b, _, _ = load_decoder(artifacts / "pretrain")
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
