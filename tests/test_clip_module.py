@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from lit_cm3leon.data.pairs import ShapesPairDataModule
+from lit_cm3leon.data.shapes import ShapesWorld
 from lit_cm3leon.retrieval.encoder import ClipEncoder
 from lit_cm3leon.retrieval.metrics import chance_recall, group_ids, recall_at_k
 from lit_cm3leon.training.clip_module import CLIPModule
-from tests.shapes_standin import StandinWorld
 
 torch.set_num_threads(1)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -33,7 +33,7 @@ def test_recall_counts_attribute_hits_and_chance():
 def test_clip_training_smoke(tmp_path):
     L.seed_everything(0)
     dm = ShapesPairDataModule(
-        StandinWorld(), n_train=640, batch_size=32, parity=0, caption="both", n_val=64
+        ShapesWorld(), n_train=640, batch_size=32, parity=0, caption="both", n_val=64
     )
     dm.setup("fit")
     assert (dm.train_set.indices % 2 == 0).all() and len(dm.train_set) == 320
@@ -103,7 +103,7 @@ def test_experiment_configs_compose_and_instantiate(name, parity, seed, tmp_path
     assert cfg.stage == name and cfg.data.parity == parity and cfg.seed == seed
     assert cfg.data.seed == seed and cfg.retrieval.max_score == 0.98
     assert cfg.module.max_steps == cfg.trainer.max_steps
-    cfg.data.world = {"_target_": "tests.shapes_standin.StandinWorld"}
+    cfg.data.world = {"_target_": "lit_cm3leon.data.shapes.ShapesWorld"}
     dm = instantiate(cfg.data)
     assert isinstance(dm, ShapesPairDataModule) and dm.parity == parity
     module = instantiate(cfg.module)

@@ -94,7 +94,7 @@ def saved_encoder(tmp_path_factory):
     return d, enc
 
 
-STANDIN = json.dumps({"_target_": "tests.shapes_standin.StandinWorld", "seed": 0})
+STANDIN = json.dumps({"_target_": "lit_cm3leon.data.shapes.ShapesWorld", "seed": 0})
 
 
 def test_cli_shapes_source(saved_encoder, tmp_path, capsys):
@@ -120,9 +120,9 @@ def test_cli_shapes_source(saved_encoder, tmp_path, capsys):
     )
     bank = MemoryBank.open(tmp_path / "idx", enc)
     assert len(bank) == 40 and bank.multimodal.all()
-    from tests.shapes_standin import StandinWorld
+    from lit_cm3leon.data.shapes import ShapesWorld
 
-    s = StandinWorld(seed=0).sample("train", 7)
+    s = ShapesWorld(seed=0).sample("train", 7)
     v = enc.embed_document(s.caption_long, s.image)
     scores, rows = bank.search(v[None], 1)
     assert bank.doc_ids[rows[0, 0]] == 7 and scores[0, 0] > 0.999
@@ -153,12 +153,12 @@ def test_cli_token_shards_with_files_and_bad_records(saved_encoder, tmp_path):
 
 
 def test_cli_shapes_token_shards_rerender_by_index(saved_encoder, tmp_path):
-    from tests.shapes_standin import StandinWorld
+    from lit_cm3leon.data.shapes import ShapesWorld
 
     d, enc = saved_encoder
     tok = tmp_path / "tokens"
     tok.mkdir()
-    world = StandinWorld(seed=0)
+    world = ShapesWorld(seed=0)
     recs = [
         {
             "doc_id": i,
