@@ -135,9 +135,22 @@ class Engine:
     ) -> np.ndarray:
         """Image codes int64 [len(captions), num_samples, h, w]."""
         cond, uncond = self.text_to_image_prompts(captions, dec.retrieve_k)
+        return self.prompt_to_image_codes(cond, uncond, dec, seed, batch_size)
+
+    def prompt_to_image_codes(
+        self,
+        cond: Sequence[list[int]],
+        uncond: Sequence[list[int]],
+        dec: Decoding,
+        seed: int = 0,
+        batch_size: int = 32,
+    ) -> np.ndarray:
+        """Image codes int64 [len(cond), num_samples, h, w] that continue prompts ending with
+        the ``<break>`` that opens the image (any task's: text to image, edit, spatial, ...).
+        ``uncond`` is each prompt's unconditional stream for the guided strategies."""
         n = dec.num_samples
-        rows = [(i, j) for i in range(len(captions)) for j in range(n)]
-        out = np.zeros((len(captions), n, self.vocab.image_h, self.vocab.image_w), dtype=np.int64)
+        rows = [(i, j) for i in range(len(cond)) for j in range(n)]
+        out = np.zeros((len(cond), n, self.vocab.image_h, self.vocab.image_w), dtype=np.int64)
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             # ``mixed`` is per prompt: its first ceil(n/2) samples use cfg_topp, the rest cdk

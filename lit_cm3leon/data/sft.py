@@ -222,6 +222,14 @@ def shapes_paragraph(world, scene) -> str:
     return " ".join([head, *body])
 
 
+def spatial_objects(scene, boxes) -> list[dict]:
+    """The ``spatial`` template's objects of a scene: ``[{label: "a red circle", box}]``."""
+    return [
+        {"label": f"a {sh.color} {sh.kind}", "box": list(b)}
+        for sh, b in zip(scene.shapes, boxes, strict=True)
+    ]
+
+
 def shapes_pools(
     world,
     split: str,
@@ -286,10 +294,7 @@ def shapes_pools(
                 {"condition": codes["edges"][i], "caption": s.caption_short, "image": img}
             )
         if "spatial" in add:
-            objects = [
-                {"label": f"a {sh.color} {sh.kind}", "box": list(b)}
-                for sh, b in zip(s.scene.shapes, s.boxes, strict=True)
-            ]
+            objects = spatial_objects(s.scene, s.boxes)
             add["spatial"]({"objects": objects, "size": size, "image": img})
         if "text2image" in add:
             add["text2image"]({"caption": s.caption_long, "image": img})
