@@ -1,0 +1,136 @@
+"""Spatially grounded generation on the shapes world: objects in boxes -> image, scored by the
+scene parser, beside the exact chance of a random placement.
+
+Items: the first ``n`` held-out scenes. The prompt is the SFT ``spatial`` template, one object
+per shape with its tight box as four ``<loc:N>`` tokens ("Generate an image with a red circle
+<loc:9><loc:9><loc:34><loc:34> and ..."), exactly as in training; for the guided strategies the
+unconditional stream is ``<bos> <mask:0> <break>`` (as for text to image). A box lies inside one
+grid cell, its *box cell*.
+
+Scores per image (:func:`spatial_outcome`):
+
+* ``placed``: fraction of requested objects whose box cell holds a parsed shape of the
+  requested colour and kind (size is not asked for, so not scored);
+* ``occupied``: fraction of box cells that hold any shape;
+* ``exact``: every object placed and no shape outside the box cells.
+
+Chance (:func:`chance_scores`): the requested shapes (right colour and kind) put in distinct
+cells drawn uniformly at random, the expected scores computed exactly: with ``G`` cells, ``n``
+objects and ``m(o)`` the number of objects sharing object ``o``'s colour and kind,
+``placed = mean_o m(o) / G``, ``occupied = n / G`` and ``exact = prod_l m_l! / (G! / (G - n)!)``
+over the distinct labels ``l``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lit_cm3leon.data.shapes import Scene, ShapesWorld, parse_scene
+
+OUTCOMES: tuple[str, ...] = ("placed", "occupied", "exact")
+
+
+@dataclass(frozen=True)
+class SpatialItem:
+    """One prompt: the template's ``objects`` and ``size``, and what each object asks for."""
+
+    scene: Scene
+    objects: list[dict]  # [{label: "a red circle", box: [x0, y0, x1, y1]}]
+    size: list[int]  # [W, H]
+    requests: tuple[tuple[str, str, tuple[int, int]], ...]  # (colour, kind, box cell)
+
+
+def box_cell(box: Sequence[float], world: ShapesWorld) -> tuple[int, int]:
+    """(row, col) of the grid cell holding the centre of a pixel box ``(x0, y0, x1, y1)``."""
+    x0, y0, x1, y1 = box
+    last = world.grid - 1
+
+    def index(c: float) -> int:
+        return min(last, max(0, int((c - world.margin) // world.cell_size)))
+
+    return index((y0 + y1) / 2), index((x0 + x1) / 2)
+
+
+def spatial_items(n: int, world: ShapesWorld | None = None) -> list[SpatialItem]:
+    """The first ``n`` held-out scenes as spatial prompts (the SFT template's objects)."""
+    from lit_cm3leon.data.sft import spatial_objects
+
+    world = world or ShapesWorld()
+    items = []
+    for i in range(n):
+        scene = world.scene("heldout", i)
+        boxes = world.boxes(scene)
+        requests = tuple(
+            (s.color, s.kind, box_cell(b, world)) for s, b in zip(scene.shapes, boxes, strict=True)
+        )
+        size = [world.image_size, world.image_size]
+        items.append(SpatialItem(scene, spatial_objects(scene, boxes), size, requests))
+    return items
+
+
+def spatial_outcome(parsed: Scene, item: SpatialItem) -> dict[str, float]:
+    """``placed``, ``occupied`` and ``exact`` of one output scene (module doc)."""
+    by_cell = {s.cell: s for s in parsed.shapes}
+    hits = [
+        cell in by_cell and (by_cell[cell].color, by_cell[cell].kind) == (color, kind)
+        for color, kind, cell in item.requests
+    ]
+    cells = {cell for _, _, cell in item.requests}
+    occupied = [cell in by_cell for cell in cells]
+    return {
+        "placed": float(np.mean(hits)),
+        "occupied": float(np.mean(occupied)),
+        "exact": float(all(hits) and set(by_cell) <= cells),
+    }
+
+
+def spatial_scores(
+    images: np.ndarray | Sequence[np.ndarray] | None,
+    items: Sequence[SpatialItem],
+    world: ShapesWorld | None = None,
+    scenes: Sequence[Scene] | None = None,
+) -> dict[str, np.ndarray]:
+    """Per image ``placed``/``occupied``/``exact`` of output images uint8 [N, H, W, 3] (or of
+    already parsed ``scenes``)."""
+    world = world or ShapesWorld()
+    if scenes is None:
+        scenes = [parse_scene(img, world) for img in images]
+    rows = [spatial_outcome(s, it) for s, it in zip(scenes, items, strict=True)]
+    return {k: np.array([r[k] for r in rows]) for k in OUTCOMES}
+
+
+def chance_outcome(item: SpatialItem, n_cells: int) -> dict[str, float]:
+    """Expected scores of the requested shapes placed in distinct uniformly random cells."""
+    labels = Counter((color, kind) for color, kind, _ in item.requests)
+    n = len(item.requests)
+    placements = math.perm(n_cells, n)
+    return {
+        "placed": float(np.mean([labels[(c, k)] / n_cells for c, k, _ in item.requests])),
+        "occupied": n / n_cells,
+        "exact": math.prod(math.factorial(m) for m in labels.values()) / placements,
+    }
+
+
+def chance_scores(items: Sequence[SpatialItem], world: ShapesWorld | None = None):
+    """Per image expected ``placed``/``occupied``/``exact`` of a uniformly random placement."""
+    world = world or ShapesWorld()
+    rows = [chance_outcome(it, world.grid * world.grid) for it in items]
+    return {k: np.array([r[k] for r in rows]) for k in OUTCOMES}
+
+
+def spatial_prompts(engine, items: Sequence[SpatialItem]):
+    """(cond, uncond) prompt ids: the ``spatial`` template, and ``<bos> <mask:0> <break>``."""
+    from lit_cm3leon.data.templates import inference_prompt
+    from lit_cm3leon.decode.generate import make_uncond_prompt
+
+    v = engine.vocab
+    cond = [
+        inference_prompt("spatial", engine.codec, objects=it.objects, size=it.size) for it in items
+    ]
+    uncond = [make_uncond_prompt(v, [v.bos], [v.brk]) for _ in items]
+    return cond, uncond
