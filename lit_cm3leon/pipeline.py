@@ -48,7 +48,8 @@ def prepare(*args: str) -> list[str]:
 
 
 def evaluate(script: str, name: str, *args: str) -> list[str]:
-    run = ["--run-dir", f"{{o}}/{name}/run"] if script in ("coco_fid", "captioning", "vqa") else []
+    with_run = ("coco_fid", "captioning", "vqa", "image_tasks")
+    run = ["--run-dir", f"{{o}}/{name}/run"] if script in with_run else []
     return [
         PY,
         str(ROOT / "eval" / f"{script}.py"),
@@ -255,6 +256,20 @@ def stages(out: Path) -> list[Stage]:
         *[
             ev("vqa", f"eval/vqa_{m}", "--ckpt", f"{o}/{m}", "--n", "1000", reduced=("--n", "400"))
             for m in ("pretrain", "sft")
+        ],
+        *[
+            ev(
+                "image_tasks",
+                f"eval/{task}_sft",
+                "--task",
+                task,
+                "--ckpt",
+                f"{o}/sft",
+                "--n",
+                "300",
+                reduced=("--n", "100"),
+            )
+            for task in ("edit", "spatial")
         ],
         Stage(
             "eval/ablation/shapes",

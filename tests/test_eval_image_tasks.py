@@ -1,19 +1,26 @@
 """Editing and spatially grounded generation on the shapes world: the scene-parser scores on
-known images (copy, oracle, shuffled) and the exact chance of a random placement."""
+known images (copy, oracle, shuffled), the exact chance of a random placement, and the
+``eval/image_tasks.py --ckpt`` run on fixture artifacts, with its pipeline stage and report row."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lit_cm3leon.data.shapes import COLORS, KINDS, SIZES, Scene, ShapesWorld
 from lit_cm3leon.evaluation import shapes_edit as se
 from lit_cm3leon.evaluation import shapes_spatial as ss
+from tests.fixtures import make_tiny_outputs
 
+ROOT = Path(__file__).resolve().parent.parent
 N = 60
 
 
@@ -146,3 +153,68 @@ def test_chance_is_exact(world, items):
             assert closed[k] == pytest.approx(enumerated[k], abs=1e-12), (k, it.requests)
     chance = ss.chance_scores(items, world)
     assert 0.0 < chance["placed"].mean() < 0.2 and chance["exact"].mean() < 0.1
+
+
+# --- the CLI on fixture artifacts, its pipeline stage and report row -------------------------
+def _cli():
+    spec = importlib.util.spec_from_file_location(
+        "eval_image_tasks", ROOT / "eval" / "image_tasks.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield make_tiny_outputs(tmp_path_factory.mktemp("image_tasks") / "outputs")
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("task", ["edit", "spatial"])
+def test_cli_writes_metrics_with_baselines(outputs, task, capsys):
+    cli = _cli()
+    run = outputs / "eval" / f"{task}_x" / "run"
+    out = outputs / "eval" / f"{task}_x" / "metrics.json"
+    argv = ["--task", task, "--ckpt", str(outputs / "pretrain"), "--outputs", str(outputs),
+            "--n", "6", "--batch-size", "4", "--bootstrap", "20", "--run-dir", str(run),
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    rec = json.loads(out.read_text())
+    assert rec["protocol"] == f"shapes-{task}" and rec["n"] == 6 and rec["strategy"] == "cfg_topp"
+    assert len(list((run / "samples").glob("*.png"))) == 6
+    assert len(json.loads((run / "items.json").read_text())) == 6
+    if task == "edit":
+        keys = [f"{p}edit_{k}" for p in ("", "baseline_", "copy_recon_", "ceiling_")
+                for k in se.OUTCOMES]  # fmt: skip
+        assert rec["baseline_edit_kept"] == 1.0 and rec["baseline_edit_changed"] == 0.0
+        assert set(rec["edit_success_by_attribute"]) == set(se.EDIT_ATTRIBUTES)
+    else:
+        keys = [f"{p}spatial_{k}" for p in ("", "baseline_", "ceiling_") for k in ss.OUTCOMES]
+    for k in keys:
+        assert 0.0 <= rec[k] <= 1.0 and k in rec["ci95"], k
+    # a finished run is not redone
+    (run / "samples" / "00000.png").unlink()
+    assert cli.main(argv) == 0 and "exists" in capsys.readouterr().out
+    assert not (run / "samples" / "00000.png").exists()
+
+
+def test_pipeline_stages_and_report_rows(tmp_path):
+    from lit_cm3leon.pipeline import stages
+    from lit_cm3leon.report import Report
+
+    out = tmp_path / "outputs"
+    by_name = {s.name: s for s in stages(out)}
+    for task in ("edit", "spatial"):
+        st = by_name[f"eval/{task}_sft"]
+        assert st.command[st.command.index("--task") + 1] == task
+        assert f"{out}/eval/{task}_sft/run" in st.command and st.reduced == ["--n", "100"]
+    rec = {"n": 100, "edit_success": 0.25, "baseline_edit_success": 0.0,
+           "ceiling_edit_success": 0.5, "ci95": {"edit_success": [0.2, 0.3]}}  # fmt: skip
+    (out / "eval" / "edit_sft").mkdir(parents=True)
+    (out / "eval" / "edit_sft" / "metrics.json").write_text(json.dumps(rec))
+    text = Report(out).build()
+    assert "| edit | success | 0.250 | [0.200, 0.300] | 0.000 (copy) | 0.500 | 100 |" in text
+    assert "| spatial | placed | not run |" in text
