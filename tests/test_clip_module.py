@@ -121,5 +121,7 @@ def test_retrieval_configs_compose():
         vit = compose("vit_b32")
     rc = RetrievalConfig.from_mapping(default)
     assert rc.max_score == 0.98 and rc.query_dropout == 0.2 and rc.n_train_docs == 3
+    assert rc.pair_max_score > rc.max_score  # document-vs-document scores sit closer to 1
     vit_rc = RetrievalConfig.from_mapping(vit)
     assert vit.encoder.path == "ViT-B-32" and vit_rc.max_score == 0.9 and vit_rc.n_train_docs == 3
+    assert vit_rc.pair_max_score == 0.9

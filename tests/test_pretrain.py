@@ -112,3 +112,47 @@ def test_training_checkpoint_consolidates_to_a_published_decoder(compose, artifa
         torch.equal(x, y)
         for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
+
+
+def test_candidate_cache_follows_the_bank_and_encoder_not_just_their_folders(
+    artifacts, tmp_path, monkeypatch
+):
+    """Rebuilding the memory bank or retraining the retriever in place must not reuse
+    candidates that were searched with the old ones (the folders' paths stay the same)."""
+    from types import SimpleNamespace
+
+    import lit_cm3leon.retrieval.bank_docs as bank_docs
+    from lit_cm3leon.data.pretrain import PretrainDataModule
+
+    searches = []
+
+    def fake_candidates(retriever, shards, pool, seed=0, **kw):
+        searches.append(retriever.encoder.hash)
+        return np.full((len(shards), pool), len(searches), dtype=np.int64)
+
+    monkeypatch.setattr(bank_docs, "training_candidates", fake_candidates)
+    dm = PretrainDataModule(
+        tokens_dir=str(artifacts / "tokens" / "shapes-train"),
+        heldout_tokens_dir=str(artifacts / "tokens" / "shapes-heldout"),
+        text_tokenizer_dir=str(artifacts / "text_tokenizer"),
+        index_dir=str(tmp_path / "index"),
+        retriever_dir=str(tmp_path / "retriever"),
+        cache_dir=str(tmp_path / "cache"),
+        candidate_pool=4,
+        retrieval={"max_score": 0.98},
+    )
+    shards = TokenShards(artifacts / "tokens" / "shapes-train")
+
+    def retriever(checksum, encoder_hash):
+        return SimpleNamespace(
+            bank=SimpleNamespace(manifest={"checksum": checksum}),
+            encoder=SimpleNamespace(hash=encoder_hash),
+        )
+
+    first = dm._train_candidates(shards, retriever("bank-a", "enc-a"))
+    again = dm._train_candidates(shards, retriever("bank-a", "enc-a"))
+    assert len(searches) == 1 and np.array_equal(first, again)  # same bank: cached
+    rebuilt = dm._train_candidates(shards, retriever("bank-b", "enc-a"))
+    assert len(searches) == 2 and rebuilt[0, 0] == 2  # rebuilt bank: searched again
+    dm._train_candidates(shards, retriever("bank-b", "enc-b"))
+    assert len(searches) == 3  # retrained encoder: searched again

@@ -126,7 +126,7 @@ def test_training_uses_image_search_and_text_search():
         "search_k": 3,
         "n_train_docs": 6,
         "candidates": 6,
-        "max_score": 0.999,
+        "pair_max_score": 0.999,
         "diversity_threshold": 1.0,
         "query_dropout": 0.2,
     }
@@ -147,7 +147,7 @@ def test_training_draws_among_top_candidates_and_drops_words():
         search_k=40,
         n_train_docs=3,
         candidates=8,
-        max_score=0.999,
+        pair_max_score=0.999,
         diversity_threshold=1.0,
         query_dropout=0.2,
     )
@@ -162,6 +162,35 @@ def test_training_draws_among_top_candidates_and_drops_words():
     assert set(drawn) <= top8 and len(set(drawn)) >= 6  # random draws, all within the top 8
     dropped = [t for t in enc.seen if t != text]
     assert dropped and all(len(t.split()) < 50 for t in dropped)  # the search text is dropped
+
+
+def test_near_duplicate_threshold_follows_the_query_kind():
+    """A prompt is a caption vector, a training pair a document vector: their scores against a
+    bank document live on different scales, so each has its own near-duplicate threshold."""
+    vecs = np.stack([unit(1, 0.1, 0, 0, 0, 0), unit(1, 0.5, 0, 0, 0, 0), E[5]])
+    bank = MemoryBank.build(vecs, np.array([0, 1, 2]), encoder_name="fake", encoder_hash="f")
+    # the caption and the pair's document (mean of caption and image) are both e0
+    enc = FakeEncoder({"*": E[0]}, E[0])
+    cfg = {
+        "max_score": 0.9,  # doc 0 (0.995) and doc 1 (0.89) against the caption: drops doc 0
+        "pair_max_score": 0.999,  # against the pair's document: nothing is a near duplicate
+        "diversity_threshold": 1.0,
+        "search_k": 3,
+        "n_train_docs": 3,
+        "candidates": 3,
+    }
+    r = Retriever(bank, enc, cfg)
+    assert r.prompt_docs(["a red circle"], k=3) == [[1, 2]]
+    got = r.training_docs(
+        ["a red circle"], np.zeros((1, 4, 4, 3)), [None], np.random.default_rng(0)
+    )
+    assert sorted(got[0]) == [0, 1, 2]
+    tight = Retriever(bank, enc, {**cfg, "max_score": 1.0, "pair_max_score": 0.9})
+    got = tight.training_docs(
+        ["a red circle"], np.zeros((1, 4, 4, 3)), [None], np.random.default_rng(0)
+    )
+    assert sorted(got[0]) == [1, 2]  # now the training rule drops doc 0; prompts keep it
+    assert tight.prompt_docs(["a red circle"], k=3) == [[0, 1, 2]]
 
 
 def test_query_dropout_rate():

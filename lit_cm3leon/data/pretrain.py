@@ -140,6 +140,19 @@ def candidates_cache_key(*parts: object) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
 
 
+def retrieval_identity(shards: TokenShards, retriever) -> tuple[str, str, str]:
+    """What cached candidates depend on beyond the config: the shard rows they point at (their
+    doc ids in order), the memory bank's content (manifest checksum) and the encoder's weights.
+    Folder paths alone are not enough: rebuilding the shards, the bank or the retriever in place
+    would otherwise reuse candidates searched with the old ones."""
+    rows = hashlib.sha256(np.ascontiguousarray(shards.doc_ids, dtype=np.int64).tobytes())
+    return (
+        rows.hexdigest()[:16],
+        str(retriever.bank.manifest.get("checksum", "")),
+        str(retriever.encoder.hash),
+    )
+
+
 class PretrainDataModule(L.LightningDataModule):
     """Pre-tokenized pairs + memory-bank retrieval -> CM3 sequences for the decoder."""
 
@@ -192,7 +205,13 @@ class PretrainDataModule(L.LightningDataModule):
 
         hp = self.hparams
         key = candidates_cache_key(
-            hp.tokens_dir, hp.index_dir, len(shards), hp.seed, hp.retrieval, hp.candidate_pool
+            hp.tokens_dir,
+            hp.index_dir,
+            len(shards),
+            hp.seed,
+            hp.retrieval,
+            hp.candidate_pool,
+            *retrieval_identity(shards, retriever),
         )
         path = Path(hp.cache_dir) / f"train_candidates-{key}.npy"
         if path.is_file():

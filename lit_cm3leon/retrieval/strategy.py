@@ -4,8 +4,11 @@ The rules are pure functions over score arrays and vectors (testable on hand-mad
 ``Retriever`` ties them to a ``MemoryBank`` and a ``ClipEncoder``.
 
 - relevance: the retriever score (inner product of normalized CLIP vectors);
-- the query itself (same doc id) and candidates scoring above ``max_score`` against the query
-  document (near duplicates) are dropped;
+- the query itself (same doc id) and near duplicates of the query are dropped: candidates
+  scoring above ``max_score`` against a prompt's text vector (inference), or above
+  ``pair_max_score`` against a training pair's document vector (the mean of its text and image
+  embeddings). The two scores live on different scales (a document against a document scores
+  much closer to 1 than a caption against a document), so each rule has its own threshold;
 - only multimodal documents (text and image) are kept;
 - no two retrieved documents are near-identical: greedily, a candidate whose score against an
   already chosen document is above ``diversity_threshold`` is skipped;
@@ -26,7 +29,8 @@ import numpy as np
 @dataclass
 class RetrievalConfig:
     retrieve_k: int = 2  # documents placed before a prompt at inference
-    max_score: float = 0.9  # candidates scoring above this against the query are near duplicates
+    max_score: float = 0.9  # inference: candidates scoring above this against the prompt text
+    pair_max_score: float = 0.9  # training: ... above this against the pair's document vector
     diversity_threshold: float = 0.95  # two retrieved docs scoring above this are near-identical
     query_dropout: float = 0.2  # fraction of the query text's words dropped (training)
     n_train_docs: int = 3  # documents drawn per training pair
@@ -123,17 +127,20 @@ def choose(
     cfg: RetrievalConfig,
     k: int,
     rng: np.random.Generator | None = None,
+    max_score: float | None = None,
 ) -> list[int]:
     """Apply the rules to candidates already sorted by relevance.
 
     ``rel_rows`` [n] bank rows, ``cand_vectors`` [n, D] their vectors, ``query_vector`` [D],
     ``doc_ids``/``multimodal`` [n] of the candidates. With ``rng`` the k docs are drawn among the
     top ``cfg.candidates`` admissible ones (training); without, the top k are taken (inference).
-    Returns positions into the candidate arrays.
+    ``max_score`` overrides ``cfg.max_score`` (the near-duplicate threshold for this query's
+    scale). Returns positions into the candidate arrays.
     """
+    max_score = cfg.max_score if max_score is None else max_score
     q_scores = cand_vectors @ query_vector if len(rel_rows) else np.zeros(0, np.float32)
     mask = admissible(
-        doc_ids, q_scores, multimodal if cfg.multimodal_only else None, query_doc_id, cfg.max_score
+        doc_ids, q_scores, multimodal if cfg.multimodal_only else None, query_doc_id, max_score
     )
     pos = np.flatnonzero(mask)
     if rng is not None:
@@ -164,6 +171,7 @@ class Retriever:
         query_doc_id: int | None,
         k: int,
         rng,
+        max_score: float,
     ) -> list[int]:
         _, rows = merge_candidates(*results)
         vecs = self.bank.vectors(rows)
@@ -177,6 +185,7 @@ class Retriever:
             self.cfg,
             k,
             rng,
+            max_score,
         )
         return [int(self.bank.doc_ids[rows[i]]) for i in picked]
 
@@ -192,7 +201,7 @@ class Retriever:
         t_drop = self.encoder.embed_text(dropped)
         from lit_cm3leon.retrieval.encoder import mean_of_modalities
 
-        q_doc = mean_of_modalities(t_full, i_emb)  # the query document, for the 0.9 rule
+        q_doc = mean_of_modalities(t_full, i_emb)  # the query document, for the near-dup rule
         k = self.cfg.search_k
         s_img, r_img = self.bank.search(i_emb, k)
         s_txt, r_txt = self.bank.search(t_drop, k)
@@ -203,6 +212,7 @@ class Retriever:
                 None if doc_ids[j] is None else int(doc_ids[j]),
                 self.cfg.n_train_docs,
                 rng,
+                self.cfg.pair_max_score,
             )
             for j in range(len(texts))
         ]
@@ -220,4 +230,7 @@ class Retriever:
         q = self.encoder.embed_text(list(texts))
         s, r = self.bank.search(q, self.cfg.search_k)
         ex = list(exclude) if exclude is not None else [None] * len(q)
-        return [self._pick([(s[j], r[j])], q[j], ex[j], k, None) for j in range(len(q))]
+        return [
+            self._pick([(s[j], r[j])], q[j], ex[j], k, None, self.cfg.max_score)
+            for j in range(len(q))
+        ]
