@@ -86,8 +86,8 @@ def test_bad_inputs_have_clear_messages(tok, tmp_path):
         tok.encode(np.zeros((2, 32, 32, 4), np.uint8))
     with pytest.raises(ImageInputError, match="cannot encode"):
         tok.encode("not an image")
-    with pytest.raises(ImageInputError, match=r"codes must be in \[0, 256\)"):
-        tok.decode(torch.full((1, 8, 8), 256))
+    with pytest.raises(ImageInputError, match=r"codes must be in \[0, 2048\)"):
+        tok.decode(torch.full((1, 8, 8), 2048))
     small_limit = load_image_tokenizer("shapes", max_image_pixels=1000)
     with pytest.raises(ImageInputError, match="decompression-bomb guard"):
         small_limit.encode(Image.new("RGB", (40, 40)))
@@ -143,7 +143,7 @@ def test_prepare_tokenize_folder_skips_counts_and_resumes(tok, tmp_path):
     assert cli(argv) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["count"] == 5 and man["bad"] == {"unreadable_image": 1, "empty_caption": 1}
-    assert (man["h"], man["w"], man["n_codes"]) == (8, 8, 256) and man["image_tokenizer"][
+    assert (man["h"], man["w"], man["n_codes"]) == (8, 8, 2048) and man["image_tokenizer"][
         "hash"
     ] == tok.hash
     shards = sorted(out.glob("shard-*.npz"))

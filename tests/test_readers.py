@@ -10,6 +10,7 @@ import pytest
 from PIL import Image as PILImage
 
 from lit_cm3leon.data.readers import READERS, LayoutError, read_source
+from lit_cm3leon.tokenizer.vqgan import PRESETS
 
 
 def write_image(path: Path, color=(200, 30, 30), size=(12, 10)) -> str:
@@ -328,7 +329,7 @@ def test_real_data_mixture_from_its_config(compose, tmp_path):
     (data / "coco" / "val2014" / "img0.jpg").write_bytes(
         b"not a jpeg"
     )  # unreadable: skipped, counted
-    make_text_tokenizer(out / "text_tokenizer", n_codes=256, hw=8)
+    make_text_tokenizer(out / "text_tokenizer", n_codes=PRESETS["shapes"].n_embed, hw=8)
     load_image_tokenizer("shapes").save(out / "image_tokenizer")
     cfg = compose(
         [

@@ -11,6 +11,7 @@ from lit_cm3leon.data.templates import TASKS, split_target
 from lit_cm3leon.fit import train
 from lit_cm3leon.tokenizer.codec import DocumentCodec
 from lit_cm3leon.tokenizer.vocab import Vocab
+from lit_cm3leon.tokenizer.vqgan import PRESETS
 from tests.fixtures import make_text_tokenizer
 
 
@@ -145,7 +146,7 @@ def artifacts(tmp_path, image_tokenizer):
     from lit_cm3leon.training.checkpoint import save_decoder
 
     out = tmp_path / "outputs"
-    root = make_text_tokenizer(out / "text_tokenizer", n_codes=256, hw=8)
+    root = make_text_tokenizer(out / "text_tokenizer", n_codes=PRESETS["shapes"].n_embed, hw=8)
     image_tokenizer.save(out / "image_tokenizer")
     vocab = Vocab.load(root / "vocab.json")
     cfg = ModelConfig(vocab_size=vocab.size, n_layer=2, n_head=4, d_model=64, max_seq_len=256)

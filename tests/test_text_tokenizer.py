@@ -191,3 +191,15 @@ def test_default_corpus_without_shapes_world_says_what_to_do(monkeypatch, tmp_pa
     monkeypatch.setitem(sys.modules, "lit_cm3leon.data.shapes", None)  # import fails
     with pytest.raises(ImportError, match="--corpus"):
         cli(["--out", str(tmp_path)])
+
+
+def test_default_vocabulary_matches_the_shapes_image_tokenizer(tmp_path):
+    # The main command builds the vocabulary before the image tokenizer exists; its defaults
+    # must describe the shapes preset's code grid, or every later stage refuses the pair.
+    from lit_cm3leon.tokenizer.text import cli
+    from lit_cm3leon.tokenizer.vocab import Vocab
+    from lit_cm3leon.tokenizer.vqgan import PRESETS
+
+    assert cli(["--out", str(tmp_path / "tt"), "--shapes-samples", "200"]) == 0
+    v, shapes = Vocab.load(tmp_path / "tt" / "vocab.json"), PRESETS["shapes"]
+    assert (v.n_image, v.image_h, v.image_w) == (shapes.n_embed, *(2 * [shapes.latent_size]))

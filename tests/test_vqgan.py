@@ -283,7 +283,7 @@ def test_state_dict_round_trip(tmp_path):
     out = tok.save(tmp_path / "tok", {"metrics": {"psnr": 1.0}})
     assert {p.name for p in out.iterdir()} == {"model.pt", "config.json", "manifest.json"}
     raw = torch.load(out / "model.pt", weights_only=True)  # plain containers only
-    assert raw["config"]["n_embed"] == 256 and raw["format"] == checkpoints.FORMAT
+    assert raw["config"]["n_embed"] == 2048 and raw["format"] == checkpoints.FORMAT
     back = load_image_tokenizer(out)
     a, b = tok.model.state_dict(), back.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a) and back.hash == tok.hash

@@ -192,7 +192,12 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shapes-max-shapes", type=int, default=None, help="shapes per scene (default: its own)"
     )
-    p.add_argument("--image-codes", type=int, default=256, help="VQ codebook size (n_image)")
+    p.add_argument(
+        "--image-codes",
+        type=int,
+        default=2048,
+        help="VQ codebook size (n_image); 2048 = the shapes VQGAN preset's n_embed",
+    )
     p.add_argument(
         "--image-hw",
         type=int,

@@ -11,8 +11,11 @@ updates alone on short CPU budgets. Restarts stop at ``restart_until`` (a fracti
 ``max_steps``) so the last steps fine-tune a fixed codebook. Measured on the shapes world after
 150 steps: 6% of codes in use and 14.3 dB without restarts, 61-78% and 18 dB with them.
 
-Calibration (shapes preset, batch 32, lr 1e-3, bf16, 1 thread on a shared 2-core machine):
-1000 steps give 26.7 dB held-out PSNR with 95% of the 256 codes in use (perplexity 156).
+Calibration (shapes preset, batch 8, lr 1e-3, bf16, 2 idle CPU cores): the default 4,500 steps
+take 3.1 minutes and give 28.4 dB held-out PSNR with 99% of the 2,048 codes in use (perplexity
+1,410); the scene parser reads the same scene from 72.5% of the reconstructions as from the
+originals. At equal compute, batch 32 x 1,100 steps of a 4x wider network reached 24-27 dB and
+19-54% agreement: the budget is better spent on more, cheaper steps.
 
 The patch-GAN is off for the shapes preset: its images are flat colours and sharp edges that
 L1 + L2 reconstruct to high PSNR on their own; a discriminator would roughly double the step
