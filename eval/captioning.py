@@ -44,6 +44,7 @@ from lit_cm3leon.evaluation.metrics_io import (
     add_run_args,
     check_out,
     check_predictions,
+    copy_metrics,
     header_from_args,
     write_metrics,
 )
@@ -164,11 +165,7 @@ def ckpt_main(args: argparse.Namespace, metrics: list[str]) -> int:
         if isinstance(v, float):
             print(f"{k}: {v:.4f}  95% CI {ci95.get(k, '-')}")
     print("examples:", *[f"  {refs[i][1]!r} -> {preds[i]!r}" for i in ids[:3]], sep="\n")
-    if args.out:
-        import shutil
-
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out, args.out)
+    copy_metrics(out, args.out)
     print(f"wrote {out}")
     return 0
 

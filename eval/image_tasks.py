@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,13 @@ import numpy as np
 
 from lit_cm3leon.data.shapes import parse_scene
 from lit_cm3leon.evaluation import bootstrap
-from lit_cm3leon.evaluation.metrics_io import HEADER_KEYS, add_run_args, run_header, write_metrics
+from lit_cm3leon.evaluation.metrics_io import (
+    HEADER_KEYS,
+    add_run_args,
+    copy_metrics,
+    run_header,
+    write_metrics,
+)
 
 TASKS = ("edit", "spatial")
 
@@ -193,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     out = folder / "metrics.json"
     if out.is_file() and not args.force:
         print(f"{out} exists (a finished run); pass --force to redo it")
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out, args.out)
+        copy_metrics(out, args.out)
         return 0
     import os
 
@@ -249,9 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in written.items():
         if isinstance(v, float) and k not in (*HEADER_KEYS, "seconds"):
             print(f"{k}: {v:.4f}  95% CI {ci95.get(k, '-')}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out, args.out)
+    copy_metrics(out, args.out)
     print(f"wrote {out}")
     return 0
 

@@ -36,6 +36,7 @@ from lit_cm3leon.evaluation.metrics_io import (
     InputError,
     add_run_args,
     check_out,
+    copy_metrics,
     header_from_args,
     write_metrics,
 )
@@ -188,11 +189,7 @@ def ckpt_main(args: argparse.Namespace) -> int:
         )
     for it, a in list(zip(items, answers, strict=True))[:3]:
         print(f"  {it.question!r} -> {a!r} (truth {it.answer!r})")
-    if args.out:
-        import shutil
-
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out, args.out)
+    copy_metrics(out, args.out)
     print(f"wrote {out}")
     return 0
 

@@ -178,6 +178,15 @@ def write_metrics(
     return record
 
 
+def copy_metrics(src: str | Path, dst: str | Path | None) -> None:
+    """Copy a written metrics file to the caller's ``--out`` path (nothing when ``dst`` is None)."""
+    if dst:
+        import shutil
+
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+
+
 def read_metrics(path: str | Path) -> dict[str, Any]:
     """Load a metrics.json and check it has the run header."""
     record = load_json(path, "metrics")

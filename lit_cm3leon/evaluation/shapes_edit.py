@@ -76,11 +76,17 @@ def edit_scores(
 ) -> dict[str, np.ndarray]:
     """Per item ``success``/``changed``/``kept`` of output images uint8 [N, H, W, 3] (or of
     already parsed ``scenes``)."""
+    return score_scenes(edit_outcome, images, edits, OUTCOMES, world, scenes)
+
+
+def score_scenes(outcome, images, items, keys, world=None, scenes=None) -> dict[str, np.ndarray]:
+    """``outcome(scene, item) -> {key: float}`` over parsed output images (or given ``scenes``),
+    as one array per key."""
     world = world or ShapesWorld()
     if scenes is None:
         scenes = [parse_scene(img, world) for img in images]
-    rows = [edit_outcome(s, e) for s, e in zip(scenes, edits, strict=True)]
-    return {k: np.array([r[k] for r in rows]) for k in OUTCOMES}
+    rows = [outcome(s, it) for s, it in zip(scenes, items, strict=True)]
+    return {k: np.array([r[k] for r in rows]) for k in keys}
 
 
 def by_attribute(values: np.ndarray, edits: Sequence[Edit]) -> dict[str, float | None]:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lit_cm3leon.data.shapes import Scene, ShapesWorld, parse_scene
+from lit_cm3leon.data.shapes import Scene, ShapesWorld
+from lit_cm3leon.evaluation.shapes_edit import score_scenes
 
 OUTCOMES: tuple[str, ...] = ("placed", "occupied", "exact")
 
@@ -97,11 +98,7 @@ def spatial_scores(
 ) -> dict[str, np.ndarray]:
     """Per image ``placed``/``occupied``/``exact`` of output images uint8 [N, H, W, 3] (or of
     already parsed ``scenes``)."""
-    world = world or ShapesWorld()
-    if scenes is None:
-        scenes = [parse_scene(img, world) for img in images]
-    rows = [spatial_outcome(s, it) for s, it in zip(scenes, items, strict=True)]
-    return {k: np.array([r[k] for r in rows]) for k in OUTCOMES}
+    return score_scenes(spatial_outcome, images, items, OUTCOMES, world, scenes)
 
 
 def chance_outcome(item: SpatialItem, n_cells: int) -> dict[str, float]:
