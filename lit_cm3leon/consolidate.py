@@ -43,7 +43,7 @@ def consolidate(ckpt: str | Path, out: str | Path) -> Path:
             f"{ckpt} is not a CM3LeonModule checkpoint (its hyper_parameters lack model/vocab_path)"
         )
     vocab = Vocab.load(hparams["vocab_path"])
-    config = ModelConfig.from_dict({**hparams["model"], "vocab_size": vocab.size})
+    config = ModelConfig.from_dict(hparams["model"]).for_vocab(vocab)
     state = {
         k.removeprefix("net."): v for k, v in record["state_dict"].items() if k.startswith("net.")
     }

@@ -111,8 +111,12 @@ def test_left_padding_matches_unpadded_rows():
     torch.testing.assert_close(out[1, 3:], model(b)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_prefill_and_steps_equal_full_forward_with_padding():
-    model = _model(1)
+CELLS = dict(cell_embedding=True, image_id_start=40, n_image_ids=40, image_cells=6)  # ids 40..79 are image tokens
+
+
+@pytest.mark.parametrize("cells", [{}, CELLS], ids=["paper", "cell_embedding"])
+def test_kv_cache_prefill_and_steps_equal_full_forward_with_padding(cells):
+    model = _model(1, **cells)
     B, L, extra = 3, 6, 5
     ids = torch.randint(0, 97, (B, L + extra))
     valid = torch.ones(B, L + extra, dtype=torch.bool)
@@ -135,8 +139,9 @@ def test_kv_cache_prefill_and_steps_equal_full_forward_with_padding():
     assert (full.abs() > 0.1).any()  # not trivially zero
 
 
-def test_kv_cache_without_padding_and_reorder():
-    model = _model(2)
+@pytest.mark.parametrize("cells", [{}, CELLS], ids=["paper", "cell_embedding"])
+def test_kv_cache_without_padding_and_reorder(cells):
+    model = _model(2, **cells)
     ids = torch.randint(0, 97, (2, 9))
     full = model(ids)
     cache = KVCache.allocate(model.config, 2, 9)
@@ -164,6 +169,41 @@ def test_kv_cache_without_padding_and_reorder():
     torch.testing.assert_close(step[:, 0], full[[1, 0], 5], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="KV cache full"):
         model(ids[:, :5], cache=cache)
+
+
+def test_image_cells_count_within_runs_and_carry_over_chunks():
+    from lit_cm3leon.model.transformer import image_cells
+
+    is_image = torch.tensor([[0, 1, 1, 1, 0, 1, 1], [1, 1, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    cells, run = image_cells(is_image)
+    assert cells.tolist() == [[0, 0, 1, 2, 0, 0, 1], [0, 1, 0, 0, 0, 1, 2]]
+    assert run.tolist() == [2, 3]
+    # the same rows split into two chunks: the run continues across the cut
+    a, run_a = image_cells(is_image[:, :3])
+    b, _ = image_cells(is_image[:, 3:], run_a)
+    torch.testing.assert_close(torch.cat([a, b], 1), cells)
+
+
+def test_cell_embedding_is_shared_by_images_and_absent_from_text():
+    from lit_cm3leon.tokenizer.vocab import Vocab
+
+    vocab = Vocab(n_text=30, n_image=16, image_h=2, image_w=2)
+    cfg = ModelConfig.preset("debug", cell_embedding=True).for_vocab(vocab)
+    assert (cfg.vocab_size, cfg.image_id_start, cfg.n_image_ids, cfg.image_cells) == (
+        vocab.size,
+        30,
+        16,
+        4,
+    )
+    assert ModelConfig.preset("debug").for_vocab(vocab).image_cells == 0
+    model = build_model(cfg)
+    text, img = 5, 30 + 7
+    ids = torch.tensor([[text, img, img, img, img, img, text, img]])
+    emb = model._cell_embedding(ids, None)[0]
+    assert emb[0].abs().sum() == 0 and emb[6].abs().sum() == 0  # text: no cell embedding
+    w = model.cell_emb.weight
+    torch.testing.assert_close(emb[1:6], w[[0, 1, 2, 3, 0]])  # row-major cells, modulo h * w
+    torch.testing.assert_close(emb[7], w[0])  # a new image starts at cell 0
 
 
 def test_overfit_one_batch():

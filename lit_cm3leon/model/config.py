@@ -16,7 +16,8 @@ PRESETS: dict[str, dict] = {
     # 2 x 64: unit tests, runs in seconds. Blocks 98,304.
     "debug": dict(n_layer=2, n_head=4, d_model=64, max_seq_len=256),
     # 6 x 256, 8 heads: the shapes world on CPU. Blocks 4,718,592.
-    "shapes": dict(n_layer=6, n_head=8, d_model=256, max_seq_len=1024),
+    # With the cell embedding (see ModelConfig.cell_embedding), not in the paper.
+    "shapes": dict(n_layer=6, n_head=8, d_model=256, max_seq_len=1024, cell_embedding=True),
     # 12 x 768, 12 heads, 1,024 positions: the ~100M benchmark size (bench/train.py). Blocks
     # 84,934,656; total 100,051,968 with Vocab(n_text=8192, n_image=1024) (9,330 ids).
     "100m": dict(n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
@@ -42,6 +43,13 @@ class ModelConfig:
     ln_eps: float = 1e-5  # LayerNorm epsilon (no learnable parameters)
     activation_checkpointing: bool = False  # recompute each block in backward (saves memory)
     compile: bool = False  # torch.compile each block (applied by parallelize(), not the model)
+    # Not in the paper: add a learned embedding per image-grid cell (row-major index within an
+    # image) to every image token. ``cell_embedding`` switches it on; the other three fields are
+    # set from the Vocab by ``for_vocab`` (image id range and h * w cells).
+    cell_embedding: bool = False
+    image_id_start: int = 0
+    n_image_ids: int = 0
+    image_cells: int = 0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
@@ -60,8 +68,19 @@ class ModelConfig:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    def with_vocab(self, vocab_size: int) -> ModelConfig:
-        return replace(self, vocab_size=vocab_size)
+    def for_vocab(self, vocab) -> ModelConfig:
+        """This config sized for a ``Vocab``: its id count and, with ``cell_embedding``, its
+        image id range and grid."""
+        image = (
+            dict(
+                image_id_start=vocab.image_offset,
+                n_image_ids=vocab.n_image,
+                image_cells=vocab.image_tokens,
+            )
+            if self.cell_embedding
+            else dict(image_id_start=0, n_image_ids=0, image_cells=0)
+        )
+        return replace(self, vocab_size=vocab.size, **image)
 
     def block_params(self) -> int:
         """Parameters of all blocks: attention 4 d^2 + MLP 2 * mlp_ratio * d^2 per layer."""
@@ -69,11 +88,11 @@ class ModelConfig:
         return self.n_layer * (4 * d * d + 2 * self.mlp_ratio * d * d)
 
     def num_params(self) -> int:
-        """All parameters: blocks + token embedding + lm head (untied) + positions."""
+        """All parameters: blocks + token embedding + lm head (untied) + positions (+ cells)."""
         return (
             self.block_params()
             + 2 * self.vocab_size * self.d_model
-            + self.max_seq_len * self.d_model
+            + (self.max_seq_len + self.image_cells) * self.d_model
         )
 
     def to_dict(self) -> dict:

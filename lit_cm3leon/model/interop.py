@@ -43,6 +43,8 @@ def opt_config_kwargs(config: ModelConfig, pad_token_id: int = 1) -> dict:
 @torch.no_grad()
 def to_opt_state_dict(model: CM3LeonTransformer) -> dict[str, torch.Tensor]:
     """Our weights under ``OPTForCausalLM`` keys (the fused qkv split into q, k, v)."""
+    if model.cell_emb is not None:
+        raise ValueError("OPT has no image cell embedding: build with cell_embedding=False")
     d = model.config.d_model
     pos = model.pos_emb.weight
     sd = {

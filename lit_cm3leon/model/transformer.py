@@ -56,6 +56,26 @@ def attention_mask(key_mask: Tensor, n_query: int) -> Tensor:
     return mask[:, None]
 
 
+def image_cells(is_image: Tensor, run0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Index of each image token within its run of consecutive image tokens [B, T].
+
+    ``is_image`` [B, T] marks image tokens; ``run0`` [B] is how many image tokens ended the
+    cached prefix (a run that continues into this chunk). Returns ``(cells, run_after)``: the
+    0-based index of each image token in its run (0 elsewhere) and the length of the run
+    ending the chunk, to carry into the next one.
+    """
+    B, T = is_image.shape
+    t = torch.arange(T, device=is_image.device).expand(B, T)
+    last_break = torch.where(is_image, -1, t).cummax(-1).values  # last non-image position
+    start = torch.zeros(B, 1, dtype=torch.long, device=is_image.device)
+    if run0 is not None:
+        start = run0[:, None].long()
+    run = torch.where(last_break < 0, t + start, t - last_break - 1)
+    cells = torch.where(is_image, run, 0)
+    run_after = torch.where(is_image[:, -1], run[:, -1] + 1, 0)
+    return cells, run_after
+
+
 # ---------------------------------------------------------------------------------------------
 # KV cache
 # ---------------------------------------------------------------------------------------------
@@ -72,6 +92,7 @@ class KVCache:
     def __init__(self, k: list[Tensor], v: list[Tensor]) -> None:
         self.k, self.v = k, v
         self.length = 0
+        self.image_run: Tensor | None = None  # [B] image tokens ending the filled part
 
     @classmethod
     def allocate(
@@ -117,6 +138,8 @@ class KVCache:
             [k.index_select(0, index) for k in self.k], [v.index_select(0, index) for v in self.v]
         )
         out.length = self.length
+        if self.image_run is not None:
+            out.image_run = self.image_run.index_select(0, index)
         return out
 
     def reorder_(self, index: Tensor) -> None:
@@ -124,6 +147,8 @@ class KVCache:
         for i in range(len(self.k)):
             self.k[i] = self.k[i].index_select(0, index)
             self.v[i] = self.v[i].index_select(0, index)
+        if self.image_run is not None:
+            self.image_run = self.image_run.index_select(0, index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +220,11 @@ class CM3LeonTransformer(nn.Module):
         self.activation_checkpointing = config.activation_checkpointing
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
+        # optional (not in the paper): a learned embedding per image-grid cell, shared by every
+        # image in the sequence, so "the same cell in another image" is one dot product away
+        self.cell_emb = (
+            nn.Embedding(config.image_cells, config.d_model) if config.image_cells > 0 else None
+        )
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(
             config.d_model, eps=config.ln_eps, elementwise_affine=False, bias=False
@@ -248,6 +278,8 @@ class CM3LeonTransformer(nn.Module):
                 torch.ones(B, past + T, dtype=torch.bool, device=idx.device), T
             )
         x = self.tok_emb(idx) + self.pos_emb(positions)  # [B, T, C]
+        if self.cell_emb is not None:
+            x = x + self._cell_embedding(idx, cache)
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if checkpointing and cache is None:
@@ -259,6 +291,21 @@ class CM3LeonTransformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.ln_f(x))  # [B, T, V]
+
+    def _cell_embedding(self, idx: Tensor, cache: KVCache | None) -> Tensor:
+        """Cell embeddings [B, T, C] of the image tokens in ``idx`` (zero on other tokens).
+
+        A token's cell is its index within its run of image tokens, modulo ``image_cells``
+        (h * w): row-major grid position for a whole image. With a cache the run carries over
+        from the previous chunk (``cache.image_run``)."""
+        c = self.config
+        is_image = (idx >= c.image_id_start) & (idx < c.image_id_start + c.n_image_ids)
+        run0 = cache.image_run if cache is not None else None
+        cells, run_after = image_cells(is_image, run0)
+        if cache is not None:
+            cache.image_run = run_after
+        emb = self.cell_emb(cells % c.image_cells)
+        return emb * is_image[..., None].to(emb.dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

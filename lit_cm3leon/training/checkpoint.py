@@ -78,7 +78,15 @@ def load_decoder(
     if expect_config is not None:
         diff = {
             k: (getattr(config, k), getattr(expect_config, k))
-            for k in ("n_layer", "n_head", "d_model", "max_seq_len", "mlp_ratio", "vocab_size")
+            for k in (
+                "n_layer",
+                "n_head",
+                "d_model",
+                "max_seq_len",
+                "mlp_ratio",
+                "vocab_size",
+                "image_cells",
+            )
             if getattr(config, k) != getattr(expect_config, k)
         }
         if diff:

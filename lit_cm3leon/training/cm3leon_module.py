@@ -63,7 +63,7 @@ class CM3LeonModule(L.LightningModule):
         betas = tuple(float(b) for b in betas)
         self.save_hyperparameters()
         self.vocab = Vocab.load(vocab_path)
-        cfg = ModelConfig.from_dict({**model, "vocab_size": self.vocab.size})
+        cfg = ModelConfig.from_dict(model).for_vocab(self.vocab)
         if init_from:
             self.net, _, _ = load_decoder(init_from, vocab=self.vocab, expect_config=cfg)
             self.net.train()
