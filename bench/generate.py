@@ -42,7 +42,9 @@ CFG_SCALE, TOP_P = 3.0, 0.9
 
 def make_models(seed: int = 0):
     torch.manual_seed(seed)
-    model = build_model(ModelConfig.preset("shapes", vocab_size=VOCAB.size, cell_embedding=False)).eval()
+    model = build_model(
+        ModelConfig.preset("shapes", vocab_size=VOCAB.size, cell_embedding=False)
+    ).eval()
     with torch.no_grad():  # random, non-zero head so that sampling is not uniform
         torch.nn.init.normal_(model.lm_head.weight, std=0.02)
     import transformers

@@ -111,7 +111,9 @@ def test_left_padding_matches_unpadded_rows():
     torch.testing.assert_close(out[1, 3:], model(b)[0], atol=1e-5, rtol=1e-5)
 
 
-CELLS = dict(cell_embedding=True, image_id_start=40, n_image_ids=40, image_cells=6)  # ids 40..79 are image tokens
+CELLS = dict(
+    cell_embedding=True, image_id_start=40, n_image_ids=40, image_cells=6
+)  # ids 40..79 are image tokens
 
 
 @pytest.mark.parametrize("cells", [{}, CELLS], ids=["paper", "cell_embedding"])

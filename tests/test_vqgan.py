@@ -97,6 +97,28 @@ def test_key_layout_matches_taming():
     assert preset("paper").latent_size == 32 and preset("shapes").latent_size == 8
 
 
+def test_no_normalization_keeps_the_layout_and_makes_codes_local():
+    """norm_groups=0 (the shapes preset): same keys as GroupNorm, and a latent cell barely sees
+    pixels at the far side of the image, where GroupNorm's image-wide statistics carry them."""
+    from dataclasses import replace
+
+    assert preset("shapes").norm_groups == 0
+    local_cfg = replace(preset("shapes"), n_embed=16)
+    group_cfg = replace(local_cfg, norm_groups=2)
+    assert set(VQGAN(local_cfg).state_dict()) == set(VQGAN(group_cfg).state_dict())
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    far = x.clone()
+    far[..., 28:, 28:] = 1.0  # change the bottom-right 4 x 4 pixels only
+    for cfg, local in ((local_cfg, True), (group_cfg, False)):
+        torch.manual_seed(0)
+        enc = VQGAN(cfg).eval().encoder
+        with torch.no_grad():
+            a, b = enc(x), enc(far)
+        moved = (a - b).abs().amax(1)[0]  # [h, w]
+        ratio = float(moved[0, 0] / moved[-1, -1])  # opposite corner vs the changed cell
+        assert ratio < 1e-3 if local else ratio > 1e-2, ratio  # measured 5e-6 vs 0.035
+
+
 def test_downsample_pads_right_and_bottom_only():
     from lit_cm3leon.tokenizer.vqgan import Downsample
 

@@ -33,10 +33,11 @@ class VQGANConfig:
     embed_dim: int = 32  # code dimension D
     dropout: float = 0.0
     double_z: bool = False  # taming VQ configs always use False
-    norm_groups: int = (
-        32  # GroupNorm groups (taming: 32). With few channels, 32 groups is per-channel
-    )
-    # instance norm, which erases each image's mean colour; the shapes preset keeps 4 channels per group
+    # GroupNorm groups (taming: 32). With few channels, 32 groups is per-channel instance norm,
+    # which erases each image's mean colour. 0 = no normalization, only GroupNorm's per-channel
+    # scale and shift (same parameter names): a code then depends on its neighbourhood alone,
+    # not on statistics of the whole image (the shapes preset; see PRESETS).
+    norm_groups: int = 32
     mid_attn: bool = (
         True  # attention in the middle block (taming: always; Chameleon attn_type=None: no)
     )
@@ -51,8 +52,12 @@ class VQGANConfig:
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
         if self.double_z:
             raise ValueError("double_z=True is a KL autoencoder layout, not a VQ model")
+        if self.norm_groups < 0:
+            raise ValueError(
+                f"norm_groups must be >= 0 (0 = no normalization), got {self.norm_groups}"
+            )
         for c in {self.ch * m for m in self.ch_mult}:
-            if c % self.norm_groups:
+            if self.norm_groups and c % self.norm_groups:
                 raise ValueError(
                     f"channel count {c} must be divisible by norm_groups={self.norm_groups}"
                 )
@@ -89,6 +94,10 @@ PRESETS: dict[str, VQGANConfig] = {
     # minutes. Sized by measurement: the shapes world has only ~1,400 distinct 4x4 patches (256
     # codes cover 93% of patch occurrences, which is not enough: the rare ones are shape edges),
     # and at a fixed CPU budget more steps of a narrower network beat fewer steps of a wider one.
+    # No normalization: with GroupNorm a flat background patch took 542 different codes across
+    # images (codes of image-wide statistics), which the decoder then has to guess. Without it
+    # (3,000 steps, 200 held-out images): 181 vs 507 per-position unigram perplexity of the
+    # held-out codes, 27.3 vs 27.0 dB, scene-parser agreement 0.665 vs 0.625.
     "shapes": VQGANConfig(
         resolution=32,
         ch=8,
@@ -99,7 +108,7 @@ PRESETS: dict[str, VQGANConfig] = {
         n_embed=2048,
         embed_dim=32,
         mid_attn=False,
-        norm_groups=2,
+        norm_groups=0,  # no GroupNorm: codes of local content, not of image-wide statistics
     ),  # 0.27 M parameters
     # The paper's setting: 256 px -> 32x32 = 1024 tokens from 8,192 codes, taming's f8 layout.
     "paper": VQGANConfig(
@@ -122,7 +131,21 @@ def preset(name: str) -> VQGANConfig:
     return VQGANConfig(**PRESETS[name].to_dict())
 
 
-def _norm(c: int, groups: int = 32) -> nn.GroupNorm:
+class ChannelAffine(nn.Module):
+    """GroupNorm's per-channel ``weight`` and ``bias`` without the normalization."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def _norm(c: int, groups: int = 32) -> nn.Module:
+    if groups == 0:
+        return ChannelAffine(c)
     return nn.GroupNorm(num_groups=groups, num_channels=c, eps=1e-6, affine=True)
 
 
