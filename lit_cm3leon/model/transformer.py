@@ -8,6 +8,12 @@ Choices taken from the paper (arXiv 2309.02591, section 3):
 * the output projection (untied from the token embedding) initialised to zero;
 * pre-LN blocks with a GELU MLP of width 4 d.
 
+Optional and not in the paper (``ModelConfig.cell_embedding``, on for the shapes presets): a
+learned embedding per image-grid cell added to each image token, the cell being the token's
+index in its run of image tokens (:func:`image_cells`). On the shapes world it cut held-out
+image perplexity from 205 to 74 (850 vs 1,200 steps): with absolute positions alone the model
+did not learn where in the grid a token sits, nor to look up the same cell in another image.
+
 Attention runs through ``F.scaled_dot_product_attention``. Decoding uses a preallocated
 :class:`KVCache`. Rows may be left-padded: :func:`positions_from_mask` gives each row positions
 0, 1, ... for its real tokens, and :func:`attention_mask` hides the pads.
