@@ -34,7 +34,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_parameter_counts(name):
-    cfg = ModelConfig.preset(name, vocab_size=PAPER_VOCAB)
+    cfg = ModelConfig.preset(name, vocab_size=PAPER_VOCAB, cell_embedding=False)
     model = build_model(cfg, "meta")
     blocks = sum(p.numel() for p in model.blocks.parameters())
     assert blocks == EXPECTED[name][0] == cfg.block_params()
@@ -198,6 +198,8 @@ def test_cell_embedding_is_shared_by_images_and_absent_from_text():
         4,
     )
     assert ModelConfig.preset("debug").for_vocab(vocab).image_cells == 0
+    with pytest.raises(ValueError, match="for_vocab"):  # never silently without its cells
+        build_model(ModelConfig.preset("debug", vocab_size=vocab.size, cell_embedding=True))
     model = build_model(cfg)
     text, img = 5, 30 + 7
     ids = torch.tensor([[text, img, img, img, img, img, text, img]])

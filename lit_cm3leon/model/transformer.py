@@ -222,6 +222,11 @@ class CM3LeonTransformer(nn.Module):
             raise ValueError(
                 "ModelConfig.vocab_size must be set (use Vocab.size) before building the model"
             )
+        if config.cell_embedding and config.image_cells <= 0:
+            raise ValueError(
+                "cell_embedding=True needs the vocabulary's image layout: build the config with "
+                "ModelConfig.for_vocab(vocab) (or set cell_embedding=False)"
+            )
         self.config = config
         self.activation_checkpointing = config.activation_checkpointing
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
