@@ -119,6 +119,32 @@ def test_no_normalization_keeps_the_layout_and_makes_codes_local():
         assert ratio < 1e-3 if local else ratio > 1e-2, ratio  # measured 5e-6 vs 0.035
 
 
+def test_encoder_kernel_1_gives_each_code_its_own_patch():
+    """encoder_kernel=1: a code depends on its 7 x 7 pixel patch only, so changing the
+    bottom-right 4 x 4 pixels leaves every code outside the last two rows and columns
+    bit-identical; with the preset's 3x3 kernels the change reaches the opposite corner."""
+    from dataclasses import replace
+
+    wide_cfg = replace(preset("shapes"), n_embed=16)
+    local_cfg = replace(wide_cfg, encoder_kernel=1)
+    assert set(VQGAN(local_cfg).state_dict()) == set(VQGAN(wide_cfg).state_dict())
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    far = x.clone()
+    far[..., 28:, 28:] = 1.0
+    for cfg in (local_cfg, wide_cfg):
+        torch.manual_seed(0)
+        enc = VQGAN(cfg).eval().encoder
+        with torch.no_grad():
+            moved = (enc(x) - enc(far)).abs().amax(1)[0]  # [8, 8]
+        assert moved[-1, -1] > 0
+        if cfg.encoder_kernel == 1:
+            assert moved[:6].max() == 0 and moved[:, :6].max() == 0  # token r sees px 4r..4r+6
+        else:
+            assert moved[0, 0] > 0
+    with pytest.raises(ValueError, match="encoder_kernel"):
+        replace(local_cfg, encoder_kernel=5)
+
+
 def test_downsample_pads_right_and_bottom_only():
     from lit_cm3leon.tokenizer.vqgan import Downsample
 
