@@ -71,7 +71,7 @@ class Report:
         m = (self.manifest("image_tokenizer") or {}).get("metrics", {})
         r = (self.manifest("retriever") or {}).get("metrics", {})
         self.add("## Tokenizer and retriever", "", "| what | ours |", "| --- | --- |")
-        for k in ("psnr", "codebook_usage", "perplexity", "parser_agreement"):
+        for k in ("psnr", "codebook_usage", "perplexity", "parser_agreement", "edit_codes_kept"):
             self.add(f"| image tokenizer {k} | {_num(m.get(k))} |")
         for k, v in sorted(r.items()):
             if "recall" in k or "r1" in k or "r5" in k or "chance" in k:

@@ -387,7 +387,9 @@ def test_training_module_steps_restart_and_export(tmp_path):
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     torch.load(tmp_path / "last.ckpt", weights_only=True)  # resumable without trusting pickles
     metrics = m.export(tmp_path / "image_tokenizer")
-    assert set(metrics) >= {"psnr", "codebook_usage", "perplexity", "parser_agreement"}
+    assert set(metrics) >= {
+        "psnr", "codebook_usage", "perplexity", "parser_agreement", "edit_codes_kept"
+    }  # fmt: skip
     assert (
         0 < metrics["codebook_usage"] <= 1
         and metrics["perplexity"] >= 1

@@ -39,6 +39,9 @@ from lit_cm3leon.tokenizer.image import ImageTokenizer
 from lit_cm3leon.tokenizer.vqgan import VQGAN, VQGANConfig
 from lit_cm3leon.tokenizer.vqgan import preset as get_preset
 
+# the exported tokenizer's headline numbers (manifest, report)
+SUMMARY_KEYS = ("psnr", "codebook_usage", "perplexity", "parser_agreement", "edit_codes_kept")
+
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN (pix2pix / taming ``NLayerDiscriminator``): one real/fake logit per patch."""
@@ -333,6 +336,14 @@ class VQGANModule(L.LightningModule):
         ]
         return sum(same) / max(1, len(same))
 
+    @torch.no_grad()
+    def edit_codes_kept(self, world: Any, n: int) -> float:
+        """Fraction of codes a one-shape edit leaves unchanged (held-out edits; how local the
+        codes are: `lit_cm3leon.evaluation.code_locality`)."""
+        from lit_cm3leon.evaluation.code_locality import edit_code_locality
+
+        return edit_code_locality(self.tokenizer(), world, n)["edit_codes_kept"]
+
     def export(self, out_dir: str | Path) -> dict:
         """Write our tokenizer folder to ``out_dir`` and return its metrics."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -343,8 +354,12 @@ class VQGANModule(L.LightningModule):
         metrics["parser_agreement"] = (
             self.parser_agreement(world, self.hparams.parser_images) if world is not None else None
         )
+        metrics["edit_codes_kept"] = (
+            self.edit_codes_kept(world, self.hparams.parser_images) if world is not None else None
+        )
         metrics["steps"] = int(self.global_step)
         out = self.tokenizer().save(out_dir, {"metrics": metrics, "preset": self.hparams.preset})
-        return {
-            k: metrics.get(k) for k in ("psnr", "codebook_usage", "perplexity", "parser_agreement")
-        } | {"steps": metrics["steps"], "path": str(out)}
+        return {k: metrics.get(k) for k in SUMMARY_KEYS} | {
+            "steps": metrics["steps"],
+            "path": str(out),
+        }
