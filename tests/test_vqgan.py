@@ -390,6 +390,11 @@ def test_training_module_steps_restart_and_export(tmp_path):
     assert set(metrics) >= {
         "psnr", "codebook_usage", "perplexity", "parser_agreement", "edit_codes_kept"
     }  # fmt: skip
+    assert metrics["edit_codes_kept"] is None  # an image dataset without a shapes world
+    from lit_cm3leon.data.shapes import ShapesWorld
+
+    kept = m.edit_codes_kept(ShapesWorld(), 8)  # what export records when the world is there
+    assert 0 < kept < 1  # an edit moves some codes, and most of an image stays
     assert (
         0 < metrics["codebook_usage"] <= 1
         and metrics["perplexity"] >= 1
