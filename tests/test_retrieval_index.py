@@ -191,3 +191,70 @@ def test_cli_shapes_token_shards_rerender_by_index(saved_encoder, tmp_path):
     np.testing.assert_allclose(
         bank.vectors([1])[0], enc.embed_document(s.caption_short, s.image), atol=1e-5
     )
+
+
+def test_modality_vectors_are_kept_checked_and_optional(saved_encoder, tmp_path):
+    d, enc = saved_encoder
+    tok = tmp_path / "tokens"
+    tok.mkdir()
+    recs = [{"doc_id": 3, "text": "a red circle"}, {"doc_id": 4, "text": "text only"}]
+    (tok / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert cli(["--encoder", str(d), "--tokens", str(tok), "--out", str(tmp_path / "idx")]) == 0
+    bank = MemoryBank.open(tmp_path / "idx", enc)
+    text, image = bank.modality_vectors([4, 3])
+    np.testing.assert_allclose(text, enc.embed_text(["text only", "a red circle"]), atol=2e-3)
+    assert not image.any()  # text-only documents: zero image vectors
+    assert bank.modality_vectors([3, 99]) is None  # a document the bank does not hold
+    (tmp_path / "idx" / "modalities.npz").write_bytes(b"not the vectors")
+    with pytest.raises(ValueError, match="checksum"):
+        MemoryBank.open(tmp_path / "idx", enc)
+    argv = ["--encoder", str(d), "--tokens", str(tok), "--out", str(tmp_path / "idx")]
+    assert cli([*argv, "--no-modality-vectors"]) == 0
+    bank = MemoryBank.open(tmp_path / "idx", enc)
+    assert bank.modalities is None and bank.modality_vectors([3]) is None
+    assert not (tmp_path / "idx" / "modalities.npz").exists()
+
+
+def test_training_candidates_reuse_the_banks_vectors(saved_encoder, tmp_path, monkeypatch):
+    """Candidate search with the bank's stored text and image vectors finds what embedding
+    every pair again finds, without rendering a single image."""
+    import lit_cm3leon.retrieval.bank_docs as bank_docs
+    from lit_cm3leon.data.shapes import ShapesWorld
+    from lit_cm3leon.data.shards import TokenShards
+
+    d, enc = saved_encoder
+    tok = tmp_path / "tokens"
+    tok.mkdir()
+    world, n = ShapesWorld(seed=0), 60
+    recs = [
+        {
+            "doc_id": i,
+            "text": world.sample("train", i).caption_long,
+            "source": "shapes",
+            "split": "train",
+            "index": i,
+        }
+        for i in range(n)
+    ]
+    (tok / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    np.savez(
+        tok / "shard-00000.npz",
+        codes=np.zeros((n, 4, 4), np.int16),
+        doc_id=np.arange(n, dtype=np.int64),
+    )
+    (tok / "manifest.json").write_text(json.dumps({"h": 4, "w": 4, "n_codes": 16, "count": n}))
+    assert cli(["--encoder", str(d), "--tokens", str(tok), "--out", str(tmp_path / "idx")]) == 0
+    shards = TokenShards(tok)
+    retriever = bank_docs.open_retriever(tmp_path / "idx", d)
+    embedded = bank_docs.training_candidates(
+        retriever, shards, pool=4, progress=False, reuse_bank_vectors=False
+    )
+
+    def no_rendering(*a, **k):
+        raise AssertionError("images were rendered although the bank keeps their vectors")
+
+    monkeypatch.setattr(bank_docs, "shard_images", no_rendering)
+    stored = bank_docs.training_candidates(retriever, shards, pool=4, progress=False)
+    assert (embedded >= 0).sum() > 2 * n and (embedded[:, 0] != np.arange(n)).all()
+    # float16 storage may reorder near-ties, nothing more
+    assert (embedded == stored).all(1).mean() >= 0.9

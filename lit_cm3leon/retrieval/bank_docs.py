@@ -55,9 +55,11 @@ def training_candidates(
     seed: int = 0,
     batch: int = 256,
     progress: bool = True,
+    reuse_bank_vectors: bool = True,
 ) -> np.ndarray:
     """Admissible, diverse candidates [N, pool] for every training pair of ``shards`` (searched
-    with the pair's image and its query-dropped caption; the pair itself excluded)."""
+    with the pair's image and its query-dropped caption; the pair itself excluded). Pairs that
+    are in the memory bank reuse its stored text and image vectors, when it keeps them."""
     from dataclasses import replace
 
     retriever.cfg = replace(
@@ -65,6 +67,7 @@ def training_candidates(
     )
     rng = np.random.default_rng([seed, 104729])
     n = len(shards)
+    reuse = reuse_bank_vectors and stored_vectors_match(retriever, shards)
     out = np.full((n, pool), -1, dtype=np.int64)
     starts = range(0, n, batch)
     if progress:
@@ -74,11 +77,24 @@ def training_candidates(
     for s in starts:
         rows = np.arange(s, min(n, s + batch))
         texts = [shards.text(r) for r in rows]
-        ids = retriever.training_docs(
-            texts, shard_images(shards, rows), [int(shards.doc_ids[r]) for r in rows], rng
-        )
+        doc_ids = [int(shards.doc_ids[r]) for r in rows]
+        stored = retriever.bank.modality_vectors(doc_ids) if reuse else None
+        images = shard_images(shards, rows) if stored is None else None
+        ids = retriever.training_docs(texts, images, doc_ids, rng, embeddings=stored)
         out[rows] = rows_of(shards, ids, pool)
     return out
+
+
+def stored_vectors_match(retriever, shards: TokenShards, n: int = 8) -> bool:
+    """Whether the bank keeps modality vectors for ``shards``' documents: their doc ids are in
+    it and, for the first ``n`` pairs, the stored text vector is the caption's embedding (doc
+    ids alone could name other documents if the bank was built from other shards)."""
+    rows = range(min(n, len(shards)))
+    stored = retriever.bank.modality_vectors([int(shards.doc_ids[r]) for r in rows])
+    if stored is None:
+        return False
+    fresh = retriever.encoder.embed_text([shards.text(r) for r in rows])
+    return bool(((fresh * stored[0]).sum(1) > 0.99).all())
 
 
 def prompt_rows(retriever, bank_shards: TokenShards, texts: list[str], k: int) -> np.ndarray:

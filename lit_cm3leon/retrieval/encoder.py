@@ -259,6 +259,12 @@ class ClipEncoder:
 
     def embed_documents(self, texts: Sequence[str | None], images: Sequence) -> np.ndarray:
         """N documents (text or None, image or None each) -> float32 [N, D]."""
+        return mean_of_modalities(*self.embed_modalities(texts, images))
+
+    def embed_modalities(
+        self, texts: Sequence[str | None], images: Sequence
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """N documents -> (text [N, D], image [N, D]) float32, zero rows where one is absent."""
         texts, images = list(texts), list(images)
         if len(texts) != len(images):
             raise ValueError(f"{len(texts)} texts but {len(images)} images")
@@ -278,7 +284,7 @@ class ClipEncoder:
             by_shape.setdefault(tuple(np.asarray(images[i]).shape), []).append(i)
         for idx in by_shape.values():
             i_emb[idx] = self.embed_image(np.stack([np.asarray(images[i]) for i in idx]))
-        return mean_of_modalities(t_emb, i_emb)
+        return t_emb, i_emb
 
 
 def mean_of_modalities(text_emb: np.ndarray, image_emb: np.ndarray) -> np.ndarray:

@@ -6,6 +6,9 @@ Folder layout (``MemoryBank.save`` / ``MemoryBank.open``)::
     meta.npz        doc_id int64[N], has_text bool[N], has_image bool[N],
                     shard int32[N], row int32[N]  (where the document's tokens are; -1 if none)
     manifest.json   encoder name + hash, dim, count, kind, index params, checksum, skipped counts
+    modalities.npz  optional: text, image float16[N, D], each document's per-modality vectors
+                    (zero rows where a modality is absent), so training-pair retrieval can
+                    search with a pair's image without embedding it again
 
 Kinds: ``flat`` (exact; small banks), ``ivf`` (IVFFlat), ``ivfpq`` (IVF with product
 quantization; large banks), ``hnsw``. IVF kinds are trained once on a sample, then every shard of
@@ -32,6 +35,7 @@ import numpy as np
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 INDEX_FILE, META_FILE, MANIFEST_FILE = "index.faiss", "meta.npz", "manifest.json"
+MODALITIES_FILE = "modalities.npz"
 META_KEYS = ("doc_id", "has_text", "has_image", "shard", "row")
 
 
@@ -134,12 +138,22 @@ class BankMismatchError(ValueError):
 class MemoryBank:
     """Document vectors in a faiss index plus per-row metadata (see module docstring)."""
 
-    def __init__(self, index: faiss.Index, meta: dict[str, np.ndarray], manifest: dict) -> None:
+    def __init__(
+        self,
+        index: faiss.Index,
+        meta: dict[str, np.ndarray],
+        manifest: dict,
+        modalities: dict[str, np.ndarray] | None = None,
+    ) -> None:
         n = index.ntotal
         for k in META_KEYS:
             if len(meta[k]) != n:
                 raise ValueError(f"metadata {k!r} has {len(meta[k])} rows, index has {n}")
+        for k, v in (modalities or {}).items():
+            if v.shape != (n, index.d):
+                raise ValueError(f"modality vectors {k!r} are {v.shape}, expected {(n, index.d)}")
         self.index, self.meta, self.manifest = index, meta, manifest
+        self.modalities = modalities  # {"text", "image"}: float16 [N, D], or None
         self.doc_ids = meta["doc_id"]
         self.multimodal = meta["has_text"] & meta["has_image"]
         self._row_of = {int(d): r for r, d in enumerate(self.doc_ids)}
@@ -159,6 +173,7 @@ class MemoryBank:
         kind: str = "flat",
         params: dict | None = None,
         extra: dict | None = None,
+        modalities: dict[str, np.ndarray | Sequence[np.ndarray]] | None = None,
     ) -> MemoryBank:
         shards = [vectors] if isinstance(vectors, np.ndarray) else list(vectors)
         n = sum(len(s) for s in shards)
@@ -185,14 +200,26 @@ class MemoryBank:
             "n_multimodal": int((meta["has_text"] & meta["has_image"]).sum()),
             **(extra or {}),
         }
-        return cls(index, meta, manifest)
+        if modalities is not None:
+            modalities = {
+                k: np.concatenate([v] if isinstance(v, np.ndarray) else list(v)).astype(np.float16)
+                for k, v in modalities.items()
+            }
+        return cls(index, meta, manifest, modalities)
 
     def save(self, directory: str | Path) -> dict:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(d / INDEX_FILE))
         np.savez(d / META_FILE, **{k: self.meta[k] for k in META_KEYS})
-        self.manifest["checksum"] = _sha256(d / INDEX_FILE, d / META_FILE)
+        files = [d / INDEX_FILE, d / META_FILE]
+        if self.modalities is not None:
+            np.savez(d / MODALITIES_FILE, **self.modalities)
+            files.append(d / MODALITIES_FILE)
+        else:
+            (d / MODALITIES_FILE).unlink(missing_ok=True)
+        self.manifest["modalities"] = self.modalities is not None
+        self.manifest["checksum"] = _sha256(*files)
         (d / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
         return self.manifest
 
@@ -217,13 +244,24 @@ class MemoryBank:
                     f"{encoder.name!r} (hash {encoder.hash}, dim {encoder.dim}); rebuild the bank "
                     f"with this encoder or open it with the one that built it"
                 )
-        if verify and manifest.get("checksum") != _sha256(d / INDEX_FILE, d / META_FILE):
+        files = [d / INDEX_FILE, d / META_FILE]
+        if manifest.get("modalities"):
+            if not (d / MODALITIES_FILE).is_file():
+                raise FileNotFoundError(
+                    f"{d}: the manifest lists {MODALITIES_FILE} but it is missing; rebuild the bank"
+                )
+            files.append(d / MODALITIES_FILE)
+        if verify and manifest.get("checksum") != _sha256(*files):
             raise ValueError(f"memory bank {d}: files do not match the manifest checksum")
         index = faiss.read_index(str(d / INDEX_FILE))
         _apply_search_params(index, manifest["kind"], manifest["params"])
         with np.load(d / META_FILE, allow_pickle=False) as z:
             meta = {k: z[k] for k in META_KEYS}
-        return cls(index, meta, manifest)
+        modalities = None
+        if manifest.get("modalities"):
+            with np.load(d / MODALITIES_FILE, allow_pickle=False) as z:
+                modalities = {k: z[k] for k in ("text", "image")}
+        return cls(index, meta, manifest, modalities)
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -251,6 +289,16 @@ class MemoryBank:
     def row_of(self, doc_id: int) -> int:
         """Row of a document id (-1 when absent)."""
         return self._row_of.get(int(doc_id), -1)
+
+    def modality_vectors(self, doc_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(text, image) float32 [n, D] stored for ``doc_ids``; None when the bank has no
+        modality vectors or one of the documents is not in it."""
+        if self.modalities is None:
+            return None
+        rows = [self.row_of(d) for d in doc_ids]
+        if min(rows, default=0) < 0:
+            return None
+        return tuple(self.modalities[k][rows].astype(np.float32) for k in ("text", "image"))
 
 
 # ---------------------------------------------------------------------- CLI
@@ -353,18 +401,22 @@ def _documents(
 
 
 def build_from_args(args) -> dict:
-    from lit_cm3leon.retrieval.encoder import ClipEncoder
+    from lit_cm3leon.retrieval.encoder import ClipEncoder, mean_of_modalities
 
     encoder = ClipEncoder.load(args.encoder)
     encoder.batch_size = args.batch_size
     t0 = time.time()
     shards, cols = [], {k: [] for k in META_KEYS}
+    modalities: dict[str, list[np.ndarray]] = {"text": [], "image": []}
     skipped: dict[str, int] = {}
     buf: list = []
 
     def flush():
         if buf:
-            shards.append(encoder.embed_documents([b[1] for b in buf], [b[2] for b in buf]))
+            t_emb, i_emb = encoder.embed_modalities([b[1] for b in buf], [b[2] for b in buf])
+            shards.append(mean_of_modalities(t_emb, i_emb))
+            modalities["text"].append(t_emb)
+            modalities["image"].append(i_emb)
             for b in buf:
                 cols["doc_id"].append(b[0])
                 cols["has_text"].append(b[1] is not None)
@@ -402,6 +454,7 @@ def build_from_args(args) -> dict:
             "embed_seconds": round(t_embed, 3),
             "docs_per_second": round(n / max(t_embed, 1e-9), 1),
         },
+        modalities=modalities if args.modality_vectors else None,
     )
     bank.manifest["build_seconds"] = round(time.time() - t1, 3)
     return bank.save(args.out)
@@ -437,6 +490,13 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query")
     p.add_argument("--shard-size", type=int, default=8192, help="documents embedded per shard")
     p.add_argument("--batch-size", type=int, default=256, help="encoder batch size")
+    p.add_argument(
+        "--no-modality-vectors",
+        dest="modality_vectors",
+        action="store_false",
+        help="do not keep each document's text and image vectors (modalities.npz, 2 x N x D "
+        "float16); without them, pretraining embeds every training pair again to search with it",
+    )
     args = p.parse_args(argv)
     if args.source != "shapes" and args.tokens is None:
         p.error(f"--source {args.source} needs --tokens DIR")

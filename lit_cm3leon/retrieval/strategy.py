@@ -190,14 +190,22 @@ class Retriever:
         return [int(self.bank.doc_ids[rows[i]]) for i in picked]
 
     def training_docs(
-        self, texts: Sequence[str], images, doc_ids: Sequence[int | None], rng: np.random.Generator
+        self,
+        texts: Sequence[str],
+        images,
+        doc_ids: Sequence[int | None],
+        rng: np.random.Generator,
+        embeddings: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> list[list[int]]:
         """``n_train_docs`` doc ids per (text, image) pair, from an image search and a search
-        with the query-dropped text; the pair's own doc id is excluded."""
+        with the query-dropped text; the pair's own doc id is excluded. ``embeddings``: the
+        pairs' (text, image) vectors when already known (then ``images`` is not read)."""
         texts = list(texts)
         dropped = [drop_words(t, self.cfg.query_dropout, rng) for t in texts]
-        t_full = self.encoder.embed_text(texts)
-        i_emb = self.encoder.embed_image(images)
+        if embeddings is None:
+            t_full, i_emb = self.encoder.embed_text(texts), self.encoder.embed_image(images)
+        else:
+            t_full, i_emb = embeddings
         t_drop = self.encoder.embed_text(dropped)
         from lit_cm3leon.retrieval.encoder import mean_of_modalities
 
