@@ -16,8 +16,10 @@ Saved folder (``save``/``load``)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,7 +150,8 @@ class ClipEncoder:
         manifest = (
             json.loads((d / MANIFEST_FILE).read_text()) if (d / MANIFEST_FILE).is_file() else {}
         )
-        model = oc.create_model(f"local-dir:{d}", load_weights=False, device=device)
+        with _quiet_about_missing_weights():  # ours are loaded on the next line
+            model = oc.create_model(f"local-dir:{d}", load_weights=False, device=device)
         state = torch.load(w_path, map_location=device, weights_only=True)
         model.load_state_dict(state)
         enc = cls(
@@ -304,6 +307,26 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 def _as_int(v) -> int:
     return v[0] if isinstance(v, (list, tuple)) else v
+
+
+class _MissingWeightsFilter(logging.Filter):
+    """Drops open_clip's warnings that a local-dir model has no weights file of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not msg.startswith(
+            ("Local config loaded, but no CLIP weights", "No pretrained weights")
+        )
+
+
+@contextlib.contextmanager
+def _quiet_about_missing_weights():
+    root, f = logging.getLogger(), _MissingWeightsFilter()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
 
 
 def load_encoder(path: str, pretrained: str | None = None, device: str = "cpu") -> ClipEncoder:
