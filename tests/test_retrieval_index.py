@@ -152,24 +152,30 @@ def test_cli_token_shards_with_files_and_bad_records(saved_encoder, tmp_path):
         cli(["--encoder", str(d), "--tokens", str(tmp_path), "--out", str(tmp_path / "x")])
 
 
-def test_cli_shapes_token_shards_rerender_by_index(saved_encoder, tmp_path):
+def write_shapes_records(tok, indices, caption: str):
+    """``tok/shard-00000.jsonl``: shapes-world records (re-rendered by index) with one caption."""
     from lit_cm3leon.data.shapes import ShapesWorld
 
-    d, enc = saved_encoder
-    tok = tmp_path / "tokens"
-    tok.mkdir()
     world = ShapesWorld(seed=0)
+    tok.mkdir()
     recs = [
         {
             "doc_id": i,
-            "text": world.sample("train", i).caption_short,
+            "text": getattr(world.sample("train", i), caption),
             "source": "shapes",
             "split": "train",
             "index": i,
         }
-        for i in (5, 9, 2)
+        for i in indices
     ]
     (tok / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return world
+
+
+def test_cli_shapes_token_shards_rerender_by_index(saved_encoder, tmp_path):
+    d, enc = saved_encoder
+    tok = tmp_path / "tokens"
+    world = write_shapes_records(tok, (5, 9, 2), "caption_short")
     assert (
         cli(
             [
@@ -219,24 +225,11 @@ def test_training_candidates_reuse_the_banks_vectors(saved_encoder, tmp_path, mo
     """Candidate search with the bank's stored text and image vectors finds what embedding
     every pair again finds, without rendering a single image."""
     import lit_cm3leon.retrieval.bank_docs as bank_docs
-    from lit_cm3leon.data.shapes import ShapesWorld
     from lit_cm3leon.data.shards import TokenShards
 
     d, enc = saved_encoder
-    tok = tmp_path / "tokens"
-    tok.mkdir()
-    world, n = ShapesWorld(seed=0), 60
-    recs = [
-        {
-            "doc_id": i,
-            "text": world.sample("train", i).caption_long,
-            "source": "shapes",
-            "split": "train",
-            "index": i,
-        }
-        for i in range(n)
-    ]
-    (tok / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok, n = tmp_path / "tokens", 60
+    write_shapes_records(tok, range(n), "caption_long")
     np.savez(
         tok / "shard-00000.npz",
         codes=np.zeros((n, 4, 4), np.int16),
