@@ -377,6 +377,9 @@ def test_training_module_steps_restart_and_export(tmp_path):
     )
     before = m.model.quantize.embedding.weight.detach().clone()
     trainer.fit(m, dm)
+    # trained in NHWC (the module's default), and the export below still writes the plain layout
+    assert m.model.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not m.model.encoder.conv_in.weight.is_contiguous()
     after = m.model.quantize.embedding.weight.detach()
     assert (
         int(m.batches_seen) == 5
@@ -402,3 +405,16 @@ def test_training_module_steps_restart_and_export(tmp_path):
     )
     tok = load_image_tokenizer(tmp_path / "image_tokenizer")
     assert tok.encode(imgs[:2]).shape == (2, 8, 8)
+    saved = torch.load(tmp_path / "image_tokenizer" / "model.pt", weights_only=True)
+    assert all(t.is_contiguous() for t in saved["state_dict"].values())
+
+
+def test_compiled_training_forward_adds_no_weights():
+    from lit_cm3leon.training.vqgan_module import VQGANModule
+
+    plain, compiled = VQGANModule(preset="shapes"), VQGANModule(preset="shapes", compile=True)
+    for m in (plain, compiled):
+        m.on_fit_start()  # wraps the training forward (compilation itself happens on first call)
+    assert isinstance(compiled.__dict__["_train_forward"], torch._dynamo.eval_frame.OptimizedModule)
+    assert plain.__dict__["_train_forward"] is plain.model
+    assert list(compiled.state_dict()) == list(plain.state_dict())  # no "_orig_mod." copies

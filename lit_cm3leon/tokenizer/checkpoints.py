@@ -385,7 +385,11 @@ def save_folder(model: VQGAN, out_dir: str | Path, manifest: dict | None = None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_dict()
-    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # plain layout even when trained in channels_last
+    sd = {
+        k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for k, v in model.state_dict().items()
+    }
     meta = json.loads(json.dumps(manifest or {}, default=str))  # plain containers only
     torch.save({"format": FORMAT, "config": cfg, "state_dict": sd, "meta": meta}, out / "model.pt")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -107,8 +107,10 @@ PRESETS: dict[str, VQGANConfig] = {
     # codes cover 93% of patch occurrences, which is not enough: the rare ones are shape edges).
     # Width at an equal CPU budget (batch 8, steps scaled by step time, 200 held-out images):
     # ch=8 x 4,500 steps 28.8 dB, scene-parser agreement 0.805; ch=16 x 3,340 steps 31.6 dB,
-    # 0.935 (0.925 with seed 1); ch=24 and ch=32 diverged at lr 1e-3 (13 and 20 dB). The full-
+    # 0.935 (0.925 with seed 1); ch=24 and ch=32 diverged at lr 1e-3 (13 and 20 dB), and at lower
+    # rates (5e-4 x 2,755 steps, 3e-4 x 2,196) reached 29.8 and 27.1 dB, 0.82 and 0.635. The full-
     # resolution layers are what draw a small square's corners, and at 8 channels they could not.
+    # With the faster NHWC step (training/vqgan_module.py) ch=16 gets 4,200 steps: 35.0 dB, 0.97.
     # No normalization: with GroupNorm a flat background patch took 542 different codes across
     # images (codes of image-wide statistics), which the decoder then has to guess. Without it
     # (3,000 steps, 200 held-out images): 181 vs 507 per-position unigram perplexity of the
