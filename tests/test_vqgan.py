@@ -418,3 +418,35 @@ def test_compiled_training_forward_adds_no_weights():
     assert isinstance(compiled.__dict__["_train_forward"], torch._dynamo.eval_frame.OptimizedModule)
     assert plain.__dict__["_train_forward"] is plain.model
     assert list(compiled.state_dict()) == list(plain.state_dict())  # no "_orig_mod." copies
+
+
+def test_periodic_checkpoints_resume_without_lightning_warning(tmp_path):
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_cm3leon.data.images import ImageDataModule
+    from lit_cm3leon.training.vqgan_module import VQGANModule
+
+    imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8))
+
+    def fit(steps, ckpt_path=None):
+        dm = ImageDataModule(
+            source="dataset", train_dataset=imgs, val_dataset=imgs[:8], batch_size=4
+        )
+        m = VQGANModule(preset="shapes", vqgan={"n_embed": 64}, warmup_steps=1)
+        cb = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
+        trainer = L.Trainer(
+            max_steps=steps, callbacks=[cb], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        )  # fmt: skip
+        trainer.fit(m, dm, ckpt_path=ckpt_path)
+        return m
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(2)
+    assert not [w for w in caught if "manual optimization" in str(w.message)]
+    resumed = fit(4, tmp_path / "last.ckpt")
+    assert int(resumed.batches_seen) == 4  # 2 from the checkpoint + 2 more

@@ -34,6 +34,7 @@ Turn it on for natural images (``gan=True``), after a warm-up, as taming does.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,12 @@ class VQGANModule(L.LightningModule):
         return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * t))
 
     def on_fit_start(self) -> None:
+        # Lightning warns that a periodic checkpoint under manual optimization holds the weights
+        # after that step's update. That is the state to resume from: it pairs with
+        # batches_seen and the optimizer state of the same step.
+        warnings.filterwarnings(
+            "ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning
+        )
         if self.hparams.channels_last:  # NHWC convs: oneDNN's fast layout on CPU
             self.model.to(memory_format=torch.channels_last)
             if self.disc is not None:
