@@ -76,7 +76,12 @@ def stages(out: Path) -> list[Stage]:
             prepare("text-tokenizer", "--out", f"{o}/text_tokenizer"),
             budget_min=0.5,
         ),
-        Stage("image_tokenizer", fit("tokenizer"), ["trainer.max_steps=2820"], budget_min=3.5),
+        Stage(
+            "image_tokenizer",
+            fit("tokenizer"),
+            ["trainer.max_steps=2820", "trainer.val_check_interval=1410"],
+            budget_min=3.5,
+        ),
         Stage(
             "tokens/shapes-train",
             prepare(
