@@ -48,9 +48,10 @@ def test_image_tokenizer_reconstructs(outputs):
     # Scene-parser agreement: the parser reads the same scene from the reconstruction as from
     # the original (1.0 on the originals themselves; the 256-code tokenizer it replaced: 0.19;
     # the 8-channel preset at this budget: 0.67; the 16-channel one at 2,245 steps: 0.82 in CI,
-    # and at 2,820 steps (the faster NHWC step): 0.925).
+    # and at 2,820 steps (the faster NHWC step): 0.900 and 0.88 in two CI runs, 0.925 with one
+    # thread; 200 images give a standard error of about 0.022, so the gate sits 3-4 below).
     m = json.loads((outputs / "image_tokenizer" / "manifest.json").read_text())["metrics"]
-    assert m["psnr"] > 25 and m["codebook_usage"] > 0.5 and m["parser_agreement"] > 0.85
+    assert m["psnr"] > 25 and m["codebook_usage"] > 0.5 and m["parser_agreement"] > 0.8
 
 
 def test_trained_beats_untrained_text_to_image(outputs):
