@@ -13,17 +13,17 @@ updates alone on short CPU budgets. Restarts stop at ``restart_until`` (a fracti
 
 Calibration (shapes preset, batch 8, lr 1e-3, bf16, 2 idle CPU cores): the step runs in
 channels_last (NHWC, oneDNN's fast convolution layout) with a fused Adam, 43.6 ms instead of
-55.5 ms (contiguous layout, per-tensor Adam) in a bare loop; in the trainer, with validation
-and export, the default 4,200 steps take 218 s end to end. They give 35.0 dB held-out PSNR with
+55.5 ms (contiguous layout, per-tensor Adam) in a bare loop; in the trainer, with validation and
+export, the default 4,200 steps take 218 s end to end. They give 35.0 dB held-out PSNR with
 99.6% of the 2,048 codes in use, and the scene parser reads the same scene from 97% of the
-reconstructions as from the originals (200 images; 96.5% with seed 1). Steps matter most: at the same width,
-3,340 steps (the old step's time budget) gave 31.6 dB and 93.5%, and 5,300 steps 37.7 dB and
-99%. ``compile=True`` (Inductor) makes a step 1.45x faster again but pays about 45 s of cold
-compilation, which eats most of the gain at this budget (end to end: 4,400 eager steps 228 s;
-compiled, 4,400 steps 179 s and 5,000 steps 203 s with a warm compile cache, 5,000 steps 248 s
-cold). The preset's previous width, 8 channels, got 28.8 dB
-and 80.5% from 4,500 steps: it drew small squares as circles. At equal compute, batch 32 x
-1,100 steps of a 4x wider network with GroupNorm reached 24-27 dB and 19-54% agreement.
+reconstructions as from the originals (200 images; 96.5% with seed 1). Steps matter most: at the
+same width, 3,340 steps (the old step's time budget) gave 31.6 dB and 93.5%, and 5,300 steps
+37.7 dB and 99%. ``compile=True`` (Inductor) makes a step 1.45x faster again but pays about 45 s
+of cold compilation, which eats most of the gain at this budget (end to end: 4,400 eager steps
+228 s; compiled, 4,400 steps 179 s and 5,000 steps 203 s with a warm compile cache, 5,000 steps
+248 s cold). The preset's previous width, 8 channels, got 28.8 dB and 80.5% from 4,500 steps: it
+drew small squares as circles. At equal compute, batch 32 x 1,100 steps of a 4x wider network
+with GroupNorm reached 24-27 dB and 19-54% agreement.
 
 The patch-GAN is off for the shapes preset: its images are flat colours and sharp edges that
 L1 + L2 reconstruct to high PSNR on their own; a discriminator would roughly double the step
