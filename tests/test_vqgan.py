@@ -431,22 +431,31 @@ def test_periodic_checkpoints_resume_without_lightning_warning(tmp_path):
 
     imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), np.uint8))
 
+    class CountBatches(L.Callback):
+        n = 0
+
+        def on_train_batch_end(self, *args):
+            self.n += 1
+
     def fit(steps, ckpt_path=None):
         dm = ImageDataModule(
             source="dataset", train_dataset=imgs, val_dataset=imgs[:8], batch_size=4
         )
         m = VQGANModule(preset="shapes", vqgan={"n_embed": 64}, warmup_steps=1)
-        cb = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
+        cb, count = (
+            ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2),
+            CountBatches(),
+        )
         trainer = L.Trainer(
-            max_steps=steps, callbacks=[cb], logger=False, enable_progress_bar=False,
+            max_steps=steps, callbacks=[cb, count], logger=False, enable_progress_bar=False,
             enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         )  # fmt: skip
         trainer.fit(m, dm, ckpt_path=ckpt_path)
-        return m
+        return m, count.n
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(2)
     assert not [w for w in caught if "manual optimization" in str(w.message)]
-    resumed = fit(4, tmp_path / "last.ckpt")
-    assert int(resumed.batches_seen) == 4  # 2 from the checkpoint + 2 more
+    resumed, ran = fit(4, tmp_path / "last.ckpt")
+    assert ran == 2 and int(resumed.batches_seen) == 4  # 2 restored from the checkpoint + 2 run

@@ -126,6 +126,9 @@ class VQGANModule(L.LightningModule):
         cfg.update(vqgan or {})
         self.vq_config = VQGANConfig.from_dict(cfg)
         self.model = VQGAN(self.vq_config)
+        # the training forward (on_fit_start compiles it when asked); kept out of nn.Module's
+        # registry so that the state dict has no second copy of the weights under "_orig_mod."
+        self.__dict__["_train_forward"] = self.model
         self.disc = PatchDiscriminator() if gan else None
         self.automatic_optimization = False
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
@@ -164,11 +167,8 @@ class VQGANModule(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
             if self.disc is not None:
                 self.disc.to(memory_format=torch.channels_last)
-        # the training forward, compiled or not; kept out of nn.Module's registry so that the
-        # state dict has no second copy of the weights under "_orig_mod."
-        self.__dict__["_train_forward"] = (
-            torch.compile(self.model) if self.hparams.compile else self.model
-        )
+        if self.hparams.compile:
+            self.__dict__["_train_forward"] = torch.compile(self.model)
 
     def _grad_scaler(self):
         """The precision plugin's loss scaler (16-mixed), or None (bf16-mixed, 32-true)."""
@@ -221,7 +221,7 @@ class VQGANModule(L.LightningModule):
         )  # global_step counts both optimizers' steps once the GAN is on
         self.batches_seen += 1
         with self._autocast():
-            xrec, q = self.__dict__.get("_train_forward", self.model)(x)
+            xrec, q = self.__dict__["_train_forward"](x)
         xrec = xrec.float()
         l1 = (xrec - x).abs().mean()
         l2 = ((xrec - x) ** 2).mean()
