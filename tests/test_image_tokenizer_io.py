@@ -275,3 +275,21 @@ def test_prepare_tokenize_shapes_parallel(tok, tmp_path):
     assert np.array_equal(
         codes[7], tok.encode(s7.image)[0].numpy()
     )  # workers match in-process encoding
+
+
+def test_shapes_shards_rerender_in_their_own_world(tok, tmp_path):
+    # Retrieval re-renders shapes records from (split, index) to embed them: the world is the
+    # one the shards were written from (here 40 px, world seed 3), not the default one.
+    from lit_cm3leon.data.pretokenize import cli
+    from lit_cm3leon.data.shapes import ShapesWorld
+    from lit_cm3leon.data.shards import TokenShards
+    from lit_cm3leon.retrieval.bank_docs import shard_images
+
+    tok_dir = tok.save(tmp_path / "tok")
+    out = tmp_path / "shapes40"
+    argv = ["--source", "shapes", "--n", "4", "--image-size", "40", "--world-seed", "3"]
+    assert cli([*argv, "--fp32", "--tokenizer", str(tok_dir), "--out", str(out)]) == 0
+    images = shard_images(TokenShards(out), [1, 3])
+    world = ShapesWorld(image_size=40, seed=3)
+    assert images.shape == (2, 40, 40, 3)
+    assert np.array_equal(images[1], world.sample("train", 3).image)

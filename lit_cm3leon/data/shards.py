@@ -23,6 +23,12 @@ LAYOUT = (
 )
 
 
+def shapes_world_kwargs(source: dict) -> dict:
+    """``ShapesWorld`` arguments of shapes-world shards, from their manifest's ``source`` block
+    (what ``prepare tokenize`` was given): records are re-rendered from this world."""
+    return {"image_size": source.get("image_size", 32), "seed": source.get("world_seed", 0)}
+
+
 class TokenShards:
     """All records of a shard folder in memory: image codes, texts and metadata by row.
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lit_cm3leon.data.shards import TokenShards
+from lit_cm3leon.data.shards import TokenShards, shapes_world_kwargs
 
 
 def shard_images(shards: TokenShards, rows) -> np.ndarray:
@@ -26,7 +26,7 @@ def shard_images(shards: TokenShards, rows) -> np.ndarray:
     for r in rows:
         rec = shards.records[int(r)]
         if rec.get("source") == "shapes":
-            world = world or ShapesWorld(**shards.manifest.get("world", {}))
+            world = world or ShapesWorld(**shapes_world_kwargs(shards.manifest.get("source", {})))
             out.append(world.sample(rec["split"], int(rec["index"])).image)
         elif rec.get("image_path"):
             path = Path(rec["image_path"])

@@ -369,7 +369,9 @@ def _documents(
     tokens = Path(args.tokens)
     src = _token_source(tokens)
     if world_kwargs is None and src.get("source") == "shapes":
-        world_kwargs = {"image_size": src.get("image_size", 32), "seed": src.get("world_seed", 0)}
+        from lit_cm3leon.data.shards import shapes_world_kwargs
+
+        world_kwargs = shapes_world_kwargs(src)
     world = None
     root = Path(src["root"]) if src.get("root") else None
     for shard_no, line_no, rec in _iter_token_records(tokens):
