@@ -103,7 +103,8 @@ def frechet_distance_eigh(feats1: np.ndarray, feats2: np.ndarray) -> float:
     """The same Frechet distance as :func:`fid_from_features`, with tr(sqrt(S1 S2)) taken from
     symmetric eigendecompositions: sqrt(S1) = V sqrt(w) V^T, and S1 S2 has the eigenvalues of the
     symmetric PSD matrix sqrt(S1) S2 sqrt(S1). Two ``eigh`` instead of scipy's Schur ``sqrtm``:
-    about 10x faster at D = 128, for the bootstrap's hundreds of resamples."""
+    7.5 ms instead of 29 ms per call at D = 128 (covariances included), for the bootstrap's
+    hundreds of resamples."""
     mu1, s1 = np.mean(feats1, axis=0), np.cov(feats1, rowvar=False)
     mu2, s2 = np.mean(feats2, axis=0), np.cov(feats2, rowvar=False)
     w, v = np.linalg.eigh(s1)
