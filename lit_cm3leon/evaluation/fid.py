@@ -94,9 +94,12 @@ def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
         raise InputError(
             f"FID needs at least 2 images per set, got {len(feats1)} and {len(feats2)}"
         )
-    mu1, s1 = np.mean(feats1, axis=0), np.cov(feats1, rowvar=False)
-    mu2, s2 = np.mean(feats2, axis=0), np.cov(feats2, rowvar=False)
-    return float(frechet_distance(mu1, s1, mu2, s2))
+    return float(frechet_distance(*_gaussian(feats1), *_gaussian(feats2)))
+
+
+def _gaussian(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and covariance [D, D] of features [N, D]."""
+    return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
 
 
 def frechet_distance_eigh(feats1: np.ndarray, feats2: np.ndarray) -> float:
@@ -105,8 +108,7 @@ def frechet_distance_eigh(feats1: np.ndarray, feats2: np.ndarray) -> float:
     symmetric PSD matrix sqrt(S1) S2 sqrt(S1). Two ``eigh`` instead of scipy's Schur ``sqrtm``:
     7.5 ms instead of 29 ms per call at D = 128 (covariances included), for the bootstrap's
     hundreds of resamples."""
-    mu1, s1 = np.mean(feats1, axis=0), np.cov(feats1, rowvar=False)
-    mu2, s2 = np.mean(feats2, axis=0), np.cov(feats2, rowvar=False)
+    (mu1, s1), (mu2, s2) = _gaussian(feats1), _gaussian(feats2)
     w, v = np.linalg.eigh(s1)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     ev = np.linalg.eigvalsh(root1 @ s2 @ root1)
