@@ -74,6 +74,64 @@ def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(path)
 
 
+RUN_CONFIG = "run_config.yaml"  # beside the checkpoints: the config they were trained with
+# What a checkpoint's run is: the model and optimisation, the data (with retrieval, and the
+# sample stream's length, which follows trainer.max_steps) and the seed. Callbacks, loggers and
+# the trainer's devices may change across a resume.
+RUN_IDENTITY = ("module", "data", "seed")
+
+
+def _identity(cfg: DictConfig) -> dict[str, Any]:
+    """The ``RUN_IDENTITY`` part of the config, interpolations resolved where they can be."""
+    out = {}
+    for key in RUN_IDENTITY:
+        node = cfg.get(key)
+        if isinstance(node, DictConfig):
+            try:
+                node = OmegaConf.to_container(node, resolve=True)
+            except Exception:  # e.g. a ${hydra:...} value outside a Hydra run
+                node = OmegaConf.to_container(node, resolve=False)
+        out[key] = node
+    return out
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: leaf}."""
+    if not isinstance(node, dict) or not node:
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_resume_config(cfg: DictConfig, ckpt_path: str | None, auto: bool) -> None:
+    """Guard ``ckpt_path=auto``: resuming is only right for the run that wrote the checkpoint.
+
+    The config of a run is saved as ``run_config.yaml`` in its checkpoint directory. When
+    ``auto`` found a checkpoint and that file holds another config (a changed override, a new
+    preset), stop and name the keys that differ rather than silently continue the old run. An
+    explicit ``ckpt_path=<file>`` is taken as meant and not checked. Rank zero (re)writes the
+    file for the current run."""
+    saved_path = Path(cfg.paths.ckpt_dir) / RUN_CONFIG
+    identity = _identity(cfg)
+    current = _flat(identity)
+    if auto and ckpt_path and saved_path.is_file():
+        saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path)))
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:8])
+            more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""
+            raise ValueError(
+                f"ckpt_path=auto found {ckpt_path}, but that run had another config: {shown}{more}. "
+                "Start fresh with ckpt_path=null (or another task=<name>, which checkpoints "
+                f"elsewhere), or resume it anyway with ckpt_path={ckpt_path}"
+            )
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        saved_path.parent.mkdir(parents=True, exist_ok=True)
+        saved_path.write_text(OmegaConf.to_yaml(OmegaConf.create(identity)))
+
+
 def _close_loggers(loggers: list[Any], status: str) -> None:
     for lg in loggers:
         try:
@@ -104,6 +162,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     ckpt_path = _resolve_ckpt_path(cfg)
+    check_resume_config(cfg, ckpt_path, auto=cfg.ckpt_path == "auto")
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     try:

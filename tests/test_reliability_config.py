@@ -128,3 +128,26 @@ def test_auto_resume_takes_the_newest_complete_checkpoint(compose, tmp_path):
     assert compose(["trainer=slurm"]).trainer.default_root_dir == str(
         ckpt_dir.parent.parent / "fit" / "checkpoints"
     )
+
+
+def test_auto_resume_refuses_a_checkpoint_of_another_config(compose):
+    """ckpt_path=auto must not silently continue a run trained with other settings: a changed
+    model/optimiser/data key stops with the keys named and both remedies; the same run, or one
+    differing only in callbacks, resumes; an explicit ckpt_path is taken as meant."""
+    from lit_cm3leon.fit import RUN_CONFIG, check_resume_config
+
+    first = compose(["experiment=pretrain"])
+    check_resume_config(first, None, auto=True)  # fresh start: records the run's config
+    saved = first.paths.ckpt_dir + "/" + RUN_CONFIG
+    assert "lr: 0.001" in open(saved).read()
+    ckpt = first.paths.ckpt_dir + "/last.ckpt"
+    check_resume_config(compose(["experiment=pretrain"]), ckpt, auto=True)
+    check_resume_config(compose(["experiment=pretrain", "~callbacks.sample_grid"]), ckpt, auto=True)
+    changed = compose(["experiment=pretrain", "module.lr=0.002", "retrieval.train_search=text"])
+    with pytest.raises(ValueError) as err:
+        check_resume_config(changed, ckpt, auto=True)
+    msg = str(err.value)
+    assert "module.lr: 0.001 -> 0.002" in msg and "data.retrieval.train_search" in msg
+    assert "ckpt_path=null" in msg and f"ckpt_path={ckpt}" in msg
+    check_resume_config(changed, ckpt, auto=False)  # explicit path: resumed as asked
+    assert "lr: 0.002" in open(saved).read()  # and now the record is of this run
