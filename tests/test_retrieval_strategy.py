@@ -206,3 +206,55 @@ def test_query_dropout_rate():
 def test_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown retrieval keys"):
         RetrievalConfig.from_mapping({"max_scor": 0.9})
+
+
+def lexical_bank(texts):
+    """Docs 0..n-1: dense vectors that all favour doc 0 for the query (e0), texts as given."""
+    vecs = [unit(1, 0.1 * i + 0.01, 0, 0, 0, 0) for i in range(len(texts))]
+    return MemoryBank.build(
+        np.stack(vecs), np.arange(len(texts)), encoder_name="fake", encoder_hash="f", texts=texts
+    )
+
+
+TEXTS = [
+    "the batannim with a large purple diamond at the top left",
+    "a small red circle on the left, on a white background",
+    "the fenoldor with a small blue square at the top",
+    "the fenoldor with a large red circle in the center",
+    None,  # an image-only document: never matched lexically
+]
+
+
+def test_lexical_index_scores_exact_words():
+    from lit_cm3leon.retrieval.lexical import LexicalIndex, terms
+
+    assert terms("The ribafen, with a circle") == {
+        "the", "ribafen", "with", "a", "circle", "the ribafen", "ribafen with", "with a", "a circle"
+    }  # fmt: skip
+    lex = LexicalIndex.build(TEXTS)
+    scores, rows = lex.search(["the fenoldor with a small purple circle", "zzz unknown"], 3)
+    assert set(rows[0, :2]) == {2, 3} and scores[0, 0] > scores[0, 2]  # the name decides
+    assert (rows[1] == -1).all() and (scores[1] == 0).all()  # nothing shared: no match
+    full = lex.score_all(["the fenoldor"])
+    assert full.shape == (1, 5) and full[0, 4] == 0 and 0 < full[0, 2] <= 1
+
+
+def test_hybrid_search_finds_the_named_document_dense_misses(tmp_path):
+    """Dense alone ranks doc 0 first for every prompt; lexical_weight adds the exact name."""
+    bank = lexical_bank(TEXTS)
+    enc = FakeEncoder({"*": E[0]}, E[0])
+    cfg = {"retrieve_k": 2, "max_score": 1.0, "diversity_threshold": 1.0, "search_k": 2}
+    prompt = ["the fenoldor with a large green triangle"]
+    assert Retriever(bank, enc, {**cfg, "lexical_weight": 0.0}).prompt_docs(prompt) == [[0, 1]]
+    assert sorted(Retriever(bank, enc, {**cfg, "lexical_weight": 1.0}).prompt_docs(prompt)[0]) == [
+        2,
+        3,
+    ]
+    # the bank keeps its lexical rows across save / open, under the manifest's checksum
+    bank.save(tmp_path / "bank")
+    back = MemoryBank.open(tmp_path / "bank")
+    assert back.manifest["lexical"] and len(back.lexical) == 5
+    np.testing.assert_allclose(back.lexical.score_all(prompt), bank.lexical.score_all(prompt))
+    (tmp_path / "bank" / "lexical.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="lexical.npz.*rebuild"):
+        MemoryBank.open(tmp_path / "bank")

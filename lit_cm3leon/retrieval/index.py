@@ -9,6 +9,8 @@ Folder layout (``MemoryBank.save`` / ``MemoryBank.open``)::
     modalities.npz  optional: text, image float16[N, D], each document's per-modality vectors
                     (zero rows where a modality is absent), so training-pair retrieval can
                     search with a pair's image without embedding it again
+    lexical.npz     optional: TF-IDF rows of the documents' texts (``lexical.LexicalIndex``),
+                    for the retriever's exact-word score beside the dense one
 
 Kinds: ``flat`` (exact; small banks), ``ivf`` (IVFFlat), ``ivfpq`` (IVF with product
 quantization; large banks), ``hnsw``. IVF kinds are trained once on a sample, then every shard of
@@ -32,6 +34,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+from lit_cm3leon.retrieval.lexical import LEXICAL_FILE, LexicalIndex
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 INDEX_FILE, META_FILE, MANIFEST_FILE = "index.faiss", "meta.npz", "manifest.json"
@@ -144,8 +148,11 @@ class MemoryBank:
         meta: dict[str, np.ndarray],
         manifest: dict,
         modalities: dict[str, np.ndarray] | None = None,
+        lexical: LexicalIndex | None = None,
     ) -> None:
         n = index.ntotal
+        if lexical is not None and len(lexical) != n:
+            raise ValueError(f"lexical index has {len(lexical)} rows, index has {n}")
         for k in META_KEYS:
             if len(meta[k]) != n:
                 raise ValueError(f"metadata {k!r} has {len(meta[k])} rows, index has {n}")
@@ -154,6 +161,7 @@ class MemoryBank:
                 raise ValueError(f"modality vectors {k!r} are {v.shape}, expected {(n, index.d)}")
         self.index, self.meta, self.manifest = index, meta, manifest
         self.modalities = modalities  # {"text", "image"}: float16 [N, D], or None
+        self.lexical = lexical  # LexicalIndex over the documents' texts, or None
         self.doc_ids = meta["doc_id"]
         self.multimodal = meta["has_text"] & meta["has_image"]
         self._row_of = {int(d): r for r, d in enumerate(self.doc_ids)}
@@ -174,7 +182,9 @@ class MemoryBank:
         params: dict | None = None,
         extra: dict | None = None,
         modalities: dict[str, np.ndarray | Sequence[np.ndarray]] | None = None,
+        texts: Sequence[str | None] | None = None,
     ) -> MemoryBank:
+        """``texts``: the documents' texts, row-aligned; given, the bank keeps a lexical index."""
         shards = [vectors] if isinstance(vectors, np.ndarray) else list(vectors)
         n = sum(len(s) for s in shards)
         dim = int(shards[0].shape[1])
@@ -205,7 +215,8 @@ class MemoryBank:
                 k: np.concatenate([v] if isinstance(v, np.ndarray) else list(v)).astype(np.float16)
                 for k, v in modalities.items()
             }
-        return cls(index, meta, manifest, modalities)
+        lexical = None if texts is None else LexicalIndex.build(list(texts))
+        return cls(index, meta, manifest, modalities, lexical)
 
     def save(self, directory: str | Path) -> dict:
         d = Path(directory)
@@ -218,7 +229,12 @@ class MemoryBank:
             files.append(d / MODALITIES_FILE)
         else:
             (d / MODALITIES_FILE).unlink(missing_ok=True)
+        if self.lexical is not None:
+            files.append(self.lexical.save(d))
+        else:
+            (d / LEXICAL_FILE).unlink(missing_ok=True)
         self.manifest["modalities"] = self.modalities is not None
+        self.manifest["lexical"] = self.lexical is not None
         self.manifest["checksum"] = _sha256(*files)
         (d / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=2))
         return self.manifest
@@ -251,6 +267,12 @@ class MemoryBank:
                     f"{d}: the manifest lists {MODALITIES_FILE} but it is missing; rebuild the bank"
                 )
             files.append(d / MODALITIES_FILE)
+        if manifest.get("lexical"):
+            if not (d / LEXICAL_FILE).is_file():
+                raise FileNotFoundError(
+                    f"{d}: the manifest lists {LEXICAL_FILE} but it is missing; rebuild the bank"
+                )
+            files.append(d / LEXICAL_FILE)
         if verify and manifest.get("checksum") != _sha256(*files):
             raise ValueError(f"memory bank {d}: files do not match the manifest checksum")
         index = faiss.read_index(str(d / INDEX_FILE))
@@ -261,7 +283,8 @@ class MemoryBank:
         if manifest.get("modalities"):
             with np.load(d / MODALITIES_FILE, allow_pickle=False) as z:
                 modalities = {k: z[k] for k in ("text", "image")}
-        return cls(index, meta, manifest, modalities)
+        lexical = LexicalIndex.load(d) if manifest.get("lexical") else None
+        return cls(index, meta, manifest, modalities, lexical)
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -368,6 +391,8 @@ def _documents(
         return
     tokens = Path(args.tokens)
     src = _token_source(tokens)
+    from lit_cm3leon.data.shards import shapes_record_sample
+
     if world_kwargs is None and src.get("source") == "shapes":
         from lit_cm3leon.data.shards import shapes_world_kwargs
 
@@ -385,7 +410,7 @@ def _documents(
         try:
             if shapes:
                 world = world or _make_world(world_kwargs or {})
-                image = world.sample(rec.get("split", "train"), int(rec["index"])).image
+                image = shapes_record_sample(world, rec).image
             elif rec.get("image_path"):
                 p = Path(rec["image_path"])
                 image = _load_image(p if p.is_absolute() else tokens / p)
@@ -409,6 +434,7 @@ def build_from_args(args) -> dict:
     encoder.batch_size = args.batch_size
     t0 = time.time()
     shards, cols = [], {k: [] for k in META_KEYS}
+    texts: list[str | None] = []
     modalities: dict[str, list[np.ndarray]] = {"text": [], "image": []}
     skipped: dict[str, int] = {}
     buf: list = []
@@ -420,6 +446,7 @@ def build_from_args(args) -> dict:
             modalities["text"].append(t_emb)
             modalities["image"].append(i_emb)
             for b in buf:
+                texts.append(b[1])
                 cols["doc_id"].append(b[0])
                 cols["has_text"].append(b[1] is not None)
                 cols["has_image"].append(b[2] is not None)
@@ -457,6 +484,7 @@ def build_from_args(args) -> dict:
             "docs_per_second": round(n / max(t_embed, 1e-9), 1),
         },
         modalities=modalities if args.modality_vectors else None,
+        texts=texts if args.lexical else None,
     )
     bank.manifest["build_seconds"] = round(time.time() - t1, 3)
     return bank.save(args.out)
@@ -498,6 +526,13 @@ def cli(argv: list[str] | None = None) -> int:
         action="store_false",
         help="do not keep each document's text and image vectors (modalities.npz, 2 x N x D "
         "float16); without them, pretraining embeds every training pair again to search with it",
+    )
+    p.add_argument(
+        "--no-lexical",
+        dest="lexical",
+        action="store_false",
+        help="do not keep the TF-IDF rows of the documents' texts (lexical.npz); the retriever's "
+        "lexical_weight then has nothing to add",
     )
     args = p.parse_args(argv)
     if args.source != "shapes" and args.tokens is None:

@@ -16,6 +16,11 @@ The rules are pure functions over score arrays and vectors (testable on hand-mad
   each word of the text is dropped with probability ``query_dropout``; ``n_train_docs`` documents
   are drawn at random among the top ``candidates`` admissible ones;
 - inference: the ``retrieve_k`` most relevant admissible documents for the prompt text.
+
+Not in the paper: with ``lexical_weight`` > 0 (and a bank that keeps ``lexical.npz``), a text
+search takes the union of the dense and the lexical top ``search_k`` and ranks it by dense score
++ ``lexical_weight`` x TF-IDF cosine (``lexical.py``): exact words, such as a landmark's name,
+that a small dense encoder does not learn. The rules above still use the dense scores.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class RetrievalConfig:
     candidates: int = 16  # training: draw among this many top admissible candidates
     search_k: int = 64  # depth of each faiss search (before filtering)
     multimodal_only: bool = True  # keep only documents with both text and image
+    lexical_weight: float = 0.0  # text searches add this x the TF-IDF score (0: dense only)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping | RetrievalConfig | None) -> RetrievalConfig:
@@ -211,11 +217,12 @@ class Retriever:
 
         q_doc = mean_of_modalities(t_full, i_emb)  # the query document, for the near-dup rule
         k = self.cfg.search_k
+        by_text = self._text_search(dropped, t_drop, k)
         s_img, r_img = self.bank.search(i_emb, k)
-        s_txt, r_txt = self.bank.search(t_drop, k)
+        results = [[(s_img[j], r_img[j]), by_text[j]] for j in range(len(texts))]
         return [
             self._pick(
-                [(s_img[j], r_img[j]), (s_txt[j], r_txt[j])],
+                results[j],
                 q_doc[j],
                 None if doc_ids[j] is None else int(doc_ids[j]),
                 self.cfg.n_train_docs,
@@ -236,9 +243,34 @@ class Retriever:
         if k <= 0:
             return [[] for _ in texts]
         q = self.encoder.embed_text(list(texts))
-        s, r = self.bank.search(q, self.cfg.search_k)
+        found = self._text_search(list(texts), q, self.cfg.search_k)
         ex = list(exclude) if exclude is not None else [None] * len(q)
         return [
-            self._pick([(s[j], r[j])], q[j], ex[j], k, None, self.cfg.max_score)
-            for j in range(len(q))
+            self._pick([found[j]], q[j], ex[j], k, None, self.cfg.max_score) for j in range(len(q))
         ]
+
+    def _text_search(
+        self, texts: Sequence[str], vectors: np.ndarray, k: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per text, (scores, rows) of its search: dense, or with ``lexical_weight`` > 0 and a
+        lexical index in the bank, the union of the dense and lexical top ``k`` scored as
+        dense + lexical_weight x lexical."""
+        s, r = self.bank.search(vectors, k)
+        w, lexical = self.cfg.lexical_weight, self.bank.lexical
+        if w <= 0 or lexical is None:
+            return [(s[j], r[j]) for j in range(len(texts))]
+        from lit_cm3leon.retrieval.lexical import top_k_rows
+
+        lex_all = lexical.score_all(texts)  # [Q, N] dense array of TF-IDF cosines
+        lex_rows = top_k_rows(lex_all, k)
+        unions = [
+            np.union1d(r[j][r[j] >= 0], lex_rows[j][lex_all[j, lex_rows[j]] > 0]).astype(np.int64)
+            for j in range(len(texts))
+        ]
+        every = np.unique(np.concatenate(unions)) if unions else np.zeros(0, np.int64)
+        vecs = self.bank.vectors(every)  # one reconstruction for the whole batch
+        out = []
+        for j, rows in enumerate(unions):
+            dense = vecs[np.searchsorted(every, rows)] @ np.asarray(vectors[j], np.float32)
+            out.append((dense + w * lex_all[j, rows], rows))
+        return out
