@@ -277,6 +277,29 @@ def test_prepare_tokenize_shapes_parallel(tok, tmp_path):
     )  # workers match in-process encoding
 
 
+def test_prepare_tokenize_adds_landmark_views_that_rerender(tok, tmp_path):
+    """--landmark-views appends named views after the --n samples (doc ids from 10**8); shard
+    records carry what re-renders them, for the memory bank's embedding."""
+    from lit_cm3leon.data.pretokenize import LANDMARK_DOC_BASE, cli
+    from lit_cm3leon.data.shapes import ShapesWorld
+    from lit_cm3leon.data.shards import TokenShards
+    from lit_cm3leon.retrieval.bank_docs import shard_images
+
+    out = tmp_path / "shapes"
+    argv = ["--source", "shapes", "--n", "3", "--landmark-views", "4", "--landmarks", "2"]
+    argv += ["--caption", "long", "--tokenizer", str(tok.save(tmp_path / "tok")), "--out", str(out)]
+    assert cli(argv) == 0
+    shards = TokenShards(out)
+    assert list(shards.doc_ids) == [0, 1, 2, *(LANDMARK_DOC_BASE + i for i in range(4))]
+    view = ShapesWorld().landmark_sample("train", 2, 2)
+    row = shards.row_of[LANDMARK_DOC_BASE + 2]
+    assert shards.text(row) == view.caption_long and shards.records[row]["landmarks"] == 2
+    np.testing.assert_array_equal(shard_images(shards, [row])[0], view.image)
+    np.testing.assert_array_equal(shards.codes[row], tok.encode(view.image, bf16=True)[0].numpy())
+    with pytest.raises(SystemExit):  # neither samples nor landmark views
+        cli(["--source", "shapes", "--n", "0", "--out", str(tmp_path / "x")])
+
+
 def test_shapes_shards_rerender_in_their_own_world(tok, tmp_path):
     # Retrieval re-renders shapes records from (split, index) to embed them: the world is the
     # one the shards were written from (here 40 px, world seed 3), not the default one.

@@ -390,3 +390,29 @@ def test_image_dataset(world):
     assert np.allclose((x.permute(1, 2, 0).numpy() + 1) * 127.5, ref, atol=1e-3)
     with pytest.raises(IndexError):
         ds[8]
+
+
+def test_landmarks_are_named_fixed_scenes_seen_in_views():
+    """A landmark is a fixed named scene; a view adds one shape in a free cell and is named, not
+    described; held-out views are of the same landmarks but never a training scene."""
+    from lit_cm3leon.data.shapes import ShapesWorld
+
+    w = ShapesWorld()
+    names = [w.landmark(k)[0] for k in range(4096)]
+    assert len(set(names)) == 4096 and names[:3] == [ShapesWorld().landmark(k)[0] for k in range(3)]
+    assert w.landmark(7) != ShapesWorld(seed=1).landmark(7)
+    train = [w.landmark_sample("train", i, 20) for i in range(300)]
+    held = [w.landmark_sample("heldout", i, 20) for i in range(60)]
+    for s in train + held:
+        name = s.caption_short.removeprefix("the ")
+        k = names.index(name)
+        assert k < 20
+        base = w.landmark(k)[1]
+        assert s.scene.background == base.background
+        assert set(base.shapes) < set(s.scene.shapes) and len(s.scene.shapes) == 3
+        assert s.caption_long.startswith(f"the {name} with a ")
+        np.testing.assert_array_equal(s.image, w.render(s.scene))
+    assert not {s.scene for s in train} & {s.scene for s in held}
+    assert {s.caption_short for s in held} <= {s.caption_short for s in train}
+    again = w.landmark_sample("train", 5, 20)
+    assert again.scene == train[5].scene and again.caption_long == train[5].caption_long

@@ -15,8 +15,9 @@ Shards are independent jobs run over ``--workers`` processes; a shard whose ``.n
 finished and skipped, so an interrupted run resumes. Unreadable images, empty captions and
 truncated tars are skipped and counted, never fatal.
 
-``doc_id``: shapes / folder -> the record's index in the source order; wds -> ``tar_index * 10**7
-+ position in the tar``.
+``doc_id``: shapes / folder -> the record's index in the source order; shapes landmark views
+(``--landmark-views M``, after the ``--n`` samples) -> ``10**8 + index``; wds -> ``tar_index *
+10**7 + position in the tar``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 WDS_STRIDE = 10**7
+LANDMARK_DOC_BASE = 10**8  # shapes: doc id of landmark view i is LANDMARK_DOC_BASE + i
 
 _TOKENIZER = None
 
@@ -66,17 +68,22 @@ def _records_for_job(job: dict, bad: Counter) -> list[tuple[int, Any, str, dict]
         from lit_cm3leon.data.shapes import ShapesWorld
 
         world = ShapesWorld(**job["world"])
+        landmarks = job.get("landmarks", 0)
         for i in range(job["start"], job["stop"]):
-            s = world.sample(job["split"], i)
+            if landmarks:
+                s, doc_id = world.landmark_sample(job["split"], i, landmarks), LANDMARK_DOC_BASE + i
+            else:
+                s, doc_id = world.sample(job["split"], i), i
             text = s.caption_long if job["caption"] == "long" else s.caption_short
             meta = {
                 "source": "shapes",
                 "split": job["split"],
                 "index": i,
+                **({"landmarks": landmarks} if landmarks else {}),
                 "caption_short": s.caption_short,
                 "caption_long": s.caption_long,
             }
-            recs.append((i, np.asarray(s.image, dtype=np.uint8), text, meta))
+            recs.append((doc_id, np.asarray(s.image, dtype=np.uint8), text, meta))
     elif src == "folder":
         for i, p in zip(range(job["start"], job["stop"]), job["paths"], strict=True):
             p = Path(p)
@@ -176,6 +183,20 @@ def build_jobs(args: argparse.Namespace) -> list[dict]:
                     "caption": args.caption,
                 }
             )
+        first = len(jobs)
+        for i, start in enumerate(range(0, args.landmark_views, args.shard_size)):
+            jobs.append(
+                {
+                    **common,
+                    "index": first + i,
+                    "start": start,
+                    "stop": min(args.landmark_views, start + args.shard_size),
+                    "world": world,
+                    "split": args.split,
+                    "caption": args.caption,
+                    "landmarks": args.landmarks,
+                }
+            )
     elif args.source == "folder":
         from lit_cm3leon.data.images import list_images
 
@@ -227,6 +248,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--caption", choices=["short", "long"], default="short", help="shapes caption used as text"
     )
+    p.add_argument(
+        "--landmarks",
+        type=int,
+        default=100,
+        help="shapes: distinct landmarks (named scenes) the views are drawn from",
+    )
+    p.add_argument(
+        "--landmark-views",
+        type=int,
+        default=0,
+        help="shapes: landmark views added after the --n samples (doc ids from 10**8)",
+    )
     p.add_argument("--image-size", type=int, default=32, help="shapes world image size")
     p.add_argument("--world-seed", type=int, default=0, help="shapes world seed")
     p.add_argument("--root", help="folder source: image folder (captions as <stem>.txt)")
@@ -243,8 +276,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--max-image-pixels", type=int, default=89_478_485, help="refuse larger images (bomb guard)"
     )
     args = p.parse_args(argv)
-    if args.source == "shapes" and args.n <= 0:
-        p.error("--source shapes needs --n <number of samples>")
+    if args.source == "shapes" and args.n <= 0 and args.landmark_views <= 0:
+        p.error("--source shapes needs --n <number of samples> (or --landmark-views)")
+    if args.landmark_views and not 1 <= args.landmarks <= 4096:
+        p.error("--landmarks must be in 1..4096")
     if args.source == "folder" and not args.root:
         p.error("--source folder needs --root <image folder>")
     if args.source == "wds" and not args.shards:

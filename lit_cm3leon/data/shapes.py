@@ -58,6 +58,11 @@ POSITION_NAMES: tuple[str, ...] = (
     "bottom left", "bottom", "bottom right",
 )  # fmt: skip
 QTYPES: tuple[str, ...] = ("color", "shape", "count", "position", "yesno")
+# Landmark names are three of these syllables (16^3 = 4,096 names; see ShapesWorld.landmark).
+LANDMARK_SYLLABLES: tuple[str, ...] = (
+    "ba", "ko", "ri", "zu", "mel", "tan", "vo", "shi",
+    "dor", "pa", "lu", "gre", "fen", "kax", "ol", "nim",
+)  # fmt: skip
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
 
@@ -184,12 +189,21 @@ class ShapesSample:
     """One sample. The scene, image and captions are made eagerly (they are what training
     reads most); VQA, boxes, segmentation, edges and the edit are computed on first access."""
 
-    def __init__(self, world: ShapesWorld, split: str, index: int, scene: Scene, image: np.ndarray):
+    def __init__(
+        self,
+        world: ShapesWorld,
+        split: str,
+        index: int,
+        scene: Scene,
+        image: np.ndarray,
+        captions: tuple[str, str] | None = None,
+    ):
         self.world, self.split, self.index = world, split, index
         self.scene = scene
         self.image = image
-        self.caption_short = world.caption_short(scene)
-        self.caption_long = world.caption_long(scene)
+        if captions is None:
+            captions = world.caption_short(scene), world.caption_long(scene)
+        self.caption_short, self.caption_long = captions
 
     def __repr__(self) -> str:
         return f"ShapesSample({self.split}[{self.index}]: {self.caption_long!r})"
@@ -353,6 +367,53 @@ class ShapesWorld:
         same sample."""
         scene = self.scene(split, index)
         return ShapesSample(self, split, index, scene, self.render(scene))
+
+    # -- landmarks: named scenes, the world's knowledge -----------------------------------
+    @cached_property
+    def _landmark_order(self) -> list[int]:
+        return random.Random(f"shapes/{self.seed}/landmark-names").sample(range(4096), 4096)
+
+    def landmark(self, k: int) -> tuple[str, Scene]:
+        """The k-th landmark (k < 4,096): a made-up name and a fixed scene (a background and two
+        shapes). Its captions give the name and nothing of what it looks like, so drawing it
+        takes knowing it (memorised in the weights) or retrieving a document that shows it."""
+        if not 0 <= k < len(LANDMARK_SYLLABLES) ** 3:
+            raise ValueError(f"landmark index must be in [0, 4096), got {k}")
+        a, rest = divmod(self._landmark_order[k], 256)
+        name = "".join(LANDMARK_SYLLABLES[i] for i in (a, *divmod(rest, 16)))
+        rng = random.Random(f"shapes/{self.seed}/landmark/{k}")
+        cells = sorted(rng.sample(range(self.grid * self.grid), min(2, self.grid * self.grid)))
+        shapes = tuple(
+            Shape(rng.choice(KINDS), rng.choice(COLORS), rng.choice(SIZES), *divmod(i, self.grid))
+            for i in cells
+        )
+        return name, Scene(rng.choice(BACKGROUNDS), shapes)
+
+    def landmark_sample(self, split: str, index: int, n_landmarks: int) -> ShapesSample:
+        """A view of one of the first ``n_landmarks`` landmarks with one extra shape in a free
+        cell: "the <name> with a small red circle at the top left" (short caption: "the
+        <name>"). The split is decided by the whole scene, as for ordinary samples, so a
+        held-out view is of a known landmark but never a scene seen in training."""
+        if self.grid * self.grid < 3:
+            raise ValueError("landmarks need a grid of at least 3 cells")
+        rng = self._rng(split, index, "landmark")
+        while True:
+            name, base = self.landmark(rng.randrange(n_landmarks))
+            taken = {s.cell for s in base.shapes}
+            free = [divmod(i, self.grid) for i in range(self.grid * self.grid)]
+            row, col = rng.choice([c for c in free if c not in taken])
+            extra = Shape(rng.choice(KINDS), rng.choice(COLORS), rng.choice(SIZES), row, col)
+            scene = Scene(
+                base.background, tuple(sorted((*base.shapes, extra), key=lambda s: s.cell))
+            )
+            if self.in_split(scene, split):
+                break
+        where = position_phrase(self.where(extra))
+        captions = (
+            f"the {name}",
+            f"the {name} with a {extra.size} {extra.color} {extra.kind} {where}",
+        )
+        return ShapesSample(self, split, index, scene, self.render(scene), captions)
 
     # -- rendering --------------------------------------------------------------------------
     def render(self, scene: Scene) -> np.ndarray:

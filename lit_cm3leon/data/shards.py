@@ -29,6 +29,15 @@ def shapes_world_kwargs(source: dict) -> dict:
     return {"image_size": source.get("image_size", 32), "seed": source.get("world_seed", 0)}
 
 
+def shapes_record_sample(world, rec: dict):
+    """The ``ShapesSample`` a shapes-world shard record was made from (a landmark view when the
+    record has ``landmarks``), re-rendered by ``world``."""
+    split, index = rec.get("split", "train"), int(rec["index"])
+    if rec.get("landmarks"):
+        return world.landmark_sample(split, index, int(rec["landmarks"]))
+    return world.sample(split, index)
+
+
 class TokenShards:
     """All records of a shard folder in memory: image codes, texts and metadata by row.
 

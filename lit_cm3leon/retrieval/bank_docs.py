@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lit_cm3leon.data.shards import TokenShards, shapes_world_kwargs
+from lit_cm3leon.data.shards import TokenShards, shapes_record_sample, shapes_world_kwargs
 
 
 def shard_images(shards: TokenShards, rows) -> np.ndarray:
@@ -27,7 +27,7 @@ def shard_images(shards: TokenShards, rows) -> np.ndarray:
         rec = shards.records[int(r)]
         if rec.get("source") == "shapes":
             world = world or ShapesWorld(**shapes_world_kwargs(shards.manifest.get("source", {})))
-            out.append(world.sample(rec["split"], int(rec["index"])).image)
+            out.append(shapes_record_sample(world, rec).image)
         elif rec.get("image_path"):
             path = Path(rec["image_path"])
             path = path if path.is_absolute() else shards.root / path
