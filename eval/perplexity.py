@@ -6,6 +6,11 @@ Reads the held-out pairs from ``outputs/tokens/shapes-heldout`` (captions + imag
 training shards for the baseline, the tokenizers and the memory bank under ``--outputs``.
 Writes ``ppl_image_k0``, ``ppl_image_k1``, ... and ``ppl_image_unigram`` (exp of the mean NLL
 per image token) with bootstrap 95% intervals over images.
+
+Landmarks (``--landmarks``, default ``outputs/tokens/landmarks-heldout`` when it exists): held-out
+views of the world's named scenes, whose captions name a landmark without describing it. The same
+numbers for them are ``ppl_landmark_k0`` ... ``ppl_landmark_unigram``: knowledge the decoder
+either memorised or finds in a retrieved document that shows the landmark.
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         "--train", default=None, help="training shards (default <outputs>/tokens/shapes-train)"
     )
     p.add_argument(
+        "--landmarks",
+        default=None,
+        help="held-out landmark views (default <outputs>/tokens/landmarks-heldout, if present; "
+        "'none' to skip)",
+    )
+    p.add_argument(
         "--k", type=int, nargs="+", default=[0, 1, 2], help="retrieved documents to compare"
     )
     p.add_argument("--n", type=int, default=500, help="held-out pairs to score")
@@ -65,14 +76,23 @@ def main(argv: list[str] | None = None) -> int:
     train = TokenShards(args.train or outputs / "tokens" / "shapes-train")
     n = min(args.n, len(heldout))
     engine = Engine.load(args.ckpt, outputs, retrieval=max(args.k) > 0)
-    captions = [heldout.text(i) for i in range(n)]
-    nll = perplexity_table(engine, captions, heldout.codes[:n], train.codes, args.k)
+    sets = {"ppl_image": heldout}
+    landmarks = args.landmarks or outputs / "tokens" / "landmarks-heldout"
+    if args.landmarks != "none" and (
+        args.landmarks or (Path(landmarks) / "manifest.json").is_file()
+    ):
+        sets["ppl_landmark"] = TokenShards(landmarks)
+    metrics, ci95 = {}, {}
+    for prefix, shards in sets.items():
+        m = min(args.n, len(shards))
+        captions = [shards.text(i) for i in range(m)]
+        nll = perplexity_table(engine, captions, shards.codes[:m], train.codes, args.k)
 
-    def stat(idx: np.ndarray) -> dict[str, float]:
-        return {k.replace("nll", "ppl_image"): float(np.exp(v[idx].mean())) for k, v in nll.items()}
+        def stat(idx: np.ndarray, nll=nll, prefix=prefix) -> dict[str, float]:
+            return {k.replace("nll", prefix): float(np.exp(v[idx].mean())) for k, v in nll.items()}
 
-    metrics = stat(np.arange(n))
-    ci95 = bootstrap.bootstrap_ci(n, stat, args.bootstrap, args.seed)
+        metrics.update(stat(np.arange(m)))
+        ci95.update(bootstrap.bootstrap_ci(m, stat, args.bootstrap, args.seed))
     header = header_from_args(args, n)
     record = write_metrics(
         out, header, metrics, ci95, bootstrap.info(args.bootstrap, args.seed, unit="image")

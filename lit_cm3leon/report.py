@@ -139,17 +139,24 @@ class Report:
         self.add(
             "## Held-out image-token perplexity",
             "",
-            "| model input | perplexity | 95% CI |",
-            "| --- | --- | --- |",
+            "| held-out images | model input | perplexity | 95% CI |",
+            "| --- | --- | --- | --- |",
         )
         if rec is None:
-            self.add("| not run | | |", "")
+            self.add("| not run | | | |", "")
             return None
-        for key in sorted(k for k in rec if k.startswith("ppl_image")):
-            self.add(f"| {key.replace('ppl_image_', '')} | {_num(rec[key])} | {_ci(rec, key)} |")
+        for prefix, label in (("ppl_image_", "scenes"), ("ppl_landmark_", "landmark views")):
+            for key in sorted(k for k in rec if k.startswith(prefix)):
+                self.add(
+                    f"| {label} | {key.removeprefix(prefix)} | {_num(rec[key])} | {_ci(rec, key)} |"
+                )
         self.add(
             "",
-            "k<n>: pretrained decoder with n retrieved documents; unigram: per-position code frequencies of the training shards.",
+            "k<n>: pretrained decoder with n retrieved documents; unigram: per-position code "
+            "frequencies of the training shards. Scenes: captions describe every shape. Landmark "
+            "views: captions name one of the world's landmarks (a fixed scene) and describe only "
+            "the shape added to it, so the rest is knowledge: memorised, or read from a retrieved "
+            "view of the same landmark.",
             "",
         )
         return rec
@@ -319,6 +326,11 @@ class Report:
         ppl_note = ""
         if ppl:
             ppl_note = f"; image perplexity k0 {_num(ppl.get('ppl_image_k0'))}, k2 {_num(ppl.get('ppl_image_k2'))}"
+            if "ppl_landmark_k0" in ppl:
+                ppl_note += (
+                    f" (landmark views: k0 {_num(ppl.get('ppl_landmark_k0'))}, "
+                    f"k2 {_num(ppl.get('ppl_landmark_k2'))})"
+                )
         self.add(
             f"1. Retrieval lowers FID (0 -> 1 -> 2 documents): {verdict(ok1)}: FID-CLIP {', '.join(_num(f) for f in fids)}{ppl_note}."
         )
