@@ -91,9 +91,9 @@ class Engine:
         image_tok = load_image_tokenizer(outputs / "image_tokenizer")
         retrieve = None
         if retrieval and (outputs / "index" / "manifest.json").is_file():
-            from lit_cm3leon.retrieval.bank_docs import bank_retrieve_fn
+            from lit_cm3leon.retrieval.bank_docs import bank_retrieve_fn, trained_strategy
 
-            retrieve = bank_retrieve_fn(outputs)
+            retrieve = bank_retrieve_fn(outputs, trained_strategy(ckpt))
         return cls(model, codec, image_tok, retrieve)
 
     def _amp(self):

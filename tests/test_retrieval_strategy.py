@@ -258,3 +258,17 @@ def test_hybrid_search_finds_the_named_document_dense_misses(tmp_path):
     (tmp_path / "bank" / "lexical.npz").unlink()
     with pytest.raises(FileNotFoundError, match="lexical.npz.*rebuild"):
         MemoryBank.open(tmp_path / "bank")
+
+
+def test_inference_retrieves_with_the_strategy_the_decoder_was_trained_with(tmp_path):
+    import json
+
+    from lit_cm3leon.retrieval.bank_docs import default_strategy, trained_strategy
+
+    assert trained_strategy(tmp_path) == default_strategy()  # no manifest: the defaults
+    trained = {"lexical_weight": 1.0, "max_score": 0.5, "not_a_strategy_key": 3}
+    manifest = {"stage": "pretrain", "config": {"data": {"retrieval": trained}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    got = trained_strategy(tmp_path)
+    assert got["lexical_weight"] == 1.0 and got["max_score"] == 0.5
+    assert "not_a_strategy_key" not in got and got["search_k"] == default_strategy()["search_k"]

@@ -114,6 +114,22 @@ def default_strategy() -> dict:
     return {k: v for k, v in cfg.items() if k not in ("encoder", "bank", "defaults")}
 
 
+def trained_strategy(ckpt: str | Path) -> dict:
+    """The strategy a published decoder was trained with (its manifest's ``data.retrieval``)
+    over :func:`default_strategy`, so inference retrieves by the same rules (e.g. the same
+    ``lexical_weight``). Checkpoints without one (SFT, older runs) get the defaults."""
+    import json
+
+    out = default_strategy()
+    path = Path(ckpt) / "manifest.json"
+    if path.is_file():
+        data = (json.loads(path.read_text()).get("config") or {}).get("data") or {}
+        trained = data.get("retrieval") if isinstance(data, dict) else None
+        if isinstance(trained, dict):
+            out.update({k: v for k, v in trained.items() if k in out})
+    return out
+
+
 def open_retriever(index_dir: str | Path, encoder_dir: str | Path, cfg: Mapping | None = None):
     """A Retriever over the bank at ``index_dir``; ``cfg`` None = :func:`default_strategy`."""
     from lit_cm3leon.retrieval.encoder import ClipEncoder
