@@ -5,7 +5,9 @@
 Reads the held-out pairs from ``outputs/tokens/shapes-heldout`` (captions + image codes), the
 training shards for the baseline, the tokenizers and the memory bank under ``--outputs``.
 Writes ``ppl_image_k0``, ``ppl_image_k1``, ... and ``ppl_image_unigram`` (exp of the mean NLL
-per image token) with bootstrap 95% intervals over images.
+per image token) with bootstrap 95% intervals over images, and ``ppl_image_own``: the image's
+own document as the one retrieved document, the most retrieval could give (a decoder that reads
+its retrieved images copies it; one that ignores them scores as at k0).
 
 Landmarks (``--landmarks``, default ``outputs/tokens/landmarks-heldout`` when it exists): held-out
 views of the world's named scenes, whose captions name a landmark without describing it. The same

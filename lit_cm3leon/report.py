@@ -152,8 +152,9 @@ class Report:
                 )
         self.add(
             "",
-            "k<n>: pretrained decoder with n retrieved documents; unigram: per-position code "
-            "frequencies of the training shards. Scenes: captions describe every shape. Landmark "
+            "k<n>: pretrained decoder with n retrieved documents; own: the image's own document "
+            "retrieved (the most retrieval could give: a decoder that copies from retrieved images "
+            "nears 1); unigram: per-position code frequencies of the training shards. Scenes: captions describe every shape. Landmark "
             "views: captions name one of the world's landmarks (a fixed scene) and describe only "
             "the shape added to it, so the rest is knowledge: memorised, or read from a retrieved "
             "view of the same landmark.",

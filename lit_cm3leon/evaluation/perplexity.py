@@ -19,10 +19,25 @@ def unigram_nll(train_codes: np.ndarray, test_codes: np.ndarray, n_codes: int) -
     return -logp[np.arange(positions)[None, :], flat_test].mean(1)
 
 
+def own_document_nll(engine, captions: list[str], codes: np.ndarray) -> np.ndarray:
+    """Per-image NLL with the image's own document (its caption and codes) as the one retrieved
+    document: the best a retrieved document could do. A decoder that reads its retrieved images
+    copies the codes and nears perplexity 1; one that ignores them stays at its k0 value."""
+    own = {c: codes[i] for i, c in enumerate(captions)}
+    saved = engine.retrieve_fn
+    engine.retrieve_fn = lambda texts, k: [[(t, own[t])] for t in texts]
+    try:
+        return engine.image_nll(captions, codes, retrieve_k=1)
+    finally:
+        engine.retrieve_fn = saved
+
+
 def perplexity_table(
     engine, captions: list[str], codes: np.ndarray, train_codes: np.ndarray, retrieve_ks=(0, 1, 2)
 ) -> dict[str, np.ndarray]:
-    """Per-image NLL arrays: ``nll_k{k}`` for each k, and ``nll_unigram``."""
+    """Per-image NLL arrays: ``nll_k{k}`` for each k, ``nll_own`` (:func:`own_document_nll`)
+    and ``nll_unigram``."""
     out = {f"nll_k{k}": engine.image_nll(captions, codes, retrieve_k=k) for k in retrieve_ks}
+    out["nll_own"] = own_document_nll(engine, captions, codes)
     out["nll_unigram"] = unigram_nll(train_codes, codes, engine.vocab.n_image)
     return out

@@ -1,0 +1,41 @@
+"""The perplexity evaluation's pieces: the unigram baseline and the own-document probe."""
+
+import numpy as np
+
+from lit_cm3leon.evaluation.perplexity import own_document_nll, unigram_nll
+
+
+def test_unigram_nll_counts_codes_per_position():
+    train = np.array([[[1, 2]], [[1, 2]], [[1, 3]]])  # [N, h=1, w=2]
+    nll = unigram_nll(train, np.array([[[1, 2]], [[0, 3]]]), n_codes=4)
+    # add-one smoothing: position 0 has counts (1, 4, 1, 1) / 7, position 1 (1, 1, 3, 2) / 7
+    np.testing.assert_allclose(
+        nll, [-(np.log(4 / 7) + np.log(3 / 7)) / 2, -(np.log(1 / 7) + np.log(2 / 7)) / 2]
+    )
+
+
+class CopyingEngine:
+    """image_nll is 0 for an image whose retrieved documents include its own codes, else 1."""
+
+    def __init__(self):
+        self.retrieve_fn = self.bank = lambda texts, k: [
+            [("other", np.zeros(4))] * k for _ in texts
+        ]
+
+    def image_nll(self, captions, codes, retrieve_k=0):
+        docs = self.retrieve_fn(captions, retrieve_k) if retrieve_k else [[] for _ in captions]
+        return np.array(
+            [
+                0.0 if any(np.array_equal(c, d[1]) for d in ds) else 1.0
+                for c, ds in zip(codes, docs, strict=True)
+            ]
+        )
+
+
+def test_own_document_probe_retrieves_each_image_itself_then_restores_the_retriever():
+    engine = CopyingEngine()
+    codes = np.arange(12).reshape(3, 4)
+    captions = ["a", "b", "c"]
+    assert engine.image_nll(captions, codes, retrieve_k=1).tolist() == [1.0, 1.0, 1.0]
+    assert own_document_nll(engine, captions, codes).tolist() == [0.0, 0.0, 0.0]
+    assert engine.retrieve_fn is engine.bank  # the bank's retriever is back
