@@ -39,3 +39,25 @@ def test_own_document_probe_retrieves_each_image_itself_then_restores_the_retrie
     assert engine.image_nll(captions, codes, retrieve_k=1).tolist() == [1.0, 1.0, 1.0]
     assert own_document_nll(engine, captions, codes).tolist() == [0.0, 0.0, 0.0]
     assert engine.retrieve_fn is engine.bank  # the bank's retriever is back
+
+
+def test_copy_task_logs_both_images_losses(tmp_path):
+    """eval/copy_task.py trains on "caption image caption image" sequences; at step 0 (nothing
+    learned, zero output layer) both images cost log(vocabulary), then training lowers them."""
+    import importlib.util
+    import json
+    import math
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("eval_copy_task", ROOT / "eval" / "copy_task.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    main = module.main
+    out = tmp_path / "copy.json"
+    assert main(["--preset", "debug", "--steps", "4", "--every", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    first, last = result["log"][0], result["log"][-1]
+    assert [r["step"] for r in result["log"]] == [0, 4]
+    assert abs(first["loss_repeat"] - first["loss_first"]) < 1e-3
+    assert first["loss_repeat"] > math.log(64) and last["loss_repeat"] < first["loss_repeat"]
