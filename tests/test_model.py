@@ -290,3 +290,13 @@ def test_parity_with_transformers_opt():
     with torch.no_grad():
         theirs = hf(input_ids=ids, attention_mask=valid.long()).logits
     torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_cell_embedding_follows_its_flag():
+    """The image layout alone does not add the cell embedding: only cell_embedding=True does,
+    and the parameter count says the same as the model."""
+    layout = {k: v for k, v in CELLS.items() if k != "cell_embedding"}
+    for flag in (False, True):
+        model = _model(0, cell_embedding=flag, **layout)
+        assert (model.cell_emb is not None) == flag
+        assert sum(p.numel() for p in model.parameters()) == model.config.num_params()

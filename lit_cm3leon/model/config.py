@@ -92,7 +92,7 @@ class ModelConfig:
         return (
             self.block_params()
             + 2 * self.vocab_size * self.d_model
-            + (self.max_seq_len + self.image_cells) * self.d_model
+            + (self.max_seq_len + (self.image_cells if self.cell_embedding else 0)) * self.d_model
         )
 
     def to_dict(self) -> dict:

@@ -234,7 +234,7 @@ class CM3LeonTransformer(nn.Module):
         # optional (not in the paper): a learned embedding per image-grid cell, shared by every
         # image in the sequence, so "the same cell in another image" is one dot product away
         self.cell_emb = (
-            nn.Embedding(config.image_cells, config.d_model) if config.image_cells > 0 else None
+            nn.Embedding(config.image_cells, config.d_model) if config.cell_embedding else None
         )
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(
