@@ -298,6 +298,10 @@ def test_prepare_tokenize_adds_landmark_views_that_rerender(tok, tmp_path):
     np.testing.assert_array_equal(shards.codes[row], tok.encode(view.image, bf16=True)[0].numpy())
     with pytest.raises(SystemExit):  # neither samples nor landmark views
         cli(["--source", "shapes", "--n", "0", "--out", str(tmp_path / "x")])
+    assert cli(argv) == 0  # the same arguments again: every shard is finished and kept
+    more = [a if a != "4" else "6" for a in argv]  # more views: shard 1 would hold other records
+    with pytest.raises(ValueError, match=r"shard-00001.npz was written by another tokenize job"):
+        cli(more)
 
 
 def test_shapes_shards_rerender_in_their_own_world(tok, tmp_path):

@@ -4,8 +4,9 @@ Output folder::
 
     shard-00000.npz        np.savez (no pickle): codes int16[N, h, w], doc_id int64[N]
     shard-00000.jsonl      one record per line: doc_id, text, plus source metadata
-    shard-00000.meta.json  per-shard counts (records, bad records by kind): lets a resumed run
-                           rebuild the manifest without re-reading finished shards
+    shard-00000.meta.json  per-shard counts (records, bad records by kind) and the job's
+                           signature: lets a resumed run rebuild the manifest without re-reading
+                           finished shards, and refuse one written for other arguments
     manifest.json          image tokenizer hash/preset, h, w, n_codes, count, bad-record counts
 
 Sources: the shapes world (``--source shapes --n N``; captions from the world), an image folder
@@ -123,14 +124,30 @@ def _records_for_job(job: dict, bad: Counter) -> list[tuple[int, Any, str, dict]
     return recs
 
 
+def job_signature(job: dict) -> str:
+    """What a shard's contents depend on (its records, source, tokenizer and precision), hashed:
+    a finished shard is only reused by a job with the same signature."""
+    import hashlib
+
+    fields = {k: v for k, v in job.items() if k != "out"}  # a moved folder still resumes
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def run_job(job: dict) -> dict:
     """Tokenize one shard and write it atomically (jsonl and meta first, the npz last = done)."""
     out = Path(job["out"])
     npz, jsonl, meta = _shard_names(out, job["index"])
+    signature = job_signature(job)
     if npz.exists():
-        return (
+        info = (
             json.loads(meta.read_text()) if meta.exists() else {"index": job["index"], "count": -1}
         )
+        if info.get("job", signature) != signature:
+            raise ValueError(
+                f"{npz} was written by another tokenize job (other records, source or tokenizer), "
+                f"so it cannot be resumed: write to a new --out, or delete {out} to redo it"
+            )
+        return info
     tok = _tokenizer(job["tokenizer"], job["max_pixels"])
     bad: Counter = Counter()
     recs = _records_for_job(job, bad)
@@ -151,7 +168,7 @@ def run_job(job: dict) -> dict:
                 json.dumps({"doc_id": int(doc_id), "text": text, **m}, ensure_ascii=False) + "\n"
             )
     os.replace(tmp, jsonl)
-    info = {"index": job["index"], "count": len(recs), "bad": dict(bad)}
+    info = {"index": job["index"], "count": len(recs), "bad": dict(bad), "job": signature}
     meta.write_text(json.dumps(info) + "\n")
     tmp_npz = npz.with_name(npz.stem + ".tmp.npz")
     np.savez(tmp_npz, codes=codes, doc_id=doc_ids)
