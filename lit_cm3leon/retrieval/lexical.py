@@ -1,8 +1,9 @@
 """Lexical retrieval: TF-IDF over the words and word pairs of document texts.
 
 The dense retriever embeds a caption as a whole; a small CLIP trained for a minute does not learn
-rare words such as a landmark's name ("the ribafen with ...": at most 0.45 of the documents it
-retrieved for a name showed that landmark). A sparse score matches such words exactly. The
+rare words such as a landmark's name ("the fenoldor with ..."): with 4,000 landmark views in the
+bank, 4.3% of the top-2 documents the shapes CLIP retrieved for 200 held-out views showed their
+landmark, and 99.8% with this score added. A sparse score matches such words exactly. The
 memory bank keeps one sparse row per document (``lexical.npz``) and the retriever adds
 ``lexical_weight`` times this score to the dense one (``strategy.Retriever``).
 
