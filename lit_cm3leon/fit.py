@@ -79,6 +79,15 @@ RUN_CONFIG = "run_config.yaml"  # beside the checkpoints: the config they were t
 # sample stream's length, which follows trainer.max_steps) and the seed. Callbacks, loggers and
 # the trainer's devices may change across a resume.
 RUN_IDENTITY = ("module", "data", "seed")
+# Keys of the identity that may differ on a resume: a longer budget continues the run (the
+# sample stream follows trainer.max_steps); runtime switches; and the weight shapes, which the
+# checkpoint's own check reports as "another model size".
+RESUME_MAY_CHANGE = {
+    "data.max_steps",
+    "module.peak_flops",
+    "module.model.activation_checkpointing",
+    "module.model.compile",
+}
 
 
 def _identity(cfg: DictConfig) -> dict[str, Any]:
@@ -118,7 +127,12 @@ def check_resume_config(cfg: DictConfig, ckpt_path: str | None, auto: bool) -> N
     current = _flat(identity)
     if auto and ckpt_path and saved_path.is_file():
         saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path)))
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        from lit_cm3leon.training.checkpoint import SIZE_FIELDS
+
+        free = RESUME_MAY_CHANGE | {f"module.model.{k}" for k in SIZE_FIELDS}
+        diff = sorted(
+            k for k in (set(saved) | set(current)) - free if saved.get(k) != current.get(k)
+        )
         if diff:
             shown = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:8])
             more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""

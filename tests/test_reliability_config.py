@@ -143,6 +143,8 @@ def test_auto_resume_refuses_a_checkpoint_of_another_config(compose):
     ckpt = first.paths.ckpt_dir + "/last.ckpt"
     check_resume_config(compose(["experiment=pretrain"]), ckpt, auto=True)
     check_resume_config(compose(["experiment=pretrain", "~callbacks.sample_grid"]), ckpt, auto=True)
+    longer = compose(["experiment=pretrain", "trainer.max_steps=2000"])  # a longer budget
+    check_resume_config(longer, ckpt, auto=True)
     changed = compose(["experiment=pretrain", "module.lr=0.002", "retrieval.lexical_weight=0.5"])
     with pytest.raises(ValueError) as err:
         check_resume_config(changed, ckpt, auto=True)

@@ -18,6 +18,19 @@ FORMAT = "lit_cm3leon.decoder/1"
 FILENAME = "model.pt"
 
 
+# ModelConfig fields that fix the shapes of a decoder's weights: a checkpoint of another value
+# is "another model size" (load_decoder names each difference).
+SIZE_FIELDS = (
+    "n_layer",
+    "n_head",
+    "d_model",
+    "max_seq_len",
+    "mlp_ratio",
+    "vocab_size",
+    "image_cells",
+)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here; the message says why and what differs."""
 
@@ -78,15 +91,7 @@ def load_decoder(
     if expect_config is not None:
         diff = {
             k: (getattr(config, k), getattr(expect_config, k))
-            for k in (
-                "n_layer",
-                "n_head",
-                "d_model",
-                "max_seq_len",
-                "mlp_ratio",
-                "vocab_size",
-                "image_cells",
-            )
+            for k in SIZE_FIELDS
             if getattr(config, k) != getattr(expect_config, k)
         }
         if diff:
