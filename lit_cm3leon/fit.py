@@ -143,7 +143,9 @@ def check_resume_config(cfg: DictConfig, ckpt_path: str | None, auto: bool) -> N
             )
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
         saved_path.parent.mkdir(parents=True, exist_ok=True)
-        saved_path.write_text(OmegaConf.to_yaml(OmegaConf.create(identity)))
+        tmp = saved_path.with_suffix(".yaml.tmp")  # other ranks may be reading the old one
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(identity)))
+        tmp.replace(saved_path)
 
 
 def _close_loggers(loggers: list[Any], status: str) -> None:
