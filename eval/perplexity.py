@@ -79,11 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     n = min(args.n, len(heldout))
     engine = Engine.load(args.ckpt, outputs, retrieval=max(args.k) > 0)
     sets = {"ppl_image": heldout}
-    landmarks = args.landmarks or outputs / "tokens" / "landmarks-heldout"
-    if args.landmarks != "none" and (
-        args.landmarks or (Path(landmarks) / "manifest.json").is_file()
-    ):
-        sets["ppl_landmark"] = TokenShards(landmarks)
+    landmarks = Path(args.landmarks or outputs / "tokens" / "landmarks-heldout")
+    if args.landmarks not in (None, "none") or (landmarks / "manifest.json").is_file():
+        sets["ppl_landmark"] = TokenShards(landmarks)  # an explicit path must exist
     metrics, ci95 = {}, {}
     for prefix, shards in sets.items():
         m = min(args.n, len(shards))

@@ -118,11 +118,9 @@ def _normalise(m: sp.spmatrix) -> sp.csr_matrix:
 
 
 def top_k_rows(scores: np.ndarray, k: int) -> np.ndarray:
-    """Columns of the ``k`` highest scores per row [Q, k], descending (equal scores by column)."""
+    """Columns of the ``k`` highest scores per row [Q, k], best first (which of several equal
+    scores at the k-th place is kept is not specified; the kept ones are ordered by column)."""
     k = min(int(k), scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else None
-    if part is None:
-        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-    vals = np.take_along_axis(scores, part, 1)
-    order = np.lexsort((part, -vals), axis=1)
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.lexsort((part, -np.take_along_axis(scores, part, 1)), axis=1)
     return np.take_along_axis(part, order, 1).astype(np.int64)
