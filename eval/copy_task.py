@@ -7,6 +7,10 @@ Retrieval helps a decoder only if it copies from the retrieved images. This trai
 of random text ids, ``<sep>``, an image of 64 random codes, ``<sep>``, the same caption and the
 same codes again. The second image is fully predictable by copying; without copying its loss is
 log(n_codes). Prints and writes the loss on both images every ``--every`` steps.
+
+``--copy-heads N --copy-bias B`` override the preset's copy heads (``ModelConfig.copy_heads``):
+with none the loss on the repeat stays at log(n_codes) for 1,200 steps; with 2 heads biased by 8
+it falls from step 200 (see the README's retrieval section for the measured curves).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--every", type=int, default=100, help="log every N steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-std", type=float, default=None, help="override the preset's init_std")
+    p.add_argument("--copy-heads", type=int, default=None, help="override the preset's copy_heads")
+    p.add_argument("--copy-bias", type=float, default=None, help="override the preset's copy_bias")
     p.add_argument("--out", default=None, help="metrics.json to write")
     args = p.parse_args(argv)
 
@@ -46,7 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     vocab = Vocab(n_text=1024, n_image=2048)
-    cfg = ModelConfig.preset(args.preset).for_vocab(vocab)
+    overrides = {
+        k: v
+        for k, v in [
+            ("init_std", args.init_std),
+            ("copy_heads", args.copy_heads),
+            ("copy_bias", args.copy_bias),
+        ]
+        if v is not None
+    }
+    cfg = ModelConfig.preset(args.preset, **overrides).for_vocab(vocab)
     model = CM3LeonTransformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     n_img, B, L = vocab.image_tokens, args.batch_size, args.caption_len

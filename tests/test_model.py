@@ -114,9 +114,10 @@ def test_left_padding_matches_unpadded_rows():
 CELLS = dict(
     cell_embedding=True, image_id_start=40, n_image_ids=40, image_cells=6
 )  # ids 40..79 are image tokens
+COPY = dict(CELLS, copy_heads=2, copy_bias=4.0)
 
 
-@pytest.mark.parametrize("cells", [{}, CELLS], ids=["paper", "cell_embedding"])
+@pytest.mark.parametrize("cells", [{}, CELLS, COPY], ids=["paper", "cell_embedding", "copy_heads"])
 def test_kv_cache_prefill_and_steps_equal_full_forward_with_padding(cells):
     model = _model(1, **cells)
     B, L, extra = 3, 6, 5
@@ -141,7 +142,7 @@ def test_kv_cache_prefill_and_steps_equal_full_forward_with_padding(cells):
     assert (full.abs() > 0.1).any()  # not trivially zero
 
 
-@pytest.mark.parametrize("cells", [{}, CELLS], ids=["paper", "cell_embedding"])
+@pytest.mark.parametrize("cells", [{}, CELLS, COPY], ids=["paper", "cell_embedding", "copy_heads"])
 def test_kv_cache_without_padding_and_reorder(cells):
     model = _model(2, **cells)
     ids = torch.randint(0, 97, (2, 9))
@@ -203,11 +204,43 @@ def test_cell_embedding_is_shared_by_images_and_absent_from_text():
     model = build_model(cfg)
     text, img = 5, 30 + 7
     ids = torch.tensor([[text, img, img, img, img, img, text, img]])
-    emb = model._cell_embedding(ids, None)[0]
-    assert emb[0].abs().sum() == 0 and emb[6].abs().sum() == 0  # text: no cell embedding
-    w = model.cell_emb.weight
-    torch.testing.assert_close(emb[1:6], w[[0, 1, 2, 3, 0]])  # row-major cells, modulo h * w
-    torch.testing.assert_close(emb[7], w[0])  # a new image starts at cell 0
+    is_image, cells = model._image_cells(ids, None)
+    assert is_image[0].tolist() == [False, True, True, True, True, True, False, True]
+    assert cells[0, 1:6].tolist() == [0, 1, 2, 3, 0]  # row-major cells, modulo h * w
+    assert cells[0, 7] == 0  # a new image starts at cell 0
+    with torch.no_grad():
+        model.lm_head.weight.normal_()  # zero at init: make the output see the embeddings
+        text_only = torch.tensor([[text, 6, 7, 8]])
+        out, out_text = model(ids), model(text_only)
+        model.cell_emb.weight.normal_()
+        assert not torch.allclose(model(ids), out)  # the embedding reaches the output...
+        torch.testing.assert_close(model(text_only), out_text)  # ...never through text tokens
+
+
+def test_copy_heads_bias_the_same_cell_of_earlier_images():
+    """Image tokens in cell c favour every earlier image's cell c + 1, which they predict."""
+    model = _model(0, **COPY)  # 6 cells per image
+    img = [40, 41, 42, 43, 44, 45]
+    ids = torch.tensor([[1] + img + [2] + img[:4]])  # text, image A, text, 4 cells of image B
+    is_image, cells = model._image_cells(ids, None)
+    bias = model._copy_mask(is_image, cells, None, None)[0, 0]  # [T, S]
+    T = ids.shape[1]
+    assert torch.isinf(bias.triu(1)[bias.triu(1) != 0]).all()  # causal: the future is -inf
+    a, b = 1, 8  # first positions of images A and B
+    expect = torch.zeros(T, T)
+    for q in range(T):
+        if is_image[0, q] and cells[0, q] < 5:
+            for k in range(q + 1):
+                if is_image[0, k] and cells[0, k] == cells[0, q] + 1:
+                    expect[q, k] = 4.0
+    assert expect[b + 2, a + 3] == 4.0  # B's cell 2 predicts cell 3: A's cell 3
+    assert expect[a + 1, a + 2] == 0.0  # A's next cell is A's own future, not a copy source
+    assert expect[a + 5].sum() == 0  # the last cell predicts no cell
+    finite = torch.isfinite(bias)
+    torch.testing.assert_close(bias[finite], expect[finite])
+    assert model.config.copy_heads == 2
+    with pytest.raises(ValueError, match="copy_heads=5 must be in"):
+        ModelConfig.preset("debug", copy_heads=5)  # 4 heads
 
 
 def test_overfit_one_batch():

@@ -47,6 +47,11 @@ class ModelConfig:
     # image) to every image token. ``cell_embedding`` switches it on; the other three fields are
     # set from the Vocab by ``for_vocab`` (image id range and h * w cells).
     cell_embedding: bool = False
+    # Not in the paper: the first ``copy_heads`` heads of every layer add ``copy_bias`` to the
+    # attention logit of each earlier image token sitting in the grid cell the query predicts
+    # (see transformer.copy_mask), so copying from a retrieved image is there from step 0.
+    copy_heads: int = 0
+    copy_bias: float = 4.0
     image_id_start: int = 0
     n_image_ids: int = 0
     image_cells: int = 0
@@ -54,6 +59,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if not 0 <= self.copy_heads <= self.n_head:
+            raise ValueError(f"copy_heads={self.copy_heads} must be in [0, n_head={self.n_head}]")
         if self.vocab_size < 0:
             raise ValueError(f"vocab_size must be >= 0, got {self.vocab_size}")
 
@@ -77,7 +84,7 @@ class ModelConfig:
                 n_image_ids=vocab.n_image,
                 image_cells=vocab.image_tokens,
             )
-            if self.cell_embedding
+            if self.cell_embedding or self.copy_heads
             else dict(image_id_start=0, n_image_ids=0, image_cells=0)
         )
         return replace(self, vocab_size=vocab.size, **image)

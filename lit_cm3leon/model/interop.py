@@ -45,6 +45,8 @@ def to_opt_state_dict(model: CM3LeonTransformer) -> dict[str, torch.Tensor]:
     """Our weights under ``OPTForCausalLM`` keys (the fused qkv split into q, k, v)."""
     if model.cell_emb is not None:
         raise ValueError("OPT has no image cell embedding: build with cell_embedding=False")
+    if model.config.copy_heads:
+        raise ValueError("OPT has no copy heads: build with copy_heads=0")
     d = model.config.d_model
     pos = model.pos_emb.weight
     sd = {

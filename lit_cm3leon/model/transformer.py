@@ -14,6 +14,13 @@ index in its run of image tokens (:func:`image_cells`). On the shapes world it c
 image perplexity from 205 to 74 (850 vs 1,200 steps): with absolute positions alone the model
 did not learn where in the grid a token sits, nor to look up the same cell in another image.
 
+Optional and not in the paper (``ModelConfig.copy_heads``, off in every preset): in the first
+``copy_heads`` heads of each layer, an image token's attention logit to every earlier image token
+in the cell it predicts gets ``+copy_bias`` (:meth:`CM3LeonTransformer._copy_mask`), so copying
+from a retrieved image or an edit's source is one head away from the first step. On the copy
+task (``eval/copy_task.py``) nothing is copied in 1,200 steps without them; with 2 heads biased
+by 8 the repeat's loss leaves chance at step 200.
+
 Attention runs through ``F.scaled_dot_product_attention``. Decoding uses a preallocated
 :class:`KVCache`. Rows may be left-padded: :func:`positions_from_mask` gives each row positions
 0, 1, ... for its real tokens, and :func:`attention_mask` hides the pads.
@@ -99,6 +106,7 @@ class KVCache:
         self.k, self.v = k, v
         self.length = 0
         self.image_run: Tensor | None = None  # [B] image tokens ending the filled part
+        self.cells: Tensor | None = None  # [B, max_len] grid cell of each position (copy heads)
 
     @classmethod
     def allocate(
@@ -128,12 +136,25 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v [B, H, T, Dh] after the filled part; return all keys/values [B, H, S, Dh]."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        start, end = self._span(k.shape[2])
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def _span(self, n: int) -> tuple[int, int]:
+        """Where ``n`` new positions go: ``[length, length + n)``, if they fit."""
+        start, end = self.length, self.length + n
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        return start, end
+
+    def update_cells(self, cells: Tensor) -> Tensor:
+        """Write the grid cells [B, T] of the new positions; return all cells so far [B, S]."""
+        start, end = self._span(cells.shape[1])
+        if self.cells is None:
+            self.cells = cells.new_full((self.batch_size, self.max_len), -1)
+        self.cells[:, start:end] = cells
+        return self.cells[:, :end]
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -146,6 +167,8 @@ class KVCache:
         out.length = self.length
         if self.image_run is not None:
             out.image_run = self.image_run.index_select(0, index)
+        if self.cells is not None:
+            out.cells = self.cells.index_select(0, index)
         return out
 
     def reorder_(self, index: Tensor) -> None:
@@ -155,6 +178,8 @@ class KVCache:
             self.v[i] = self.v[i].index_select(0, index)
         if self.image_run is not None:
             self.image_run = self.image_run.index_select(0, index)
+        if self.cells is not None:
+            self.cells = self.cells.index_select(0, index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,20 +191,37 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.n_head, self.layer = config.n_head, layer
+        self.copy_heads = config.copy_heads
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        cache: KVCache | None,
+        copy_mask: Tensor | None = None,
+    ) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is not None:  # keys/values of all positions so far: [B, H, S, Dh]
             k, v = cache.update(self.layer, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if attn_mask is None:  # plain causal (no padding); a single query sees every key
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if copy_mask is None:
+            y = _attend(q, k, v, attn_mask)
+        else:  # copy heads with their additive bias [B, 1, T, S], the other heads as usual
+            h = self.copy_heads
+            y_copy = F.scaled_dot_product_attention(
+                q[:, :h], k[:, :h], v[:, :h], attn_mask=copy_mask.to(q.dtype)
+            )
+            y = torch.cat([y_copy, _attend(q[:, h:], k[:, h:], v[:, h:], attn_mask)], 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+    if attn_mask is None:  # plain causal (no padding); a single query sees every key
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 class MLP(nn.Module):
@@ -207,9 +249,13 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor | None = None, cache: KVCache | None = None
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        copy_mask: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, copy_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -222,10 +268,11 @@ class CM3LeonTransformer(nn.Module):
             raise ValueError(
                 "ModelConfig.vocab_size must be set (use Vocab.size) before building the model"
             )
-        if config.cell_embedding and config.image_cells <= 0:
+        if (config.cell_embedding or config.copy_heads) and config.image_cells <= 0:
             raise ValueError(
-                "cell_embedding=True needs the vocabulary's image layout: build the config with "
-                "ModelConfig.for_vocab(vocab) (or set cell_embedding=False)"
+                "cell_embedding and copy_heads need the vocabulary's image layout: build the "
+                "config with ModelConfig.for_vocab(vocab) (or set cell_embedding=False, "
+                "copy_heads=0)"
             )
         self.config = config
         self.activation_checkpointing = config.activation_checkpointing
@@ -289,34 +336,62 @@ class CM3LeonTransformer(nn.Module):
                 torch.ones(B, past + T, dtype=torch.bool, device=idx.device), T
             )
         x = self.tok_emb(idx) + self.pos_emb(positions)  # [B, T, C]
-        if self.cell_emb is not None:
-            x = x + self._cell_embedding(idx, cache)
+        copy = None
+        if self.cell_emb is not None or self.config.copy_heads:
+            is_image, cells = self._image_cells(idx, cache)
+            if self.cell_emb is not None:
+                x = x + self.cell_emb(cells) * is_image[..., None].to(x.dtype)
+            if self.config.copy_heads:
+                copy = self._copy_mask(is_image, cells, attn_mask, cache)
         checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if checkpointing and cache is None:
-                x = checkpoint(block, x, attn_mask, None, use_reentrant=False)
+                x = checkpoint(block, x, attn_mask, None, copy, use_reentrant=False)
             else:
-                x = block(x, attn_mask, cache)
+                x = block(x, attn_mask, cache, copy)
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.ln_f(x))  # [B, T, V]
 
-    def _cell_embedding(self, idx: Tensor, cache: KVCache | None) -> Tensor:
-        """Cell embeddings [B, T, C] of the image tokens in ``idx`` (zero on other tokens).
+    def _image_cells(self, idx: Tensor, cache: KVCache | None) -> tuple[Tensor, Tensor]:
+        """Which tokens of ``idx`` are image tokens [B, T] and their grid cells [B, T].
 
         A token's cell is its index within its run of image tokens, modulo ``image_cells``
-        (h * w): row-major grid position for a whole image. With a cache the run carries over
-        from the previous chunk (``cache.image_run``)."""
+        (h * w): row-major grid position for a whole image (0 on other tokens). With a cache
+        the run carries over from the previous chunk (``cache.image_run``)."""
         c = self.config
         is_image = (idx >= c.image_id_start) & (idx < c.image_id_start + c.n_image_ids)
         run0 = cache.image_run if cache is not None else None
         cells, run_after = image_cells(is_image, run0)
         if cache is not None:
             cache.image_run = run_after
-        emb = self.cell_emb(cells % c.image_cells)
-        return emb * is_image[..., None].to(emb.dtype)
+        return is_image, cells % c.image_cells
+
+    def _copy_mask(
+        self, is_image: Tensor, cells: Tensor, attn_mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        """Additive attention bias [B, 1, T, S] of the copy heads (``-inf`` where masked).
+
+        An image token in cell ``c`` predicts cell ``c + 1`` of its image; every earlier image
+        token in cell ``c + 1`` (the same place in another image: a retrieved one, or the source
+        of an edit) gets ``copy_bias``. Keys of the current image in that cell lie in the future
+        and stay masked. With a cache, each position's cell is kept in ``cache.cells``."""
+        c = self.config
+        B, T = is_image.shape
+        cell = torch.where(is_image, cells, -1)
+        key_cell = cell if cache is None else cache.update_cells(cell)
+        target = torch.where(is_image & (cells < c.image_cells - 1), cells + 1, -2)
+        aligned = target[:, :, None] == key_cell[:, None, :]  # [B, T, S]
+        S = key_cell.shape[1]
+        if attn_mask is None:
+            q_pos = torch.arange(S - T, S, device=cell.device)
+            allowed = (torch.arange(S, device=cell.device)[None, :] <= q_pos[:, None])[None]
+        else:
+            allowed = attn_mask[:, 0]
+        bias = torch.where(aligned, c.copy_bias, 0.0).masked_fill_(~allowed, float("-inf"))
+        return bias[:, None]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
