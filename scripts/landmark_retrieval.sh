@@ -34,7 +34,8 @@ run() {  # name, overrides...
   local name=$1; shift
   [ -f "$O/$name/manifest.json" ] || $PY -m lit_cm3leon.fit experiment=pretrain \
     retrieval.lexical_weight=1.0 task="$name" stage="$name" "~callbacks.sample_grid" "$@"
-  $PY "$ROOT/eval/perplexity.py" --outputs "$O" --ckpt "$O/$name" --n 500 --out "$WORK/ppl_${name#pretrain_}.json"
+  local out=$WORK/ppl_${name#pretrain_}.json
+  [ -f "$out" ] || $PY "$ROOT/eval/perplexity.py" --outputs "$O" --ckpt "$O/$name" --n 500 --out "$out"
 }
 run pretrain_ctrl
 run pretrain_copy model.copy_heads=2 model.copy_bias=8
