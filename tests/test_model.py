@@ -243,6 +243,35 @@ def test_copy_heads_bias_the_same_cell_of_earlier_images():
         ModelConfig.preset("debug", copy_heads=5)  # 4 heads
 
 
+def test_copy_heads_learn_to_copy_where_the_plain_decoder_does_not():
+    """An image of random codes, then the same image: with copy heads the repeat is copied
+    within 300 steps; without, its loss stays at chance, log(16) = 2.77 (seeds 0-3: 2.56-2.78
+    plain, 0.008-0.06 with copy heads)."""
+    from lit_cm3leon.tokenizer.vocab import Vocab
+
+    vocab = Vocab(n_text=30, n_image=16, image_h=3, image_w=3)
+    n, B = vocab.image_tokens, 16
+
+    def repeat_loss(copy_heads: int) -> float:
+        torch.manual_seed(0)
+        cfg = ModelConfig.preset("debug", copy_heads=copy_heads, copy_bias=8.0).for_vocab(vocab)
+        model = build_model(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
+        for _ in range(300):
+            codes = torch.randint(0, 16, (B, n)) + vocab.image_offset
+            x = torch.cat(
+                [torch.full((B, 1), vocab.bos), codes, torch.full((B, 1), vocab.sep), codes], 1
+            )
+            nll = F.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
+            opt.zero_grad()
+            nll.mean().backward()
+            opt.step()
+        return float(nll[:, -(n - 1) :].detach().mean())  # cells 1.. of the repeat
+
+    assert repeat_loss(0) > 2.0
+    assert repeat_loss(2) < 0.5
+
+
 def test_overfit_one_batch():
     torch.manual_seed(0)
     model = build_model(ModelConfig.preset("debug", vocab_size=64))
