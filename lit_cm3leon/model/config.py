@@ -49,9 +49,9 @@ class ModelConfig:
     cell_embedding: bool = False
     # Not in the paper: the first ``copy_heads`` heads of every layer add ``copy_bias`` to the
     # attention logit of each earlier image token sitting in the grid cell the query predicts
-    # (see transformer.copy_mask), so copying from a retrieved image is there from step 0.
+    # (CM3LeonTransformer._copy_mask), so copying from a retrieved image is there from step 0.
     copy_heads: int = 0
-    copy_bias: float = 4.0
+    copy_bias: float = 8.0
     image_id_start: int = 0
     n_image_ids: int = 0
     image_cells: int = 0
