@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from lit_cm3leon.fit import train
 from lit_cm3leon.model import ModelConfig, build_model
 from lit_cm3leon.tokenizer.vocab import Vocab
-from lit_cm3leon.training.checkpoint import CheckpointError, save_decoder
+from lit_cm3leon.training.checkpoint import CheckpointError, load_decoder, save_decoder
 from tests.fixtures import make_text_tokenizer, make_token_shards, tiny_pretrain_overrides
 
 
@@ -80,8 +81,25 @@ def test_init_from_decoder_of_another_size_or_vocab_is_refused(compose, artifact
     ):
         train(compose([*overrides(), f"module.init_from={tmp_path / 'small'}"]))
 
+    copying = build_model(ModelConfig.from_dict({**base, "copy_heads": 2}).for_vocab(vocab))
+    save_decoder(tmp_path / "copy" / "model.pt", copying, vocab)
+    with pytest.raises(CheckpointError, match=r"copy_heads: checkpoint 2 vs config 0"):
+        train(compose([*overrides(), f"module.init_from={tmp_path / 'copy'}"]))
+
     other_vocab = Vocab(n_text=vocab.n_text, n_image=32, image_h=4, image_w=4)
     wrong = build_model(ModelConfig.from_dict({**base, "vocab_size": other_vocab.size}))
     save_decoder(tmp_path / "vocab" / "model.pt", wrong, other_vocab)
     with pytest.raises(ValueError, match=r"checkpoint .*made with .*but this run uses"):
         train(compose([*overrides(), f"module.init_from={tmp_path / 'vocab'}"]))
+
+
+def test_decoder_of_another_architecture_is_named(tmp_path):
+    """Same weight shapes, different computation (copy heads): refused, not silently loaded."""
+    vocab = Vocab(n_text=30, n_image=16, image_h=2, image_w=2)
+    cfg = ModelConfig.preset("debug", copy_heads=2).for_vocab(vocab)
+    save_decoder(tmp_path / "model.pt", build_model(cfg), vocab)
+    load_decoder(tmp_path / "model.pt", vocab, expect_config=cfg)  # the same: loads
+    with pytest.raises(
+        CheckpointError, match=r"another architecture \(copy_heads: checkpoint 2 vs config 0\)"
+    ):
+        load_decoder(tmp_path / "model.pt", vocab, expect_config=replace(cfg, copy_heads=0))

@@ -378,18 +378,14 @@ class CM3LeonTransformer(nn.Module):
         token in cell ``c + 1`` (the same place in another image: a retrieved one, or the source
         of an edit) gets ``copy_bias``. Keys of the current image in that cell lie in the future
         and stay masked. With a cache, each position's cell is kept in ``cache.cells``."""
-        c = self.config
-        B, T = is_image.shape
+        c, T = self.config, is_image.shape[1]
         cell = torch.where(is_image, cells, -1)
         key_cell = cell if cache is None else cache.update_cells(cell)
         target = torch.where(is_image & (cells < c.image_cells - 1), cells + 1, -2)
         aligned = target[:, :, None] == key_cell[:, None, :]  # [B, T, S]
-        S = key_cell.shape[1]
-        if attn_mask is None:
-            q_pos = torch.arange(S - T, S, device=cell.device)
-            allowed = (torch.arange(S, device=cell.device)[None, :] <= q_pos[:, None])[None]
-        else:
-            allowed = attn_mask[:, 0]
+        if attn_mask is None:  # plain causal
+            attn_mask = attention_mask(torch.ones_like(key_cell, dtype=torch.bool), T)
+        allowed = attn_mask[:, 0]
         bias = torch.where(aligned, c.copy_bias, 0.0).masked_fill_(~allowed, float("-inf"))
         return bias[:, None]
 

@@ -29,6 +29,9 @@ SIZE_FIELDS = (
     "vocab_size",
     "image_cells",
 )
+# Fields that change what the same weights compute: a checkpoint of another value is "another
+# architecture" (the run's config would otherwise silently differ from the loaded model).
+ARCH_FIELDS = ("cell_embedding", "copy_heads", "copy_bias")
 
 
 class CheckpointError(ValueError):
@@ -91,12 +94,13 @@ def load_decoder(
     if expect_config is not None:
         diff = {
             k: (getattr(config, k), getattr(expect_config, k))
-            for k in SIZE_FIELDS
+            for k in SIZE_FIELDS + ARCH_FIELDS
             if getattr(config, k) != getattr(expect_config, k)
         }
         if diff:
+            kind = "model size" if set(diff) & set(SIZE_FIELDS) else "architecture"
             detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
-            raise CheckpointError(f"checkpoint {path} is another model size ({detail})")
+            raise CheckpointError(f"checkpoint {path} is another {kind} ({detail})")
     model = build_model(config)
     model.load_state_dict(record["state_dict"])
     return model.to(device).eval(), ckpt_vocab, record
