@@ -43,7 +43,7 @@ CFG_SCALE, TOP_P = 3.0, 0.9
 def make_models(seed: int = 0):
     torch.manual_seed(seed)
     model = build_model(
-        ModelConfig.preset("shapes", vocab_size=VOCAB.size, cell_embedding=False)
+        ModelConfig.preset("shapes", vocab_size=VOCAB.size, cell_embedding=False, copy_heads=0)
     ).eval()
     with torch.no_grad():  # random, non-zero head so that sampling is not uniform
         torch.nn.init.normal_(model.lm_head.weight, std=0.02)

@@ -118,7 +118,9 @@ def make_models(cfg: dict, seed: int = 0) -> tuple[ModelConfig, torch.nn.Module,
 
     vocab = Vocab(n_text=cfg["vocab"][0], n_image=cfg["vocab"][1])
     # no cell embedding: OPT has none, and both must compute the same function
-    mcfg = ModelConfig.preset(cfg["preset"], vocab_size=vocab.size, cell_embedding=False)
+    mcfg = ModelConfig.preset(
+        cfg["preset"], vocab_size=vocab.size, cell_embedding=False, copy_heads=0
+    )
     torch.manual_seed(seed)
     ours = build_model(mcfg)
     # the paper zero-inits the head; give it weights so both models produce non-trivial logits

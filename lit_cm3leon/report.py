@@ -335,6 +335,13 @@ class Report:
         self.add(
             f"1. Retrieval lowers FID (0 -> 1 -> 2 documents): {verdict(ok1)}: FID-CLIP {', '.join(_num(f) for f in fids)}{ppl_note}."
         )
+        if ppl and "ppl_landmark_k0" in ppl:
+            k0, k2, own = (ppl.get(f"ppl_landmark_{k}") for k in ("k0", "k2", "own"))
+            self.add(
+                f"1b. Retrieval lowers held-out image perplexity where the caption leaves the "
+                f"image to knowledge (landmark views, 2 retrieved documents vs none): "
+                f"{verdict(k2 < k0)}: k0 {_num(k0)}, k2 {_num(k2)}, own document {_num(own)}."
+            )
         ok2, d2, ok3, d3 = self.ablation_findings()
         self.add(
             f"2. The best CFG scale is about the same across model sizes (at most one grid step apart): {verdict(ok2)}: {d2}."

@@ -34,7 +34,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_parameter_counts(name):
-    cfg = ModelConfig.preset(name, vocab_size=PAPER_VOCAB, cell_embedding=False)
+    cfg = ModelConfig.preset(name, vocab_size=PAPER_VOCAB, cell_embedding=False, copy_heads=0)
     model = build_model(cfg, "meta")
     blocks = sum(p.numel() for p in model.blocks.parameters())
     assert blocks == EXPECTED[name][0] == cfg.block_params()

@@ -149,7 +149,7 @@ def test_auto_resume_refuses_a_checkpoint_of_another_config(compose):
     with pytest.raises(ValueError) as err:
         check_resume_config(changed, ckpt, auto=True)
     msg = str(err.value)
-    assert "module.lr: 0.001 -> 0.002" in msg and "data.retrieval.lexical_weight: 0.0 -> 0.5" in msg
+    assert "module.lr: 0.001 -> 0.002" in msg and "data.retrieval.lexical_weight: 1.0 -> 0.5" in msg
     assert "ckpt_path=null" in msg and f"ckpt_path={ckpt}" in msg
     check_resume_config(changed, ckpt, auto=False)  # explicit path: resumed as asked
     assert "lr: 0.002" in open(saved).read()  # and now the record is of this run
