@@ -256,7 +256,7 @@ def ckpt_main(args: argparse.Namespace) -> int:
         shutil.copyfile(folder / "metrics.json", out)
     print(table1_markdown([record]))
     ci = record["ci95"]
-    for k in ("clip_score", "attr_acc", "exact", "count_acc"):
+    for k in ("clip_score", "attr_acc", "attr_acc_strict", "exact", "count_acc"):
         if k in record:
             print(f"{k}: {record[k]:.4f}  95% CI {ci.get(k, '-')}")
     print(f"run folder: {folder}")

@@ -378,6 +378,12 @@ def test_scene_accuracy():
     assert missing["count"] == 0.0 and missing["background"] == 0.0 and missing["position"] == 0.5
     empty = scene_accuracy(Scene("gray", ()), target)
     assert empty["attributes"] == 0.0 and empty["precision"] == 0.0
+    assert missing["attributes_strict"] == missing["attributes"] == 0.5  # no extra shapes
+    # Extra shapes do not lower `attributes` (the prompt's shapes still match) but do lower the
+    # strict score: 2 matched of 4 parsed shapes.
+    extras = (Shape("triangle", "green", "small", 2, 2), Shape("diamond", "red", "large", 0, 2))
+    crowded = scene_accuracy(Scene("gray", (a, b, *extras)), target)
+    assert crowded["attributes"] == 1.0 and crowded["attributes_strict"] == 0.5
 
 
 def test_image_dataset(world):

@@ -246,7 +246,10 @@ def scene_accuracy(pred: Scene, target: Scene) -> dict[str, float]:
     number of shapes; `color`/`kind`/`size`/`position`: fraction of target shapes whose
     matched predicted shape has that attribute right (the matching maximizes agreement,
     unmatched target shapes count as wrong); `attributes`: mean of those four; `precision`:
-    fraction of predicted shapes that equal a target shape."""
+    fraction of predicted shapes that equal a target shape; `attributes_strict`: `attributes`
+    with every predicted shape beyond the target's count counted as a wrong one (the sum of the
+    matched shapes' field agreements over max(target, predicted) shapes), so an image crowded
+    with shape-like blobs no longer scores well."""
     n_t = len(target.shapes)
     slots = list(range(len(pred.shapes))) + [None] * n_t
     best, best_score = None, -1
@@ -262,6 +265,7 @@ def scene_accuracy(pred: Scene, target: Scene) -> dict[str, float]:
     for j, t in zip(best, target.shapes, strict=True):
         if j is not None:
             per_field += _agree(pred.shapes[j], t)
+    strict = float(per_field.mean() / max(n_t, len(pred.shapes), 1))
     per_field = per_field / max(n_t, 1)
     target_set = {s.cell + (s.kind, s.color, s.size) for s in target.shapes}
     hits = sum(s.cell + (s.kind, s.color, s.size) in target_set for s in pred.shapes)
@@ -272,6 +276,7 @@ def scene_accuracy(pred: Scene, target: Scene) -> dict[str, float]:
     }
     out.update({f: float(v) for f, v in zip(_SHAPE_FIELDS, per_field, strict=True)})
     out["attributes"] = float(per_field.mean())
+    out["attributes_strict"] = strict
     out["precision"] = hits / len(pred.shapes) if pred.shapes else float(n_t == 0)
     return out
 

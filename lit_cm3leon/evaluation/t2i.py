@@ -91,7 +91,8 @@ def attribute_scores(
     rows = [
         scene_accuracy(parse_scene(img, world), sc) for img, sc in zip(images, scenes, strict=True)
     ]
-    return {k: np.array([r[k] for r in rows]) for k in ("attributes", "exact", "count")}
+    keys = ("attributes", "attributes_strict", "exact", "count")
+    return {k: np.array([r[k] for r in rows]) for k in keys}
 
 
 def write_prompts(folder: str | Path, prompts: Sequence[str]) -> Path:

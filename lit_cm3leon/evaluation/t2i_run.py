@@ -210,8 +210,9 @@ def score_run(
     if scenes is not None:
         images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
         att = attribute_scores(images, scenes)
-        per["attr_acc"], per["exact"], per["count_acc"] = (
+        per["attr_acc"], per["attr_acc_strict"], per["exact"], per["count_acc"] = (
             att["attributes"],
+            att["attributes_strict"],
             att["exact"],
             att["count"],
         )
@@ -219,7 +220,8 @@ def score_run(
             "scene parser on each sample vs the prompt's scene: mean of colour/kind/size/position "
             "accuracy of matched shapes (exact: the whole scene right; count_acc: as many shapes "
             "as the prompt). Matching favours images with many shapes, so read attr_acc with "
-            "count_acc and exact"
+            "count_acc and exact; attr_acc_strict counts each parsed shape beyond the prompt's "
+            "count as a wrong one"
         )
     for k, v in per.items():
         metrics[k] = float(v.mean())
