@@ -14,7 +14,7 @@ index in its run of image tokens (:func:`image_cells`). On the shapes world it c
 image perplexity from 205 to 74 (850 vs 1,200 steps): with absolute positions alone the model
 did not learn where in the grid a token sits, nor to look up the same cell in another image.
 
-Optional and not in the paper (``ModelConfig.copy_heads``, off in every preset): in the first
+Optional and not in the paper (``ModelConfig.copy_heads``, 2 in the ``shapes`` preset): in the first
 ``copy_heads`` heads of each layer, an image token's attention logit to every earlier image token
 in the cell it predicts gets ``+copy_bias`` (:meth:`CM3LeonTransformer._copy_mask`), so copying
 from a retrieved image or an edit's source is one head away from the first step. On the copy
