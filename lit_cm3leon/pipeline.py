@@ -69,6 +69,15 @@ def stages(out: Path) -> list[Stage]:
         cmd = [c.replace("{o}", o) for c in evaluate(script, name, *args)]
         return Stage(name, cmd, list(reduced), budget_min, marker="metrics.json")
 
+    def tokenize(split: str, name: str, n: int, landmark_views: int = 0) -> list[str]:
+        views = ["--landmark-views", str(landmark_views)] if landmark_views else []
+        return prepare(
+            "tokenize",
+            *("--source", "shapes", "--split", split, "--n", str(n), *views),
+            *("--caption", "long", "--tokenizer", f"{o}/image_tokenizer"),
+            *("--out", f"{o}/tokens/{name}"),
+        )
+
     t2i = ("--strategy", "cfg_topp", "--cfg-scale", "3", "--num-samples", "1", "--seed", "0")
     return [
         Stage(
@@ -84,65 +93,19 @@ def stages(out: Path) -> list[Stage]:
         ),
         Stage(
             "tokens/shapes-train",
-            prepare(
-                "tokenize",
-                "--source",
-                "shapes",
-                "--split",
-                "train",
-                "--n",
-                "20000",
-                "--landmark-views",
-                "12000",
-                "--caption",
-                "long",
-                "--tokenizer",
-                f"{o}/image_tokenizer",
-                "--out",
-                f"{o}/tokens/shapes-train",
-            ),
+            tokenize("train", "shapes-train", 20000, landmark_views=12000),
             ["--n", "8000", "--landmark-views", "8000"],
             budget_min=1.0,
         ),
         Stage(
             "tokens/shapes-heldout",
-            prepare(
-                "tokenize",
-                "--source",
-                "shapes",
-                "--split",
-                "heldout",
-                "--n",
-                "1000",
-                "--caption",
-                "long",
-                "--tokenizer",
-                f"{o}/image_tokenizer",
-                "--out",
-                f"{o}/tokens/shapes-heldout",
-            ),
+            tokenize("heldout", "shapes-heldout", 1000),
             ["--n", "500"],
             budget_min=0.2,
         ),
         Stage(
             "tokens/landmarks-heldout",
-            prepare(
-                "tokenize",
-                "--source",
-                "shapes",
-                "--split",
-                "heldout",
-                "--n",
-                "0",
-                "--landmark-views",
-                "500",
-                "--caption",
-                "long",
-                "--tokenizer",
-                f"{o}/image_tokenizer",
-                "--out",
-                f"{o}/tokens/landmarks-heldout",
-            ),
+            tokenize("heldout", "landmarks-heldout", 0, landmark_views=500),
             budget_min=0.1,
         ),
         Stage("retriever", fit("retriever"), ["trainer.max_steps=80"], budget_min=1.0),
