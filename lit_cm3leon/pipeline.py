@@ -126,7 +126,7 @@ def stages(out: Path) -> list[Stage]:
         Stage(
             "pretrain",
             fit("pretrain"),  # the reduced run keeps the full 850 steps: copying from
-            budget_min=7.0,  # retrieved views is learned late (README: Copy heads)
+            budget_min=7.0,  # retrieved views is learned late (README: Retrieval, landmarks and copy heads)
         ),
         Stage(
             "pretrain_small",
