@@ -125,8 +125,10 @@ def stages(out: Path) -> list[Stage]:
         ),
         Stage(
             "pretrain",
-            fit("pretrain"),  # the reduced run keeps the full 850 steps: copying from
-            budget_min=7.0,  # retrieved views is learned late (README: Retrieval, landmarks and copy heads)
+            # The reduced run keeps the full 850 steps: copying from retrieved views is learned
+            # late (README: Retrieval, landmarks and copy heads).
+            fit("pretrain"),
+            budget_min=7.0,
         ),
         Stage(
             "pretrain_small",

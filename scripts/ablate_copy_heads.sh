@@ -8,7 +8,7 @@
 # OUTPUTS: a finished main command's outputs/ (its tokenizers, shards, memory bank and
 # eval/perplexity are reused). Writes OUTPUTS/pretrain_nocopy (the decoder) and
 # OUTPUTS/eval/perplexity_nocopy/metrics.json (N held-out pairs and views, default 500), beside
-# the main command's OUTPUTS/eval/perplexity/metrics.json. About 8 minutes on 2 idle cores.
+# the main command's OUTPUTS/eval/perplexity/metrics.json. About 7 minutes on 2 idle cores.
 # Reruns skip finished steps.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

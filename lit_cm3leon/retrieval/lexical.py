@@ -81,7 +81,8 @@ class LexicalIndex:
     def score_all(self, texts: Sequence[str]) -> np.ndarray:
         """Cosine of each query against every row: float32 [Q, N] (bank-sized; batch queries).
         Computed over the query terms' columns only, as sparse rows times a dense block: the
-        sparse-sparse product is about 15x slower once common words match most rows."""
+        sparse-sparse product was 6-16x slower (256 queries x 32,000 rows), as common words match
+        most rows."""
         q = self.encode(texts)
         cols = np.unique(q.indices)
         if len(cols) == 0:
