@@ -92,3 +92,24 @@ def test_shipped_archs_forward_32px():
         e = ClipEncoder.from_arch(arch)
         out = e.model(e.pixels(np.zeros((2, 32, 32, 3), np.uint8)), e.tokenize(["a", "b"]))
         assert out[0].shape == (2, e.dim) and out[1].shape == (2, e.dim)
+
+
+def test_encode_text_stops_at_the_last_pooled_token(enc):
+    """Features and gradients equal open_clip's full-context encode_text, though the batch runs
+    only up to its longest caption (the tower is causal and pools the end-of-text token)."""
+    texts = ["a red circle", "a small blue square at the top left and a large green triangle"]
+    tok = enc.tokenize(texts)
+    assert int(tok.argmax(-1).max()) + 1 < tok.shape[1]  # there is padding to skip
+    enc.model.train()
+    ours = enc.encode_text(tok)
+    ours.square().sum().backward()
+    g_ours = enc.model.token_embedding.weight.grad.clone()
+    enc.model.zero_grad()
+    theirs = enc.model.encode_text(tok, normalize=True)
+    theirs.square().sum().backward()
+    g_theirs = enc.model.token_embedding.weight.grad
+    enc.model.zero_grad()
+    enc.model.eval()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(enc.embed_text(texts), theirs.detach().numpy(), rtol=1e-5, atol=1e-5)

@@ -227,6 +227,31 @@ class ClipEncoder:
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Text features [N, D] of token ids [N, context_length], with gradients when enabled.
+
+        Equal to open_clip's ``encode_text`` but run only up to the last pooled position of
+        the batch: the text tower is causal and pools one position per row (the end-of-text
+        token), so the padding after it cannot change the features. Short captions in a
+        48-token context then cost what their length costs. Other towers (no causal mask, or
+        a pooling that reads every position) run open_clip's ``encode_text`` unchanged."""
+        m = self.model
+        pool = getattr(m, "text_pool_type", None)
+        mask = getattr(m, "attn_mask", None)
+        if pool not in ("argmax", "eos") or mask is None or not hasattr(m, "positional_embedding"):
+            return m.encode_text(tokens, normalize=normalize)
+        eos = getattr(m, "text_eos_id", None)
+        last = tokens.argmax(-1) if pool == "argmax" else (tokens == eos).int().argmax(-1)
+        n = int(last.max()) + 1 if len(tokens) else 1
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens[:, :n]).to(cast) + m.positional_embedding[:n].to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=mask[:n, :n]))
+        x = x[torch.arange(len(x), device=x.device), last]
+        proj = m.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return F.normalize(x, dim=-1) if normalize else x
+
     # ------------------------------------------------------------------ numpy embeddings
     @torch.inference_mode()
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
@@ -237,9 +262,7 @@ class ClipEncoder:
         self.model.eval()
         for s in range(0, len(texts), self.batch_size):
             tok = self.tokenize(texts[s : s + self.batch_size])
-            out[s : s + len(tok)] = (
-                self.model.encode_text(tok, normalize=True).float().cpu().numpy()
-            )
+            out[s : s + len(tok)] = self.encode_text(tok, normalize=True).float().cpu().numpy()
         self.model.train(was_training)
         return out
 

@@ -68,7 +68,9 @@ class CLIPModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def forward(self, images: torch.Tensor, texts: list[str]):
         """images uint8 [B,H,W,3], texts [B] -> (image feats [B,D], text feats [B,D], scale)."""
-        return self.model(self.encoder.pixels(images), self.encoder.tokenize(texts))
+        image = self.model.encode_image(self.encoder.pixels(images), normalize=True)
+        text = self.encoder.encode_text(self.encoder.tokenize(texts), normalize=True)
+        return image, text, self.model.logit_scale.exp()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         img_f, txt_f, scale = self(batch["image"], batch["text"])
