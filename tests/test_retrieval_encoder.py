@@ -100,16 +100,19 @@ def test_encode_text_stops_at_the_last_pooled_token(enc):
     texts = ["a red circle", "a small blue square at the top left and a large green triangle"]
     tok = enc.tokenize(texts)
     assert int(tok.argmax(-1).max()) + 1 < tok.shape[1]  # there is padding to skip
+    w = torch.randn(len(texts), enc.dim, generator=torch.Generator().manual_seed(0))
     enc.model.train()
     ours = enc.encode_text(tok)
-    ours.square().sum().backward()
+    (ours * w).sum().backward()
     g_ours = enc.model.token_embedding.weight.grad.clone()
     enc.model.zero_grad()
     theirs = enc.model.encode_text(tok, normalize=True)
-    theirs.square().sum().backward()
+    (theirs * w).sum().backward()
     g_theirs = enc.model.token_embedding.weight.grad
+    assert g_theirs.abs().sum() > 0  # a loss with a gradient to compare
     enc.model.zero_grad()
     enc.model.eval()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-6)
+    scale = float(g_theirs.abs().max())  # float rounding differs in the summed positions
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-3, atol=1e-4 * scale)
     np.testing.assert_allclose(enc.embed_text(texts), theirs.detach().numpy(), rtol=1e-5, atol=1e-5)
