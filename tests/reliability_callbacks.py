@@ -87,9 +87,18 @@ class PoisonAt(L.Callback):
                 json.dump({str(k): v for k, v in self.changed.items()}, f)
 
 
+def sequences(batch) -> list:
+    """The batch's sequences without padding, packed (``doc_ids``) or one per padded row."""
+    ids = batch["ids"].cpu()
+    if "doc_ids" not in batch:
+        return [row[: int(n)] for row, n in zip(ids, batch["length"].cpu(), strict=True)]
+    docs = batch["doc_ids"].cpu()
+    return [ids[r][docs[r] == d] for r in range(len(ids)) for d in docs[r].unique() if d >= 0]
+
+
 class RecordBatches(L.Callback):
     """Append ``global_step rank batch_idx lr sum(ids) loss crc32,crc32,...`` (one crc per
-    sequence) per trained batch to a text file."""
+    sequence, padding dropped) per trained batch to a text file."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -102,7 +111,7 @@ class RecordBatches(L.Callback):
             else float("nan")
         )
         with open(self.path, "a") as f:
-            crcs = ",".join(str(zlib.crc32(row.numpy().tobytes())) for row in batch["ids"].cpu())
+            crcs = ",".join(str(zlib.crc32(seq.numpy().tobytes())) for seq in sequences(batch))
             f.write(
                 f"{trainer.global_step} {trainer.global_rank} {batch_idx} {lr!r} {int(batch['ids'].sum())} {loss!r} {crcs}\n"
             )

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lit_cm3leon.data.collate import collate_fn, pad_item
 from lit_cm3leon.data.shards import TokenShards
 from lit_cm3leon.objective.cm3 import CM3Transform, loss_weights
 from lit_cm3leon.objective.sequence import build_sequence, pair_document
@@ -106,17 +107,6 @@ class PairSequences(Dataset):
         return pad_item(ids, weights, self.seq_len, self.vocab.pad)
 
 
-def pad_item(ids, weights, seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to ``seq_len + 1`` ids; ``weights`` are per target (``seq_len``), 0 on pads."""
-    ids = np.asarray(ids, dtype=np.int64)[: seq_len + 1]
-    w = np.asarray(weights, dtype=np.float32)[1 : seq_len + 1]  # weight of predicting ids[t+1]
-    out_ids = np.full(seq_len + 1, pad_id, dtype=np.int64)
-    out_w = np.zeros(seq_len, dtype=np.float32)
-    out_ids[: len(ids)] = ids
-    out_w[: len(w)] = w
-    return {"ids": torch.from_numpy(out_ids), "weights": torch.from_numpy(out_w)}
-
-
 class ResumableSampler(Sampler[int]):
     """Indices ``start, start+1, ...`` of this rank's slice; its state is the next index.
 
@@ -168,6 +158,7 @@ class PretrainDataModule(L.LightningDataModule):
         image_tokens: int = 64,
         batch_size: int = 8,
         num_workers: int = 0,
+        packing: bool = True,
         max_steps: int = 1000,
         n_retrieved: int = 3,
         candidate_pool: int = 8,
@@ -293,7 +284,16 @@ class PretrainDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=True,
+            collate_fn=self._collate(),
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_ds, batch_size=self.hparams.batch_size, num_workers=0)
+        return DataLoader(
+            self.val_ds,
+            batch_size=self.hparams.batch_size,
+            num_workers=0,
+            collate_fn=self._collate(),
+        )
+
+    def _collate(self):
+        return collate_fn(self.hparams.packing, self.train_ds.vocab.pad)

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lit_cm3leon.data.pretrain import ResumableSampler, pad_item
+from lit_cm3leon.data.collate import collate_fn, pad_item
+from lit_cm3leon.data.pretrain import ResumableSampler
 from lit_cm3leon.data.templates import TASKS, get_template, render_ids
 from lit_cm3leon.tokenizer.codec import DocumentCodec
 
@@ -411,6 +412,7 @@ class SFTDataModule(L.LightningDataModule):
         image_tokens: int = 64,
         batch_size: int = 8,
         num_workers: int = 0,
+        packing: bool = True,
         max_steps: int = 1000,
         val_per_task: int = 16,
         loss_on: str = "target",
@@ -526,9 +528,18 @@ class SFTDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=True,
+            collate_fn=self._collate(),
         )
 
     def val_dataloader(self) -> DataLoader:
         if self.val_ds is None:
             return []
-        return DataLoader(self.val_ds, batch_size=self.hparams.batch_size, num_workers=0)
+        return DataLoader(
+            self.val_ds,
+            batch_size=self.hparams.batch_size,
+            num_workers=0,
+            collate_fn=self._collate(),
+        )
+
+    def _collate(self):
+        return collate_fn(self.hparams.packing, self.train_ds.codec.vocab.pad)

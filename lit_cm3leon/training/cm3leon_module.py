@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from lit_cm3leon.model import ModelConfig, build_model
 from lit_cm3leon.model.parallelize import parallelize
+from lit_cm3leon.objective.sequence import attention_mask_from_doc_ids
 from lit_cm3leon.tokenizer.vocab import Vocab
 from lit_cm3leon.training.checkpoint import CheckpointError, load_decoder, save_decoder
 
@@ -78,17 +79,29 @@ class CM3LeonModule(L.LightningModule):
         """ids [B, T] -> logits [B, T, V]."""
         return self.net(ids)
 
+    def batch_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [N, T, V] of a batch's inputs ``ids[:, :-1]``, padded or packed.
+
+        A packed batch (``doc_ids``, ``positions``: :class:`lit_cm3leon.data.collate.PackedCollate`)
+        runs with the block-diagonal causal mask and per-sequence positions, so each packed
+        sequence sees only itself, as in a padded row of its own."""
+        inputs = batch["ids"][:, :-1]
+        if "doc_ids" not in batch:
+            return self.net(inputs)
+        mask = attention_mask_from_doc_ids(batch["doc_ids"][:, :-1])
+        return self.net(inputs, positions=batch["positions"][:, :-1], attn_mask=mask)
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        ids, weights = batch["ids"], batch["weights"]  # [B, T+1], [B, T]
-        inputs, targets = ids[:, :-1], ids[:, 1:]
-        logits = self.net(inputs)
+        ids, weights = batch["ids"], batch["weights"]  # [N, T+1], [N, T]
+        targets = ids[:, 1:]
+        logits = self.batch_logits(batch)
         ce, loss = weighted_token_loss(logits, targets, weights)
         if stage == "train" and self.trainer.world_size > 1:
             # normalize by the global batch's loss tokens, so the gradient DDP averages over ranks
             # is that of one process holding the whole batch (per-rank token counts differ)
             mean_tokens = self.trainer.strategy.reduce(weights.sum().detach(), reduce_op="mean")
             loss = (ce * weights).sum() / mean_tokens.clamp_min(1e-8)
-        bsz = ids.shape[0]
+        bsz = int(batch["length"].numel()) if "length" in batch else ids.shape[0]  # sequences
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bsz, sync_dist=stage != "train")
         with torch.no_grad():
             for name, mask in modality_masks(targets, self.vocab).items():
@@ -127,7 +140,7 @@ class CM3LeonModule(L.LightningModule):
             self._drop_grads = True
             return sum(p.sum() for p in self.net.parameters() if p.requires_grad) * 0.0
         self._bad_steps = 0
-        self._log_throughput(batch["ids"])
+        self._log_throughput(batch["ids"][:, :-1])
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -165,14 +178,15 @@ class CM3LeonModule(L.LightningModule):
         n = c.block_params() + c.vocab_size * c.d_model  # the lm head; embeddings are lookups
         return 6 * n + 12 * c.n_layer * c.d_model * seq_len
 
-    def _log_throughput(self, ids: torch.Tensor) -> None:
+    def _log_throughput(self, inputs: torch.Tensor) -> None:
+        """``train/tokens_per_s``: input tokens that are not padding (padded or packed rows)."""
         now = time.perf_counter()
         if self._t_last is not None:
             dt = now - self._t_last
-            tokens = ids.numel() * self.trainer.world_size
+            tokens = int((inputs != self.vocab.pad).sum()) * self.trainer.world_size
             self.log("train/tokens_per_s", tokens / dt)
             if self.hparams.peak_flops:
-                mfu = tokens * self.flops_per_token(ids.shape[1]) / dt / self.hparams.peak_flops
+                mfu = tokens * self.flops_per_token(inputs.shape[1]) / dt / self.hparams.peak_flops
                 self.log("train/mfu", mfu)
         self._t_last = now
 

@@ -1,0 +1,99 @@
+"""Packed training batches compute what padded ones compute, in fewer rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lit_cm3leon.data.collate import PackedCollate, pad_item
+from lit_cm3leon.model import ModelConfig
+from lit_cm3leon.tokenizer.vocab import Vocab
+from lit_cm3leon.training.cm3leon_module import CM3LeonModule, weighted_token_loss
+
+VOCAB = Vocab(n_text=40, n_image=16, image_h=3, image_w=3)
+SEQ_LEN = 48
+
+
+def make_items(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Sequences of 13-35 ids: text, then one or two 9-token images, loss on 80% of tokens."""
+    rng = np.random.default_rng(seed)
+    v = VOCAB
+    items = []
+    for _ in range(n):
+        ids = [v.bos, *rng.integers(0, 40, rng.integers(2, 12))]
+        for _ in range(rng.integers(1, 3)):
+            ids += [v.special("<break>"), *(rng.integers(0, 16, v.image_tokens) + v.image_offset)]
+        ids = [*ids[:SEQ_LEN], v.eos][: SEQ_LEN + 1]
+        weights = (rng.random(len(ids)) < 0.8).astype(np.float32)
+        items.append(pad_item(ids, weights, SEQ_LEN, v.pad))
+    return items
+
+
+def module(tmp_path) -> CM3LeonModule:
+    VOCAB.save(tmp_path / "vocab.json")
+    model = ModelConfig.preset("debug", cell_embedding=True, copy_heads=2, copy_bias=8.0)
+    m = CM3LeonModule(model=vars(model), vocab_path=str(tmp_path / "vocab.json"))
+    torch.manual_seed(0)
+    for p in m.net.parameters():  # the zero-initialised head would make every logit equal
+        torch.nn.init.normal_(p, std=0.2)
+    return m.eval()
+
+
+def test_packing_fills_fewer_rows_with_every_token_and_weight():
+    items = make_items(8)
+    batch = PackedCollate(VOCAB.pad)(items)
+    n_rows, width = batch["ids"].shape
+    assert width == SEQ_LEN + 1 and n_rows < len(items)
+    assert batch["weights"].shape == (n_rows, SEQ_LEN)
+    lengths = sorted(int(it["length"]) for it in items)
+    docs = batch["doc_ids"]
+    found = sorted(
+        int((docs[r] == d).sum()) for r in range(n_rows) for d in docs[r].unique() if d >= 0
+    )
+    assert found == lengths  # every sequence whole, in one row
+    assert int((batch["ids"] != VOCAB.pad).sum()) == sum(lengths)
+    total = sum(float(it["weights"].sum()) for it in items)
+    assert float(batch["weights"].sum()) == total
+    # each sequence's first token is never a target (its predecessor is another sequence)
+    starts = batch["positions"][:, 1:] == 0
+    assert float(batch["weights"][starts & (docs[:, 1:] >= 0)].sum()) == 0.0
+    assert torch.equal(batch["length"], torch.stack([it["length"] for it in items]))
+
+
+def test_packed_batch_gives_each_sequence_the_loss_of_its_own_padded_row(tmp_path):
+    """With copy heads and cell embeddings (both look at earlier images), packed sequences
+    neither see each other nor shift positions: the per-target losses are the padded ones."""
+    m = module(tmp_path)
+    items = make_items(8, seed=1)
+    padded = torch.utils.data.default_collate(items)
+    packed = PackedCollate(VOCAB.pad)(items)
+    assert packed["ids"].shape[0] < padded["ids"].shape[0]
+    losses = []
+    with torch.no_grad():
+        for batch in (padded, packed):
+            ce, loss = weighted_token_loss(
+                m.batch_logits(batch), batch["ids"][:, 1:], batch["weights"]
+            )
+            kept = ce[batch["weights"] > 0]
+            losses.append((loss, torch.sort(kept).values))
+    (loss_pad, ce_pad), (loss_pack, ce_pack) = losses
+    assert ce_pad.numel() == ce_pack.numel() > 100
+    assert float(ce_pad.std()) > 0.1  # a random network: the losses differ from token to token
+    torch.testing.assert_close(ce_pack, ce_pad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss_pack, loss_pad, atol=1e-5, rtol=1e-5)
+
+
+def test_without_the_mask_packed_sequences_would_see_each_other(tmp_path):
+    """The check above can fail: the same packed rows with a plain causal mask change the
+    losses of every sequence after the first in a row."""
+    m = module(tmp_path)
+    items = make_items(8, seed=1)
+    packed = PackedCollate(VOCAB.pad)(items)
+    with torch.no_grad():
+        masked = m.batch_logits(packed)
+        plain = m.net(packed["ids"][:, :-1], positions=packed["positions"][:, :-1])
+    later = packed["doc_ids"][:, :-1] > 0
+    assert later.any()
+    assert (masked - plain).abs().amax(-1)[later].min() > 1e-3
+    first = packed["doc_ids"][:, :-1] == 0
+    torch.testing.assert_close(masked[first], plain[first], atol=1e-5, rtol=1e-5)
