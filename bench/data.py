@@ -3,14 +3,17 @@
 The pipeline is the one pretraining runs (``lit_cm3leon.data.pretrain.PairSequences``): read a
 pair from in-memory token shards, draw up to 3 retrieved documents from its candidates, encode the
 documents, lay out and truncate the sequence (seq 384), apply the CM3 transform, compute loss
-weights, pad, and ``default_collate`` a batch of 8. Shards have real shapes-world sizes (8 x 8 =
-64 codes per image, 256 codes, captions from ``ShapesWorld``); retrieval candidates are a
-precomputed random ``[N, 16]`` array (the search itself runs once, before training).
+weights, pad, and collate a batch of 8 with the training collate (packed rows,
+``lit_cm3leon.data.collate.PackedCollate``; ``--no-packing`` for padded rows). Shards have real
+shapes-world sizes (8 x 8 = 64 codes per image, 256 codes, captions from ``ShapesWorld``);
+retrieval candidates are a precomputed random ``[N, 16]`` array (the search itself runs once,
+before training).
 
-The consumer is one training step of the ``shapes`` preset (batch 8, seq 384, bf16 autocast,
-AdamW; eager by default, ``--compile`` for torch.compile), timed in the same run. Both are
-repeated ``--repeats`` times (alternating) and reported as medians; the target is a pipeline at
-least 5x faster than the step consumes, single process (``num_workers=0``).
+The consumer is one training step of the ``shapes`` preset as pretraining runs it
+(``CM3LeonModule.batch_logits``: cell embedding and copy heads on, bf16 autocast, AdamW; eager
+by default, ``--compile`` for torch.compile) on batches the pipeline produced, timed in the same
+run. Both are repeated ``--repeats`` times (alternating) and reported as medians; the target is a
+pipeline at least 5x faster than the step consumes, single process (``num_workers=0``).
 
     PYTHONPATH=. python bench/data.py            # ~1-2 minutes on 2 CPU cores
     PYTHONPATH=. python bench/data.py --quick    # smoke run
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from lit_cm3leon.data.collate import collate_fn
 from lit_cm3leon.data.pretrain import PairSequences
 from lit_cm3leon.data.shards import TokenShards
 from lit_cm3leon.objective.cm3 import CM3Transform
@@ -41,7 +45,7 @@ from lit_cm3leon.tokenizer.text import TextTokenizer, shapes_corpus
 from lit_cm3leon.tokenizer.vocab import Vocab
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import CONFIGS, machine, make_models, make_step, random_batch  # noqa: E402
+from train import CONFIGS, machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -85,13 +89,41 @@ def build_dataset(
     )
 
 
-def time_batches(ds: PairSequences, batch: int, n_batches: int, start: int) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds per batch of ``__getitem__`` x batch + ``default_collate``."""
-    t0, c0 = time.perf_counter(), time.process_time()
+def time_batches(
+    ds: PairSequences, collate, batch: int, n_batches: int, start: int
+) -> tuple[float, float, list]:
+    """Wall-clock and process CPU seconds per batch of ``__getitem__`` x batch + the collate, and
+    the batches."""
+    t0, c0, out = time.perf_counter(), time.process_time(), []
     for b in range(n_batches):
         base = start + b * batch
-        default_collate([ds[base + j] for j in range(batch)])
-    return (time.perf_counter() - t0) / n_batches, (time.process_time() - c0) / n_batches
+        out.append(collate([ds[base + j] for j in range(batch)]))
+    return (time.perf_counter() - t0) / n_batches, (time.process_time() - c0) / n_batches, out
+
+
+def make_step(vocab: Vocab, root: Path, compiled: bool):
+    """One pretraining step of the ``shapes`` preset on a collated batch (as the module runs it)."""
+    from lit_cm3leon.model import ModelConfig
+    from lit_cm3leon.training.cm3leon_module import CM3LeonModule, weighted_token_loss
+
+    vocab.save(root / "vocab.json")
+    torch.manual_seed(0)
+    module = CM3LeonModule(
+        model=vars(ModelConfig.preset("shapes")), vocab_path=str(root / "vocab.json")
+    )
+    if compiled:
+        module.net = torch.compile(module.net)
+    opt = torch.optim.AdamW(module.net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def step(batch: dict) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = module.batch_logits(batch)
+            _, loss = weighted_token_loss(logits, batch["ids"][:, 1:], batch["weights"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         "--compile", action="store_true", help="time the step with torch.compile (default eager)"
     )
     p.add_argument(
+        "--no-packing",
+        dest="packing",
+        action="store_false",
+        help="padded rows, one per sequence (data.packing=false) instead of packed ones",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -116,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rows, args.batches, args.steps, args.repeats = 200, 5, 2, 1
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    cfg = CONFIGS["shapes"]
-    B, T = cfg["batch"], cfg["seq"]
+    B, T = CONFIGS["shapes"]["batch"], CONFIGS["shapes"]["seq"]
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -128,29 +165,31 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ds = build_dataset(Path(tmp), args.rows, T)
         log(f"shards + tokenizer: {time.perf_counter() - t0:.1f}s")
-        sample = default_collate([ds[i] for i in range(4 * B)])
-        fill = float((sample["ids"] != ds.vocab.pad).float().mean())
-        n_retrieved = float(((sample["ids"] == ds.vocab.sep).sum(1)).float().mean())
+        padded = default_collate([ds[i] for i in range(4 * B)])
+        fill = float((padded["ids"] != ds.vocab.pad).float().mean())
+        n_retrieved = float(((padded["ids"] == ds.vocab.sep).sum(1)).float().mean())
+        collate = collate_fn(args.packing, ds.vocab.pad) or default_collate
+        rows = [collate([ds[b * B + j] for j in range(B)])["ids"].shape[0] for b in range(4)]
 
-        mcfg, ours, _ = make_models(cfg)
-        step = make_step(ours, False, args.compile)
-        batch = random_batch(cfg, mcfg.vocab_size)
-        for _ in range(2):
-            step(*batch)  # warm-up (compilation, optimizer state)
+        step = make_step(ds.vocab, Path(tmp), args.compile)
+        _, _, batches = time_batches(ds, collate, B, 2, 0)
+        for b in batches:
+            step(b)  # warm-up (compilation, optimizer state)
 
         data_s, step_s, data_cpu, step_cpu, cursor = [], [], [], [], 10 * B
         for r in range(args.repeats):
             jobs = ["data", "step"] if r % 2 == 0 else ["step", "data"]
             for job in jobs:
                 if job == "data":
-                    wall, cpu = time_batches(ds, B, args.batches, cursor)
+                    wall, cpu, made = time_batches(ds, collate, B, args.batches, cursor)
+                    batches = made[: args.steps] if r == 0 else batches
                     data_s.append(wall)
                     data_cpu.append(cpu)
                     cursor += args.batches * B
                 else:
                     t0, c0 = time.perf_counter(), time.process_time()
-                    for _ in range(args.steps):
-                        step(*batch)
+                    for i in range(args.steps):
+                        step(batches[i % len(batches)])
                     step_s.append((time.perf_counter() - t0) / args.steps)
                     step_cpu.append((time.process_time() - c0) / args.steps)
             log(
@@ -177,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         n_candidates=16,
         cm3_poisson_rate=1.0,
         step_mode="compile" if args.compile else "eager",
+        packing=args.packing,
+        mean_rows=statistics.mean(rows),
         repeats=args.repeats,
         data_batch_s=data_s,
         data_samples_per_s=B / data_med,
@@ -208,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("| --- | ---: | ---: | ---: | ---: |")
     print(
-        f"| data: PairSequences + collate (seq {T}, CM3, <= 3 retrieved) | {data_med * 1e3:.1f} | {B / data_med:,.0f} "
+        f"| data: PairSequences + {'packed' if args.packing else 'padded'} collate (seq {T}, CM3, <= 3 retrieved) "
+        f"| {data_med * 1e3:.1f} | {B / data_med:,.0f} "
         f"| {data_cpu_med * 1e3:.1f} | {B / data_cpu_med:,.0f} |"
     )
     print(
@@ -217,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"\nheadroom = data rate / step consumption (median of per-repeat ratios): wall {result['headroom']:.1f}x, "
-        f"CPU time {result['headroom_cpu']:.1f}x (target >= 5x); sequences {100 * fill:.0f}% non-pad on average"
+        f"CPU time {result['headroom_cpu']:.1f}x (target >= 5x); sequences {100 * fill:.0f}% non-pad on average, "
+        f"{result['mean_rows']:.2f} rows per batch of {B}"
     )
     print(f"\nwrote {out}")
     return 0
