@@ -8,6 +8,12 @@ are recorded as a check. Each configuration (preset x eager/compile) is timed ``
 ours and the peer alternating, and reported as medians: the machine may be shared, so the ratio
 of the two within a repeat is the number that matters.
 
+``shapes-data`` runs the ``shapes`` dimensions on the pretraining pipeline's own batches
+(``bench/data.py``: 0-3 retrieved documents, CM3, about 45% padding): ours packed as
+pretraining trains them (``data.packing``), OPT padded (transformers has no packed attention on
+CPU; right padding needs no mask in a causal LM); tokens/s counts the non-pad tokens, and the
+first-step losses agree as above.
+
 MFU = tokens/s * FLOPs/token / peak, FLOPs/token from ``CM3LeonModule.flops_per_token`` (6 N + 12 L d T)
 and the peak = best bf16 2048^3 matmul rate measured in the same run.
 
@@ -25,6 +31,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,6 +53,9 @@ CONFIGS = {
     "shapes": dict(preset="shapes", vocab=(1024, 256), batch=8, seq=384, steps=4),
     # ~100M parameters (100,051,968 with this 9,330-id vocabulary), context 1,024
     "100m": dict(preset="100m", vocab=(8192, 1024), batch=1, seq=1024, steps=2),
+    # the shapes run's own batches (bench/data.py's pipeline: 0-3 retrieved documents, CM3):
+    # ours packed as pretraining runs them, OPT padded; tokens/s counts the non-pad tokens
+    "shapes-data": dict(preset="shapes", vocab=None, batch=8, seq=384, steps=4, data=True),
 }
 DEVICE = torch.device("cpu")  # set by --device
 QUICK = {"debug": dict(preset="debug", vocab=(256, 16), batch=2, seq=64, steps=2)}
@@ -143,21 +153,28 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 
 def make_step(model: torch.nn.Module, is_hf: bool, compiled: bool):
-    """A closure running one training step on ``(ids [B, T+1], weights [B, T])``; returns the loss."""
+    """A closure running one training step on a batch dict (``ids`` [B, T+1], ``weights``
+    [B, T]; packed rows also ``doc_ids`` and ``positions``, which only ours takes); returns the
+    loss."""
+    from lit_cm3leon.objective.sequence import attention_mask_from_doc_ids
     from lit_cm3leon.training.cm3leon_module import weighted_token_loss
 
     net = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
-    def forward(inputs: torch.Tensor) -> torch.Tensor:
-        if is_hf:
+    def forward(batch: dict) -> torch.Tensor:
+        inputs = batch["ids"][:, :-1]
+        if is_hf:  # right padding needs no mask in a causal LM: the pads come after every target
             return net(input_ids=inputs, use_cache=False).logits
+        if "doc_ids" in batch:
+            mask = attention_mask_from_doc_ids(batch["doc_ids"][:, :-1])
+            return net(inputs, positions=batch["positions"][:, :-1], attn_mask=mask)
         return net(inputs)
 
-    def step(ids: torch.Tensor, weights: torch.Tensor) -> float:
+    def step(batch: dict) -> float:
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            logits = forward(ids[:, :-1])
-            _, loss = weighted_token_loss(logits, ids[:, 1:], weights)
+            logits = forward(batch)
+            _, loss = weighted_token_loss(logits, batch["ids"][:, 1:], batch["weights"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -175,14 +192,30 @@ def time_steps(step, batch, n: int) -> tuple[float, float]:
     """
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
-        step(*batch)
+        step(batch)
     return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
-def random_batch(cfg: dict, vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def data_batches(cfg: dict, root: Path) -> tuple[list[dict], list[dict], Vocab]:
+    """``cfg["steps"]`` batches of ``cfg["batch"]`` pretraining sequences (``bench/data.py``'s
+    pipeline at ``cfg["seq"]``), packed for ours and padded for OPT, and their vocabulary."""
+    from data import build_dataset
+    from torch.utils.data import default_collate
+
+    from lit_cm3leon.data.collate import PackedCollate
+
+    ds = build_dataset(root, 2000, cfg["seq"])
+    B = cfg["batch"]
+    items = [[ds[b * B + j] for j in range(B)] for b in range(cfg["steps"])]
+    to = lambda b: {k: v.to(DEVICE) for k, v in b.items()}  # noqa: E731
+    packed = [to(PackedCollate(ds.vocab.pad)(batch)) for batch in items]
+    return packed, [to(default_collate(batch)) for batch in items], ds.vocab
+
+
+def random_batch(cfg: dict, vocab_size: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (cfg["batch"], cfg["seq"] + 1), generator=g)
-    return ids.to(DEVICE), torch.ones(cfg["batch"], cfg["seq"], device=DEVICE)
+    return {"ids": ids.to(DEVICE), "weights": torch.ones(cfg["batch"], cfg["seq"], device=DEVICE)}
 
 
 def bench_config(
@@ -191,9 +224,18 @@ def bench_config(
     """Rows (one per mode x impl) for one preset; ours and OPT alternate within each repeat."""
     rows = []
     for mode in modes:
+        if cfg.get("data"):
+            with tempfile.TemporaryDirectory() as tmp:
+                packed, padded, vocab = data_batches(cfg, Path(tmp))
+            cfg = {**cfg, "vocab": (vocab.n_text, vocab.n_image)}  # the shapes BPE's size
+            batches = {"ours": packed, "transformers OPT": padded}
+            # non-pad input tokens, per step on average (step s trains batch s of the list)
+            tokens = statistics.mean(int((b["ids"][:, :-1] != vocab.pad).sum()) for b in padded)
         mcfg, ours, hf = make_models(cfg)
-        batch = random_batch(cfg, mcfg.vocab_size)
-        tokens = cfg["batch"] * cfg["seq"]
+        if not cfg.get("data"):
+            batch = random_batch(cfg, mcfg.vocab_size)
+            batches = {"ours": [batch], "transformers OPT": [batch]}
+            tokens = cfg["batch"] * cfg["seq"]
         fpt = flops_per_token(ours, cfg["seq"])
         impls = {
             "ours": make_step(ours, False, mode == "compile"),
@@ -202,9 +244,10 @@ def bench_config(
         first_loss, warm_s = {}, {}
         for impl, step in impls.items():
             t0 = time.perf_counter()
-            first_loss[impl] = step(*batch)  # identical weights and batch: the losses must agree
-            for _ in range(warmup - 1):
-                step(*batch)
+            # identical weights and sequences: the losses must agree
+            first_loss[impl] = step(batches[impl][0])
+            for w in range(1, warmup):
+                step(batches[impl][w % len(batches[impl])])
             warm_s[impl] = time.perf_counter() - t0
             log(
                 f"  {name} {mode} {impl}: warm-up {warm_s[impl]:.1f}s, first loss {first_loss[impl]:.4f}"
@@ -219,6 +262,7 @@ def bench_config(
             for s in range(cfg["steps"]):
                 order = list(impls) if (r + s) % 2 == 0 else list(impls)[::-1]
                 for impl in order:
+                    batch = batches[impl][s % len(batches[impl])]
                     per_step[impl].append(time_steps(impls[impl], batch, 1))
             for impl in impls:
                 times[impl].append(statistics.median(w for w, _ in per_step[impl]))
@@ -247,6 +291,8 @@ def bench_config(
                     impl=impl,
                     batch=cfg["batch"],
                     seq=cfg["seq"],
+                    rows=statistics.mean(int(b["ids"].shape[0]) for b in batches[impl]),
+                    tokens_per_step=tokens,
                     params=sum(p.numel() for p in ours.parameters()),
                     vocab_size=mcfg.vocab_size,
                     flops_per_token=fpt,
@@ -278,6 +324,13 @@ def bench_config(
 # ---------------------------------------------------------------------------------------------
 
 
+def impl_label(r: dict) -> str:
+    rows = r.get("rows", r["batch"])
+    if rows == r["batch"]:
+        return r["impl"]
+    return f"{r['impl']} ({rows:.2f} packed rows)"
+
+
 def table(rows: list[dict], peak: float, peak_cpu: float) -> str:
     out = [
         "| config | mode | impl | step ms (wall) | tokens/s (wall) | MFU (wall) | ours/OPT (wall) "
@@ -290,7 +343,7 @@ def table(rows: list[dict], peak: float, peak_cpu: float) -> str:
         ratio = f"{r['speedup_vs_opt']:.2f}x" if r["speedup_vs_opt"] is not None else ""
         ratio_cpu = f"{r['speedup_vs_opt_cpu']:.2f}x" if r["speedup_vs_opt_cpu"] is not None else ""
         out.append(
-            f"| {r['config']} (B{r['batch']} x T{r['seq']}, {r['params'] / 1e6:.1f}M) | {r['mode']} | {r['impl']} "
+            f"| {r['config']} (B{r['batch']} x T{r['seq']}, {r['params'] / 1e6:.1f}M) | {r['mode']} | {impl_label(r)} "
             f"| {r['step_s_median'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | {100 * mfu:.1f}% | {ratio} "
             f"| {r['step_cpu_s_median'] * 1e3:.0f} | {r['tokens_per_cpu_s']:,.0f} | {100 * mfu_cpu:.1f}% | {ratio_cpu} |"
         )
