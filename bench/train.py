@@ -9,10 +9,10 @@ ours and the peer alternating, and reported as medians: the machine may be share
 of the two within a repeat is the number that matters.
 
 ``shapes-data`` runs the ``shapes`` dimensions on the pretraining pipeline's own batches
-(``bench/data.py``: 0-3 retrieved documents, CM3, about 45% padding): ours packed as
-pretraining trains them (``data.packing``), OPT padded (transformers has no packed attention on
-CPU; right padding needs no mask in a causal LM); tokens/s counts the non-pad tokens, and the
-first-step losses agree as above.
+(``bench/data.py``: 0-3 retrieved documents, CM3, about 45% padding), packed as pretraining
+trains them (``data.packing``): ours with the block-diagonal mask, OPT with the restarting
+``position_ids`` from which transformers builds the same mask; and, for reference, OPT on the
+same sequences padded. tokens/s counts the non-pad tokens; the first-step losses agree.
 
 MFU = tokens/s * FLOPs/token / peak, FLOPs/token from ``CM3LeonModule.flops_per_token`` (6 N + 12 L d T)
 and the peak = best bf16 2048^3 matmul rate measured in the same run.
@@ -26,6 +26,7 @@ Writes ``bench/results/train.json`` and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -53,8 +54,8 @@ CONFIGS = {
     "shapes": dict(preset="shapes", vocab=(1024, 256), batch=8, seq=384, steps=4),
     # ~100M parameters (100,051,968 with this 9,330-id vocabulary), context 1,024
     "100m": dict(preset="100m", vocab=(8192, 1024), batch=1, seq=1024, steps=2),
-    # the shapes run's own batches (bench/data.py's pipeline: 0-3 retrieved documents, CM3):
-    # ours packed as pretraining runs them, OPT padded; tokens/s counts the non-pad tokens
+    # the shapes run's own batches (bench/data.py's pipeline: 0-3 retrieved documents, CM3),
+    # packed for both (and padded for OPT, for reference); tokens/s counts the non-pad tokens
     "shapes-data": dict(preset="shapes", vocab=None, batch=8, seq=384, steps=4, data=True),
 }
 DEVICE = torch.device("cpu")  # set by --device
@@ -164,7 +165,11 @@ def make_step(model: torch.nn.Module, is_hf: bool, compiled: bool):
 
     def forward(batch: dict) -> torch.Tensor:
         inputs = batch["ids"][:, :-1]
-        if is_hf:  # right padding needs no mask in a causal LM: the pads come after every target
+        if is_hf:
+            if "doc_ids" in batch:  # restarting position ids: transformers masks each sequence
+                positions = batch["positions"][:, :-1]
+                return net(input_ids=inputs, position_ids=positions, use_cache=False).logits
+            # right padding needs no mask in a causal LM: the pads come after every target
             return net(input_ids=inputs, use_cache=False).logits
         if "doc_ids" in batch:
             mask = attention_mask_from_doc_ids(batch["doc_ids"][:, :-1])
@@ -228,7 +233,11 @@ def bench_config(
             with tempfile.TemporaryDirectory() as tmp:
                 packed, padded, vocab = data_batches(cfg, Path(tmp))
             cfg = {**cfg, "vocab": (vocab.n_text, vocab.n_image)}  # the shapes BPE's size
-            batches = {"ours": packed, "transformers OPT": padded}
+            batches = {
+                "ours": packed,
+                "transformers OPT": packed,
+                "transformers OPT, padded": padded,
+            }
             # non-pad input tokens, per step on average (step s trains batch s of the list)
             tokens = statistics.mean(int((b["ids"][:, :-1] != vocab.pad).sum()) for b in padded)
         mcfg, ours, hf = make_models(cfg)
@@ -241,6 +250,9 @@ def bench_config(
             "ours": make_step(ours, False, mode == "compile"),
             "transformers OPT": make_step(hf, True, mode == "compile"),
         }
+        if "transformers OPT, padded" in batches:  # the same weights, another copy
+            hf_padded = copy.deepcopy(hf)
+            impls["transformers OPT, padded"] = make_step(hf_padded, True, mode == "compile")
         first_loss, warm_s = {}, {}
         for impl, step in impls.items():
             t0 = time.perf_counter()
