@@ -126,6 +126,25 @@ class ResumableSampler(Sampler[int]):
         return len(range(self.rank, self.length, self.world))
 
 
+def train_loader(ds: Dataset, trainer, batch_size: int, num_workers: int, collate) -> DataLoader:
+    """This rank's slice of ``ds`` in batches, starting where ``trainer`` resumes (its global
+    step x gradient accumulation x ``batch_size`` items already consumed); no trainer: rank 0 of 1."""
+    sampler = ResumableSampler(
+        len(ds), trainer.global_rank if trainer else 0, trainer.world_size if trainer else 1
+    )
+    if trainer is not None:
+        sampler.start = trainer.global_step * trainer.accumulate_grad_batches * batch_size
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        drop_last=True,
+        collate_fn=collate,
+    )
+
+
 def candidates_cache_key(*parts: object) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
 
@@ -176,7 +195,6 @@ class PretrainDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_ds: PairSequences | None = None
         self.val_ds: PairSequences | None = None
-        self._sampler: ResumableSampler | None = None
 
     # --- setup ---------------------------------------------------------------------------
     def _codec(self) -> DocumentCodec:
@@ -271,28 +289,14 @@ class PretrainDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer else 1
-        rank = self.trainer.global_rank if self.trainer else 0
-        self._sampler = ResumableSampler(len(self.train_ds), rank, world)
-        if self.trainer is not None:
-            accumulate = self.trainer.accumulate_grad_batches
-            self._sampler.start = self.trainer.global_step * accumulate * self.hparams.batch_size
-        return DataLoader(
-            self.train_ds,
-            batch_size=self.hparams.batch_size,
-            sampler=self._sampler,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-            drop_last=True,
-            collate_fn=self._collate(),
+        hp = self.hparams
+        return train_loader(
+            self.train_ds, self.trainer, hp.batch_size, hp.num_workers, self._collate()
         )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.val_ds,
-            batch_size=self.hparams.batch_size,
-            num_workers=0,
-            collate_fn=self._collate(),
+            self.val_ds, batch_size=self.hparams.batch_size, collate_fn=self._collate()
         )
 
     def _collate(self):

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_cm3leon.data.collate import collate_fn, pad_item
-from lit_cm3leon.data.pretrain import ResumableSampler
+from lit_cm3leon.data.pretrain import train_loader
 from lit_cm3leon.data.templates import TASKS, get_template, render_ids
 from lit_cm3leon.tokenizer.codec import DocumentCodec
 
@@ -429,7 +429,6 @@ class SFTDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_ds: SFTSequences | None = None
         self.val_ds: SFTSequences | None = None
-        self._sampler: ResumableSampler | None = None
         self.skipped: dict[str, int] = {}
 
     def _tokenizers(self):
@@ -512,33 +511,16 @@ class SFTDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer else 1
-        rank = self.trainer.global_rank if self.trainer else 0
-        self._sampler = ResumableSampler(len(self.train_ds), rank, world)
-        if self.trainer is not None:
-            self._sampler.start = (
-                self.trainer.global_step
-                * self.trainer.accumulate_grad_batches
-                * self.hparams.batch_size
-            )
-        return DataLoader(
-            self.train_ds,
-            batch_size=self.hparams.batch_size,
-            sampler=self._sampler,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-            drop_last=True,
-            collate_fn=self._collate(),
+        hp = self.hparams
+        return train_loader(
+            self.train_ds, self.trainer, hp.batch_size, hp.num_workers, self._collate()
         )
 
     def val_dataloader(self) -> DataLoader:
         if self.val_ds is None:
             return []
         return DataLoader(
-            self.val_ds,
-            batch_size=self.hparams.batch_size,
-            num_workers=0,
-            collate_fn=self._collate(),
+            self.val_ds, batch_size=self.hparams.batch_size, collate_fn=self._collate()
         )
 
     def _collate(self):
