@@ -122,8 +122,9 @@ class KVCache:
                 f"cache of {max_len} positions exceeds max_seq_len={config.max_seq_len}"
             )
         shape = (batch_size, config.n_head, max_len, config.head_dim)
-        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        # uninitialised: only the filled part [0, length) is ever read
+        k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         return cls(k, v)
 
     @property
@@ -206,6 +207,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is not None:  # keys/values of all positions so far: [B, H, S, Dh]
             k, v = cache.update(self.layer, k, v)
+            if T == 1 and x.device.type == "cpu":
+                y = _attend_step(q, k, v, attn_mask, copy_mask, self.copy_heads)
+                return self.proj(y.transpose(1, 2).reshape(B, T, C))
             k, v = k.to(q.dtype), v.to(q.dtype)
         if copy_mask is None:
             y = _attend(q, k, v, attn_mask)
@@ -216,6 +220,30 @@ class Attention(nn.Module):
             )
             y = torch.cat([y_copy, _attend(q[:, h:], k[:, h:], v[:, h:], attn_mask)], 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _attend_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    copy_mask: Tensor | None,
+    copy_heads: int,
+) -> Tensor:
+    """One decoding step on the CPU: a single query per row against the cache, in the cache's
+    dtype (float32 on the CPU, see ``decode.generate``) with a float32 softmax.
+
+    Two small matmuls for all heads at once; on the CPU this is about 4x faster than
+    ``F.scaled_dot_product_attention``'s flash kernel at one query (``bench/generate.py``).
+    ``attn_mask`` bool [B, 1, 1, S] hides pads; ``copy_mask`` is the copy heads' additive bias
+    [B, 1, 1, S] (``-inf`` where masked) for the first ``copy_heads`` heads."""
+    with torch.autocast(q.device.type, enabled=False):
+        s = torch.matmul(q.to(k.dtype), k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+        if copy_mask is not None:  # the copy heads' mask already hides what attn_mask hides
+            s = torch.cat([s[:, :copy_heads] + copy_mask, s[:, copy_heads:]], 1)
+        if attn_mask is not None:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        return torch.matmul(s.softmax(-1).to(v.dtype), v).to(q.dtype)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
