@@ -72,16 +72,15 @@ def drop_words(text: str, rate: float, rng: np.random.Generator) -> str:
 def merge_candidates(*results: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Union of several (scores [k], rows [k]) search results: each row once with its best
     score, sorted by score descending (ties by row). Rows < 0 (faiss padding) are dropped."""
-    best: dict[int, float] = {}
-    for scores, rows in results:
-        for s, r in zip(np.asarray(scores).ravel(), np.asarray(rows).ravel(), strict=True):
-            r = int(r)
-            if r >= 0 and (r not in best or s > best[r]):
-                best[r] = float(s)
-    if not best:
+    if not results:
         return np.zeros(0, np.float32), np.zeros(0, np.int64)
-    rows = np.fromiter(best, np.int64, len(best))
-    scores = np.array([best[r] for r in rows], np.float32)
+    scores = np.concatenate([np.asarray(s, np.float64).ravel() for s, _ in results])
+    rows = np.concatenate([np.asarray(r, np.int64).ravel() for _, r in results])
+    keep = rows >= 0
+    scores, rows = scores[keep], rows[keep]
+    by_row = np.lexsort((-scores, rows))  # each row's best score first
+    rows, first = np.unique(rows[by_row], return_index=True)
+    scores = scores[by_row][first].astype(np.float32)
     order = np.lexsort((rows, -scores))
     return scores[order], rows[order]
 
