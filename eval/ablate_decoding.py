@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as `python eval/ablate_decoding.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_cm3leon.evaluation.metrics_io import InputError
+from lit_cm3leon.evaluation.t2i import CHUNK
 
 LIST_KEYS = {"ckpts", "cfg_scales", "samples", "strategies"}
 
@@ -82,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
         help="checkpoints of the right panel",
     )
     p.add_argument("--seed", type=int, default=0, help="run seed (sampling and bootstrap)")
-    p.add_argument("--chunk", type=int, default=16, help="prompts per generation chunk")
+    p.add_argument("--chunk", type=int, default=CHUNK, help="prompts per generation chunk")
     p.add_argument(
         "--bootstrap", type=int, default=None, help="bootstrap resamples per cell (preset 200)"
     )

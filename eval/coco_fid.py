@@ -58,6 +58,7 @@ from lit_cm3leon.evaluation.metrics_io import (
     write_metrics,
 )
 from lit_cm3leon.evaluation.paper import table1_markdown
+from lit_cm3leon.evaluation.t2i import CHUNK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +188,7 @@ def add_ckpt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--chunk",
         type=int,
-        default=16,
+        default=CHUNK,
         help="prompts per generation chunk (the unit of resuming and sharding)",
     )
     g.add_argument(

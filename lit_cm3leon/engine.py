@@ -43,6 +43,11 @@ def clip_scorer(encoder) -> Callable[[Sequence[np.ndarray], str], np.ndarray]:
     return score
 
 
+# (prompt, sample) rows per image-generation batch: on 2 CPU cores 64 rows gave 1.3-1.5x the
+# prompts/s of 16 at k = 0 (per-step overheads amortised) and the same at k = 2
+IMAGE_BATCH = 64
+
+
 @dataclass
 class Decoding:
     """The decoding knobs (names shared across the suite)."""
@@ -131,7 +136,7 @@ class Engine:
 
     # --- text -> image -------------------------------------------------------------------
     def text_to_image_codes(
-        self, captions: Sequence[str], dec: Decoding, seed: int = 0, batch_size: int = 32
+        self, captions: Sequence[str], dec: Decoding, seed: int = 0, batch_size: int = IMAGE_BATCH
     ) -> np.ndarray:
         """Image codes int64 [len(captions), num_samples, h, w]."""
         cond, uncond = self.text_to_image_prompts(captions, dec.retrieve_k)
@@ -143,7 +148,7 @@ class Engine:
         uncond: Sequence[list[int]],
         dec: Decoding,
         seed: int = 0,
-        batch_size: int = 32,
+        batch_size: int = IMAGE_BATCH,
     ) -> np.ndarray:
         """Image codes int64 [len(cond), num_samples, h, w] that continue prompts ending with
         the ``<break>`` that opens the image (any task's: text to image, edit, spatial, ...).

@@ -62,7 +62,7 @@ class Ablation:
     strategies: list[str] = field(default_factory=lambda: ["cfg_topp", "cdk", "mixed"])
     samples_ckpts: str = "first"  # first | all: which checkpoints get the samples panel
     seed: int = 0
-    chunk: int = 16
+    chunk: int = tr.CHUNK
     bootstrap: int = 200
     features: str = "clip"
     name: str = "shapes"

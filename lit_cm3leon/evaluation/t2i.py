@@ -22,6 +22,10 @@ from PIL import Image
 
 from lit_cm3leon.data.shapes import Scene, ShapesWorld, parse_scene, scene_accuracy
 
+# prompts per generation chunk, the unit of seeding, resuming and sharding (one generate batch
+# of lit_cm3leon.engine.IMAGE_BATCH rows when num_samples = 1)
+CHUNK = 64
+
 
 def shapes_protocol(
     n: int, world: ShapesWorld | None = None
@@ -46,7 +50,7 @@ def generate_samples(
     dec,
     folder: str | Path,
     seed: int = 0,
-    chunk: int = 16,
+    chunk: int = CHUNK,
     scorer: Callable | None = None,
     rank: int = 0,
     world_size: int = 1,

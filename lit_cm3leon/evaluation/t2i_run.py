@@ -34,7 +34,7 @@ from PIL import Image
 from lit_cm3leon.evaluation import bootstrap
 from lit_cm3leon.evaluation import fid as fidlib
 from lit_cm3leon.evaluation.metrics_io import InputError, run_header, write_metrics
-from lit_cm3leon.evaluation.t2i import attribute_scores, sample_path
+from lit_cm3leon.evaluation.t2i import CHUNK, attribute_scores, sample_path
 
 # Short names of the decoding knobs that are not part of the folder name (only when not default).
 KNOB_ABBREV = {"temperature": "t", "top_p": "p", "top_k": "topk", "cdk_alpha": "a", "cdk_k": "ck"}
@@ -266,7 +266,7 @@ def generate_candidates(
     folder: str | Path,
     scorer: Callable[[Sequence[np.ndarray], str], np.ndarray],
     seed: int = 0,
-    chunk: int = 16,
+    chunk: int = CHUNK,
     rank: int = 0,
     world_size: int = 1,
 ) -> Path:
@@ -400,7 +400,7 @@ def evaluate_ckpt(
     seed: int = 0,
     features: str = "clip",
     inception_weights: str | None = None,
-    chunk: int = 16,
+    chunk: int = CHUNK,
     rank: int = 0,
     world_size: int = 1,
     n_bootstrap: int = 1000,
