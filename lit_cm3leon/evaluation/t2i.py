@@ -22,8 +22,8 @@ from PIL import Image
 
 from lit_cm3leon.data.shapes import Scene, ShapesWorld, parse_scene, scene_accuracy
 
-# prompts per generation chunk, the unit of seeding, resuming and sharding (one generate batch
-# of lit_cm3leon.engine.IMAGE_BATCH rows when num_samples = 1)
+# prompts per generation chunk, the unit of seeding, resuming and sharding (its prompt x sample
+# rows are generated lit_cm3leon.engine.IMAGE_BATCH at a time)
 CHUNK = 64
 
 
