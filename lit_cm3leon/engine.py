@@ -45,7 +45,7 @@ def clip_scorer(encoder) -> Callable[[Sequence[np.ndarray], str], np.ndarray]:
 
 # (prompt, sample) rows per image-generation batch: on 2 CPU cores 64 rows gave 1.3-1.5x the
 # prompts/s of 16 at k = 0 (per-step overheads amortised), the same at k = 2, and 128 rows
-# 1.1-1.2x the images/s of 64 for 16 samples of 16 prompts
+# 1.07-1.23x the images/s of 64 for 16 samples of 16 prompts (four runs)
 IMAGE_BATCH = 128
 
 
