@@ -126,9 +126,12 @@ def test_candidate_cache_follows_the_bank_and_encoder_not_just_their_folders(
 
     searches = []
 
-    def fake_candidates(retriever, shards, pool, seed=0, **kw):
-        searches.append(retriever.encoder.hash)
-        return np.full((len(shards), pool), len(searches), dtype=np.int64)
+    def fake_candidates(retriever, shards, pool, seed=0, rows=None, out=None, **kw):
+        searches.append((retriever.encoder.hash, np.asarray(rows)))
+        if out is None:
+            out = np.full((len(shards), pool), bank_docs.UNSEARCHED, dtype=np.int64)
+        out[rows] = len(searches)
+        return out
 
     monkeypatch.setattr(bank_docs, "training_candidates", fake_candidates)
     dm = PretrainDataModule(
@@ -142,6 +145,7 @@ def test_candidate_cache_follows_the_bank_and_encoder_not_just_their_folders(
         retrieval={"max_score": 0.98},
     )
     shards = TokenShards(artifacts / "tokens" / "shapes-train")
+    every = np.arange(len(shards))
 
     def retriever(checksum, encoder_hash):
         return SimpleNamespace(
@@ -149,10 +153,75 @@ def test_candidate_cache_follows_the_bank_and_encoder_not_just_their_folders(
             encoder=SimpleNamespace(hash=encoder_hash),
         )
 
-    first = dm._train_candidates(shards, retriever("bank-a", "enc-a"))
-    again = dm._train_candidates(shards, retriever("bank-a", "enc-a"))
+    first = dm._train_candidates(shards, retriever("bank-a", "enc-a"), every)
+    again = dm._train_candidates(shards, retriever("bank-a", "enc-a"), every)
     assert len(searches) == 1 and np.array_equal(first, again)  # same bank: cached
-    rebuilt = dm._train_candidates(shards, retriever("bank-b", "enc-a"))
+    rebuilt = dm._train_candidates(shards, retriever("bank-b", "enc-a"), every)
     assert len(searches) == 2 and rebuilt[0, 0] == 2  # rebuilt bank: searched again
-    dm._train_candidates(shards, retriever("bank-b", "enc-b"))
+    dm._train_candidates(shards, retriever("bank-b", "enc-b"), every)
     assert len(searches) == 3  # retrained encoder: searched again
+
+
+def test_candidates_are_searched_only_for_the_pairs_a_run_reads(artifacts, tmp_path, monkeypatch):
+    """A run of few steps searches only the pairs its sample stream reads; a longer run on the
+    same cache searches only the pairs it adds, and every pair it reads has candidates."""
+    from types import SimpleNamespace
+
+    import lit_cm3leon.retrieval.bank_docs as bank_docs
+    from lit_cm3leon.data.pretrain import PretrainDataModule
+
+    searched = []
+
+    def fake_candidates(retriever, shards, pool, seed=0, rows=None, out=None, **kw):
+        searched.append(np.asarray(rows))
+        if out is None:
+            out = np.full((len(shards), pool), bank_docs.UNSEARCHED, dtype=np.int64)
+        out[rows] = np.asarray(rows)[:, None]  # "retrieve" the pair itself
+        return out
+
+    monkeypatch.setattr(bank_docs, "training_candidates", fake_candidates)
+    monkeypatch.setattr(
+        PretrainDataModule,
+        "_retriever",
+        lambda self: SimpleNamespace(
+            bank=SimpleNamespace(manifest={"checksum": "bank"}),
+            encoder=SimpleNamespace(hash="enc"),
+        ),
+    )
+    monkeypatch.setattr(
+        bank_docs, "prompt_rows", lambda r, bank, texts, k: np.zeros((len(texts), k), np.int64)
+    )
+    n = len(TokenShards(artifacts / "tokens" / "shapes-train"))
+
+    def setup(max_steps):
+        dm = PretrainDataModule(
+            tokens_dir=str(artifacts / "tokens" / "shapes-train"),
+            heldout_tokens_dir=str(artifacts / "tokens" / "shapes-heldout"),
+            text_tokenizer_dir=str(artifacts / "text_tokenizer"),
+            index_dir=str(tmp_path / "index"),
+            retriever_dir=str(tmp_path / "retriever"),
+            cache_dir=str(tmp_path / "cache"),
+            batch_size=2,
+            max_steps=max_steps,
+            candidate_pool=4,
+            cm3=None,
+        )
+        dm.setup("fit")
+        return dm.train_ds
+
+    short = setup(3)  # 6 items
+    assert n > 6 and len(searched) == 1
+    assert np.array_equal(searched[0], np.sort([short._row(i) for i in range(6)]))
+    assert all(len(short[i]["ids"]) for i in range(6))  # every read pair has candidates
+    unread = np.setdiff1d(np.arange(n), searched[0])
+    assert (short.candidates[unread] == bank_docs.UNSEARCHED).all()
+    short.candidates[short._row(0)] = bank_docs.UNSEARCHED
+    with pytest.raises(RuntimeError, match="never searched"):
+        short[0]
+    longer = setup(5)  # 10 items: only the 4 new pairs are searched
+    assert len(searched) == 2 and len(searched[1]) == 4
+    assert not np.isin(searched[1], searched[0]).any()
+    read = {longer._row(i) for i in range(10)}
+    assert set(np.concatenate(searched).tolist()) == read
+    setup(4)  # a shorter run on the same cache searches nothing
+    assert len(searched) == 2

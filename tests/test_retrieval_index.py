@@ -221,6 +221,38 @@ def test_modality_vectors_are_kept_checked_and_optional(saved_encoder, tmp_path)
     assert not (tmp_path / "idx" / "modalities.npz").exists()
 
 
+def test_a_pairs_training_candidates_do_not_depend_on_the_pairs_searched_with_it(
+    saved_encoder, tmp_path
+):
+    """Searching some rows finds for them what searching every row finds (each pair draws its
+    query dropout from its own generator); the rows not searched are marked, not empty."""
+    import lit_cm3leon.retrieval.bank_docs as bank_docs
+    from lit_cm3leon.data.shards import TokenShards
+
+    d, enc = saved_encoder
+    tok, n = tmp_path / "tokens", 40
+    write_shapes_records(tok, range(n), "caption_long")
+    np.savez(
+        tok / "shard-00000.npz",
+        codes=np.zeros((n, 4, 4), np.int16),
+        doc_id=np.arange(n, dtype=np.int64),
+    )
+    (tok / "manifest.json").write_text(json.dumps({"h": 4, "w": 4, "n_codes": 16, "count": n}))
+    assert cli(["--encoder", str(d), "--tokens", str(tok), "--out", str(tmp_path / "idx")]) == 0
+    shards = TokenShards(tok)
+    retriever = bank_docs.open_retriever(tmp_path / "idx", d, {"query_dropout": 0.5})
+    every = bank_docs.training_candidates(retriever, shards, pool=4, progress=False, batch=16)
+    rows = np.array([3, 17, 18, 31])
+    some = bank_docs.training_candidates(retriever, shards, pool=4, progress=False, rows=rows)
+    assert (every >= 0).sum() > 2 * n
+    assert np.array_equal(some[rows], every[rows])
+    rest = np.setdiff1d(np.arange(n), rows)
+    assert (some[rest] == bank_docs.UNSEARCHED).all()
+    # filling in the rest later gives the whole search
+    bank_docs.training_candidates(retriever, shards, pool=4, progress=False, rows=rest, out=some)
+    assert np.array_equal(some, every)
+
+
 def test_training_candidates_reuse_the_banks_vectors(saved_encoder, tmp_path, monkeypatch):
     """Candidate search with the bank's stored text and image vectors finds what embedding
     every pair again finds, without rendering a single image."""

@@ -3,8 +3,9 @@
 Every training pair (caption, image codes) gets ``n_retrieved`` documents drawn from its
 retrieval candidates (the memory bank searched with the pair's image and with its caption,
 20% of the caption's words dropped; see :mod:`lit_cm3leon.retrieval.strategy`). Candidates are
-searched once per pair when the datamodule is set up and cached beside the run's outputs; the
-draw of documents, the modality order and the CM3 spans change at every visit.
+searched once per pair when the datamodule is set up, only for the pairs the run's
+``max_steps`` will read, and cached beside the run's outputs (a longer run adds its new pairs);
+the draw of documents, the modality order and the CM3 spans change at every visit.
 
 Items are indexed by a global sample counter ``i``: epoch ``i // N`` reshuffles the pairs, and
 every random choice of item ``i`` comes from ``default_rng([seed, i])``. So a run is the same
@@ -27,11 +28,17 @@ from lit_cm3leon.data.collate import collate_fn, pad_item
 from lit_cm3leon.data.shards import TokenShards
 from lit_cm3leon.objective.cm3 import CM3Transform, loss_weights
 from lit_cm3leon.objective.sequence import build_sequence, pair_document
+from lit_cm3leon.retrieval.bank_docs import UNSEARCHED
 from lit_cm3leon.tokenizer.codec import DocumentCodec
 from lit_cm3leon.tokenizer.text import TextTokenizer
 from lit_cm3leon.tokenizer.vocab import Vocab
 
 log = logging.getLogger(__name__)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` of a shuffled stream reads ``n`` pairs."""
+    return np.random.default_rng([seed, 7919, epoch]).permutation(n)
 
 
 class PairSequences(Dataset):
@@ -74,9 +81,18 @@ class PairSequences(Dataset):
         if not self.shuffle:
             return j
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, 7919, epoch]).permutation(n)
+            self._perm = epoch_order(self.seed, epoch, n)
             self._perm_epoch = epoch
         return int(self._perm[j])
+
+    def rows_visited(self) -> np.ndarray:
+        """The sorted shard rows that the ``length`` items of the stream read (every row once
+        the stream is at least an epoch long): the only ones that need retrieval candidates."""
+        n = len(self.shards)
+        if self.length >= n:
+            return np.arange(n)
+        head = epoch_order(self.seed, 0, n)[: self.length] if self.shuffle else range(self.length)
+        return np.sort(np.asarray(head, dtype=np.int64))
 
     def doc_ids(self, shards: TokenShards, row: int, image_first: bool) -> list[int]:
         doc = pair_document(shards.text(row), shards.codes[row], image_first=image_first)
@@ -89,6 +105,10 @@ class PairSequences(Dataset):
         retrieved: list[list[int]] = []
         if self.candidates is not None and self.n_retrieved > 0:
             pool = self.candidates[row]
+            if pool[0] == UNSEARCHED:
+                raise RuntimeError(
+                    f"training pair {row} was read but never searched for candidates"
+                )
             pool = pool[pool >= 0]
             k = self.n_retrieved
             if rng.random() < self.p_fewer:  # also see 0..k-1 documents, as at inference
@@ -209,11 +229,14 @@ class PretrainDataModule(L.LightningDataModule):
             return None
         return open_retriever(hp.index_dir, hp.retriever_dir, hp.retrieval)
 
-    def _train_candidates(self, shards: TokenShards, retriever) -> np.ndarray:
+    def _train_candidates(self, shards: TokenShards, retriever, rows: np.ndarray) -> np.ndarray:
+        """Candidates [N, pool] with every row in ``rows`` searched: read from the cache, the
+        rows it lacks searched and added to it (a longer run searches only its new rows)."""
         from lit_cm3leon.retrieval.bank_docs import training_candidates
 
         hp = self.hparams
         key = candidates_cache_key(
+            "per-pair-rng",
             hp.tokens_dir,
             hp.index_dir,
             len(shards),
@@ -223,14 +246,28 @@ class PretrainDataModule(L.LightningDataModule):
             *retrieval_identity(shards, retriever),
         )
         path = Path(hp.cache_dir) / f"train_candidates-{key}.npy"
-        if path.is_file():
-            return np.load(path, allow_pickle=False)
+        cands = np.load(path, allow_pickle=False) if path.is_file() else None
+        if cands is not None and cands.shape != (len(shards), hp.candidate_pool):
+            log.warning(
+                "ignoring %s: shape %s, expected %s",
+                path,
+                cands.shape,
+                (len(shards), hp.candidate_pool),
+            )
+            cands = None
+        missing = rows if cands is None else rows[cands[rows, 0] == UNSEARCHED]
+        if len(missing) == 0:
+            return cands
         log.info(
-            "searching retrieval candidates for %d training pairs (once; cached at %s)",
+            "searching retrieval candidates for the %d of %d training pairs this run reads "
+            "(once; cached at %s)",
+            len(missing),
             len(shards),
             path,
         )
-        cands = training_candidates(retriever, shards, hp.candidate_pool, seed=hp.seed)
+        cands = training_candidates(
+            retriever, shards, hp.candidate_pool, seed=hp.seed, rows=missing, out=cands
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, cands)
@@ -245,9 +282,6 @@ class PretrainDataModule(L.LightningDataModule):
         train = TokenShards(hp.tokens_dir, max_bad_fraction=hp.max_bad_fraction)
         heldout = TokenShards(hp.heldout_tokens_dir, max_bad_fraction=hp.max_bad_fraction)
         retriever = self._retriever() if hp.n_retrieved > 0 or hp.val_retrieve_k > 0 else None
-        cands = (
-            self._train_candidates(train, retriever) if retriever and hp.n_retrieved > 0 else None
-        )
         world = max(1, self.trainer.world_size) if self.trainer else 1
         accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
         length = hp.max_steps * accumulate * hp.batch_size * world  # every optimizer step's batches
@@ -255,7 +289,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.train_ds = PairSequences(
             train,
             codec,
-            cands,
+            None,
             hp.seq_len,
             length,
             seed=hp.seed,
@@ -265,6 +299,10 @@ class PretrainDataModule(L.LightningDataModule):
             cm3=cm3,
             query_weight=hp.query_weight,
         )
+        if retriever and hp.n_retrieved > 0:
+            self.train_ds.candidates = self._train_candidates(
+                train, retriever, self.train_ds.rows_visited()
+            )
         n_val = min(hp.val_size, len(heldout))
         val_cands = None
         if retriever is not None and hp.val_retrieve_k > 0:  # inference mode: search by caption

@@ -48,6 +48,9 @@ def rows_of(shards: TokenShards, doc_ids_per_query: list[list[int]], width: int)
     return out
 
 
+UNSEARCHED = -2  # a candidate row never searched (-1: searched, fewer candidates found)
+
+
 def training_candidates(
     retriever,
     shards: TokenShards,
@@ -56,32 +59,44 @@ def training_candidates(
     batch: int = 256,
     progress: bool = True,
     reuse_bank_vectors: bool = True,
+    rows=None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Admissible, diverse candidates [N, pool] for every training pair of ``shards`` (searched
-    with the pair's image and its query-dropped caption; the pair itself excluded). Pairs that
-    are in the memory bank reuse its stored text and image vectors, when it keeps them."""
+    """Admissible, diverse candidates int64 [N, pool] for the training pairs of ``shards``
+    (searched with the pair's image and its query-dropped caption; the pair itself excluded).
+    Pairs that are in the memory bank reuse its stored text and image vectors, when it keeps
+    them.
+
+    ``rows``: the pairs to search (default all); the others stay :data:`UNSEARCHED` (or keep
+    their values in ``out``, which is filled in place when given). Each pair draws its query
+    dropout from its own generator (``seed``, its row), so a pair's candidates are the same
+    whichever other pairs are searched with it."""
     from dataclasses import replace
 
     retriever.cfg = replace(
         retriever.cfg, n_train_docs=pool, candidates=max(pool, retriever.cfg.candidates)
     )
-    rng = np.random.default_rng([seed, 104729])
     n = len(shards)
-    reuse = reuse_bank_vectors and stored_vectors_match(retriever, shards)
-    out = np.full((n, pool), -1, dtype=np.int64)
-    starts = range(0, n, batch)
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    if out is None:
+        out = np.full((n, pool), UNSEARCHED, dtype=np.int64)
+    elif out.shape != (n, pool):
+        raise ValueError(f"candidates of shape {out.shape}, expected {(n, pool)}")
+    reuse = len(rows) > 0 and reuse_bank_vectors and stored_vectors_match(retriever, shards)
+    starts = range(0, len(rows), batch)
     if progress:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="retrieval candidates", unit="batch")
     for s in starts:
-        rows = np.arange(s, min(n, s + batch))
-        texts = [shards.text(r) for r in rows]
-        doc_ids = [int(shards.doc_ids[r]) for r in rows]
+        part = rows[s : s + batch]
+        texts = [shards.text(r) for r in part]
+        doc_ids = [int(shards.doc_ids[r]) for r in part]
+        rngs = [np.random.default_rng([seed, 104729, int(r)]) for r in part]
         stored = retriever.bank.modality_vectors(doc_ids) if reuse else None
-        images = shard_images(shards, rows) if stored is None else None
-        ids = retriever.training_docs(texts, images, doc_ids, rng, embeddings=stored)
-        out[rows] = rows_of(shards, ids, pool)
+        images = shard_images(shards, part) if stored is None else None
+        ids = retriever.training_docs(texts, images, doc_ids, rngs, embeddings=stored)
+        out[part] = rows_of(shards, ids, pool)
     return out
 
 

@@ -199,14 +199,21 @@ class Retriever:
         texts: Sequence[str],
         images,
         doc_ids: Sequence[int | None],
-        rng: np.random.Generator,
+        rng: np.random.Generator | Sequence[np.random.Generator],
         embeddings: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> list[list[int]]:
         """``n_train_docs`` doc ids per (text, image) pair, from an image search and a search
-        with the query-dropped text; the pair's own doc id is excluded. ``embeddings``: the
-        pairs' (text, image) vectors when already known (then ``images`` is not read)."""
+        with the query-dropped text; the pair's own doc id is excluded. ``rng``: one generator
+        for the batch, or one per pair (then a pair's documents do not depend on the others in
+        its batch). ``embeddings``: the pairs' (text, image) vectors when already known (then
+        ``images`` is not read)."""
         texts = list(texts)
-        dropped = [drop_words(t, self.cfg.query_dropout, rng) for t in texts]
+        rngs = [rng] * len(texts) if isinstance(rng, np.random.Generator) else list(rng)
+        if len(rngs) != len(texts):
+            raise ValueError(f"{len(rngs)} generators for {len(texts)} pairs")
+        dropped = [
+            drop_words(t, self.cfg.query_dropout, g) for t, g in zip(texts, rngs, strict=True)
+        ]
         if embeddings is None:
             t_full, i_emb = self.encoder.embed_text(texts), self.encoder.embed_image(images)
         else:
@@ -225,7 +232,7 @@ class Retriever:
                 q_doc[j],
                 None if doc_ids[j] is None else int(doc_ids[j]),
                 self.cfg.n_train_docs,
-                rng,
+                rngs[j],
                 self.cfg.pair_max_score,
             )
             for j in range(len(texts))
