@@ -125,8 +125,8 @@ def stages(out: Path) -> list[Stage]:
         ),
         Stage(
             "pretrain",
-            # The reduced run keeps the full 850 steps: copying from retrieved views is learned
-            # late (README: Retrieval, landmarks and copy heads).
+            # The reduced run keeps the full budget's steps: copying from retrieved views is
+            # learned late (README: Retrieval, landmarks and copy heads).
             fit("pretrain"),
             budget_min=7.0,
         ),
