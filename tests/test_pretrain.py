@@ -114,6 +114,38 @@ def test_training_checkpoint_consolidates_to_a_published_decoder(compose, artifa
     )
 
 
+def shapes_datamodule(artifacts, tmp_path, **kw):
+    """A PretrainDataModule over the shared artifacts' shards, with a bank, retriever and cache
+    under ``tmp_path`` (the tests replace the retrieval itself)."""
+    from lit_cm3leon.data.pretrain import PretrainDataModule
+
+    return PretrainDataModule(
+        tokens_dir=str(artifacts / "tokens" / "shapes-train"),
+        heldout_tokens_dir=str(artifacts / "tokens" / "shapes-heldout"),
+        text_tokenizer_dir=str(artifacts / "text_tokenizer"),
+        index_dir=str(tmp_path / "index"),
+        retriever_dir=str(tmp_path / "retriever"),
+        cache_dir=str(tmp_path / "cache"),
+        candidate_pool=4,
+        **kw,
+    )
+
+
+def recording_search(calls: list, fill):
+    """A stand-in for ``bank_docs.training_candidates`` that appends each call's (retriever,
+    rows) to ``calls`` and gives those rows ``fill(rows, len(calls))``."""
+    from lit_cm3leon.retrieval.bank_docs import UNSEARCHED
+
+    def search(retriever, shards, pool, seed=0, rows=None, out=None, **kw):
+        calls.append((retriever, np.asarray(rows)))
+        if out is None:
+            out = np.full((len(shards), pool), UNSEARCHED, dtype=np.int64)
+        out[rows] = fill(np.asarray(rows), len(calls))
+        return out
+
+    return search
+
+
 def test_candidate_cache_follows_the_bank_and_encoder_not_just_their_folders(
     artifacts, tmp_path, monkeypatch
 ):
@@ -122,28 +154,12 @@ def test_candidate_cache_follows_the_bank_and_encoder_not_just_their_folders(
     from types import SimpleNamespace
 
     import lit_cm3leon.retrieval.bank_docs as bank_docs
-    from lit_cm3leon.data.pretrain import PretrainDataModule
 
     searches = []
-
-    def fake_candidates(retriever, shards, pool, seed=0, rows=None, out=None, **kw):
-        searches.append((retriever.encoder.hash, np.asarray(rows)))
-        if out is None:
-            out = np.full((len(shards), pool), bank_docs.UNSEARCHED, dtype=np.int64)
-        out[rows] = len(searches)
-        return out
-
-    monkeypatch.setattr(bank_docs, "training_candidates", fake_candidates)
-    dm = PretrainDataModule(
-        tokens_dir=str(artifacts / "tokens" / "shapes-train"),
-        heldout_tokens_dir=str(artifacts / "tokens" / "shapes-heldout"),
-        text_tokenizer_dir=str(artifacts / "text_tokenizer"),
-        index_dir=str(tmp_path / "index"),
-        retriever_dir=str(tmp_path / "retriever"),
-        cache_dir=str(tmp_path / "cache"),
-        candidate_pool=4,
-        retrieval={"max_score": 0.98},
+    monkeypatch.setattr(
+        bank_docs, "training_candidates", recording_search(searches, lambda rows, n: n)
     )
+    dm = shapes_datamodule(artifacts, tmp_path, retrieval={"max_score": 0.98})
     shards = TokenShards(artifacts / "tokens" / "shapes-train")
     every = np.arange(len(shards))
 
@@ -170,16 +186,10 @@ def test_candidates_are_searched_only_for_the_pairs_a_run_reads(artifacts, tmp_p
     import lit_cm3leon.retrieval.bank_docs as bank_docs
     from lit_cm3leon.data.pretrain import PretrainDataModule
 
-    searched = []
-
-    def fake_candidates(retriever, shards, pool, seed=0, rows=None, out=None, **kw):
-        searched.append(np.asarray(rows))
-        if out is None:
-            out = np.full((len(shards), pool), bank_docs.UNSEARCHED, dtype=np.int64)
-        out[rows] = np.asarray(rows)[:, None]  # "retrieve" the pair itself
-        return out
-
-    monkeypatch.setattr(bank_docs, "training_candidates", fake_candidates)
+    calls = []  # each call's pairs get themselves as candidates
+    monkeypatch.setattr(
+        bank_docs, "training_candidates", recording_search(calls, lambda rows, n: rows[:, None])
+    )
     monkeypatch.setattr(
         PretrainDataModule,
         "_retriever",
@@ -194,22 +204,11 @@ def test_candidates_are_searched_only_for_the_pairs_a_run_reads(artifacts, tmp_p
     n = len(TokenShards(artifacts / "tokens" / "shapes-train"))
 
     def setup(max_steps):
-        dm = PretrainDataModule(
-            tokens_dir=str(artifacts / "tokens" / "shapes-train"),
-            heldout_tokens_dir=str(artifacts / "tokens" / "shapes-heldout"),
-            text_tokenizer_dir=str(artifacts / "text_tokenizer"),
-            index_dir=str(tmp_path / "index"),
-            retriever_dir=str(tmp_path / "retriever"),
-            cache_dir=str(tmp_path / "cache"),
-            batch_size=2,
-            max_steps=max_steps,
-            candidate_pool=4,
-            cm3=None,
-        )
+        dm = shapes_datamodule(artifacts, tmp_path, batch_size=2, max_steps=max_steps, cm3=None)
         dm.setup("fit")
-        return dm.train_ds
+        return dm.train_ds, [rows for _, rows in calls]
 
-    short = setup(3)  # 6 items
+    short, searched = setup(3)  # 6 items
     assert n > 6 and len(searched) == 1
     assert np.array_equal(searched[0], np.sort([short._row(i) for i in range(6)]))
     assert all(len(short[i]["ids"]) for i in range(6))  # every read pair has candidates
@@ -218,10 +217,10 @@ def test_candidates_are_searched_only_for_the_pairs_a_run_reads(artifacts, tmp_p
     short.candidates[short._row(0)] = bank_docs.UNSEARCHED
     with pytest.raises(RuntimeError, match="never searched"):
         short[0]
-    longer = setup(5)  # 10 items: only the 4 new pairs are searched
+    longer, searched = setup(5)  # 10 items: only the 4 new pairs are searched
     assert len(searched) == 2 and len(searched[1]) == 4
     assert not np.isin(searched[1], searched[0]).any()
     read = {longer._row(i) for i in range(10)}
     assert set(np.concatenate(searched).tolist()) == read
-    setup(4)  # a shorter run on the same cache searches nothing
+    _, searched = setup(4)  # a shorter run on the same cache searches nothing
     assert len(searched) == 2

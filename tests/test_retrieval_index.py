@@ -221,16 +221,12 @@ def test_modality_vectors_are_kept_checked_and_optional(saved_encoder, tmp_path)
     assert not (tmp_path / "idx" / "modalities.npz").exists()
 
 
-def test_a_pairs_training_candidates_do_not_depend_on_the_pairs_searched_with_it(
-    saved_encoder, tmp_path
-):
-    """Searching some rows finds for them what searching every row finds (each pair draws its
-    query dropout from its own generator); the rows not searched are marked, not empty."""
-    import lit_cm3leon.retrieval.bank_docs as bank_docs
+def bank_of_shapes_pairs(encoder_dir, tmp_path, n: int):
+    """``n`` shapes pairs in ``tmp_path/tokens`` and a memory bank of them in ``tmp_path/idx``;
+    returns their shards."""
     from lit_cm3leon.data.shards import TokenShards
 
-    d, enc = saved_encoder
-    tok, n = tmp_path / "tokens", 40
+    tok = tmp_path / "tokens"
     write_shapes_records(tok, range(n), "caption_long")
     np.savez(
         tok / "shard-00000.npz",
@@ -238,8 +234,22 @@ def test_a_pairs_training_candidates_do_not_depend_on_the_pairs_searched_with_it
         doc_id=np.arange(n, dtype=np.int64),
     )
     (tok / "manifest.json").write_text(json.dumps({"h": 4, "w": 4, "n_codes": 16, "count": n}))
-    assert cli(["--encoder", str(d), "--tokens", str(tok), "--out", str(tmp_path / "idx")]) == 0
-    shards = TokenShards(tok)
+    assert (
+        cli(["--encoder", str(encoder_dir), "--tokens", str(tok), "--out", str(tmp_path / "idx")])
+        == 0
+    )
+    return TokenShards(tok)
+
+
+def test_a_pairs_training_candidates_do_not_depend_on_the_pairs_searched_with_it(
+    saved_encoder, tmp_path
+):
+    """Searching some rows finds for them what searching every row finds (each pair draws its
+    query dropout from its own generator); the rows not searched are marked, not empty."""
+    import lit_cm3leon.retrieval.bank_docs as bank_docs
+
+    d, enc = saved_encoder
+    shards, n = bank_of_shapes_pairs(d, tmp_path, 40), 40
     retriever = bank_docs.open_retriever(tmp_path / "idx", d, {"query_dropout": 0.5})
     every = bank_docs.training_candidates(retriever, shards, pool=4, progress=False, batch=16)
     rows = np.array([3, 17, 18, 31])
@@ -257,19 +267,9 @@ def test_training_candidates_reuse_the_banks_vectors(saved_encoder, tmp_path, mo
     """Candidate search with the bank's stored text and image vectors finds what embedding
     every pair again finds, without rendering a single image."""
     import lit_cm3leon.retrieval.bank_docs as bank_docs
-    from lit_cm3leon.data.shards import TokenShards
 
     d, enc = saved_encoder
-    tok, n = tmp_path / "tokens", 60
-    write_shapes_records(tok, range(n), "caption_long")
-    np.savez(
-        tok / "shard-00000.npz",
-        codes=np.zeros((n, 4, 4), np.int16),
-        doc_id=np.arange(n, dtype=np.int64),
-    )
-    (tok / "manifest.json").write_text(json.dumps({"h": 4, "w": 4, "n_codes": 16, "count": n}))
-    assert cli(["--encoder", str(d), "--tokens", str(tok), "--out", str(tmp_path / "idx")]) == 0
-    shards = TokenShards(tok)
+    shards, n = bank_of_shapes_pairs(d, tmp_path, 60), 60
     retriever = bank_docs.open_retriever(tmp_path / "idx", d)
     embedded = bank_docs.training_candidates(
         retriever, shards, pool=4, progress=False, reuse_bank_vectors=False
