@@ -246,15 +246,7 @@ class PretrainDataModule(L.LightningDataModule):
             *retrieval_identity(shards, retriever),
         )
         path = Path(hp.cache_dir) / f"train_candidates-{key}.npy"
-        cands = np.load(path, allow_pickle=False) if path.is_file() else None
-        if cands is not None and cands.shape != (len(shards), hp.candidate_pool):
-            log.warning(
-                "ignoring %s: shape %s, expected %s",
-                path,
-                cands.shape,
-                (len(shards), hp.candidate_pool),
-            )
-            cands = None
+        cands = np.load(path, allow_pickle=False) if path.is_file() else None  # key: its shape
         missing = rows if cands is None else rows[cands[rows, 0] == UNSEARCHED]
         if len(missing) == 0:
             return cands
