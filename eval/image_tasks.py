@@ -13,7 +13,8 @@ through the image tokenizer.
 ``spatial``: spatially grounded generation of the first ``--n`` held-out scenes, each shape
 asked for with its box in ``<loc:N>`` tokens (`lit_cm3leon.evaluation.shapes_spatial`):
 ``spatial_placed`` (requested objects found in their box's cell with the requested colour and
-kind), ``spatial_occupied`` and ``spatial_exact``. Baseline (``baseline_``): the requested shapes
+kind), ``spatial_occupied`` (box cells holding any shape), ``spatial_in_box`` (the output's
+shapes lying in a box cell: occupancy without credit for crowding) and ``spatial_exact``. Baseline (``baseline_``): the requested shapes
 put in uniformly random distinct cells, expected scores computed exactly.
 
 Both: ``ceiling_`` is the parser on the image tokenizer's reconstruction of the true output
@@ -182,7 +183,8 @@ DEFINITIONS = {
         "spatial_definition": (
             "scene parser on the output: placed = fraction of requested objects whose box cell holds "
             "a shape of the requested colour and kind; occupied = fraction of box cells holding a "
-            "shape; exact = all placed and no shape elsewhere"
+            "shape; in_box = fraction of the output's shapes lying in a box cell; exact = all placed "
+            "and no shape elsewhere"
         ),
         "baseline_definition": (
             "chance: the requested shapes in uniformly random distinct cells, expectation computed exactly"

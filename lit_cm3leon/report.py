@@ -209,7 +209,7 @@ class Report:
         rows = (
             ("edit", "success", "copy"), ("edit", "changed", "copy"), ("edit", "kept", "copy"),
             ("spatial", "placed", "chance"), ("spatial", "occupied", "chance"),
-            ("spatial", "exact", "chance"),
+            ("spatial", "in_box", "chance"), ("spatial", "exact", "chance"),
         )  # fmt: skip
         for task, metric, base in rows:
             rec, key = recs[task], f"{task}_{metric}"
@@ -229,7 +229,8 @@ class Report:
             f"tokenizer it scores success {_num(edit.get('copy_recon_edit_success'))}, changed "
             f"{_num(edit.get('copy_recon_edit_changed'))}, kept {_num(edit.get('copy_recon_edit_kept'))}. "
             "Spatial: placed = requested objects found in their box's grid cell with the requested "
-            "colour and kind; baseline: the requested shapes in uniformly random distinct cells "
+            "colour and kind; occupied = box cells holding any shape; in_box = the output's shapes "
+            "lying in a box cell (occupancy that crowding the image does not buy); baseline: the requested shapes in uniformly random distinct cells "
             "(exact expectation). Ceiling: the score of the true output's own codes, decoded by this "
             "image tokenizer (what a model that emits exactly the right codes would get).",
             "",

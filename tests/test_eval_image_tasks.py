@@ -128,6 +128,19 @@ def test_true_images_score_one_and_shuffled_ones_do_not(world, items):
     assert shuffled["placed"].mean() < 0.3 and shuffled["exact"].mean() < 0.1
 
 
+def test_crowding_fills_the_boxes_but_not_in_box(items):
+    from lit_cm3leon.data.shapes import Shape
+
+    every_cell = Scene(
+        "white", tuple(Shape("circle", "red", "small", r, c) for r in range(3) for c in range(3))
+    )
+    for it in items[:10]:
+        out = ss.spatial_outcome(every_cell, it)
+        assert out["occupied"] == 1.0 and out["exact"] == 0.0
+        assert out["in_box"] == pytest.approx(len({r[2] for r in it.requests}) / 9)
+    assert ss.spatial_outcome(Scene("white", ()), items[0])["in_box"] == 0.0
+
+
 def _enumerated_chance(it: ss.SpatialItem, n_cells: int = 9) -> dict[str, float]:
     """Average spatial_outcome over every placement of the requested shapes in distinct cells."""
     from lit_cm3leon.data.shapes import Shape

@@ -12,12 +12,14 @@ Scores per image (:func:`spatial_outcome`):
 * ``placed``: fraction of requested objects whose box cell holds a parsed shape of the
   requested colour and kind (size is not asked for, so not scored);
 * ``occupied``: fraction of box cells that hold any shape;
+* ``in_box``: fraction of the output's shapes that lie in a box cell (0 when none is parsed):
+  ``occupied`` alone rewards crowding the image with shapes, this does not;
 * ``exact``: every object placed and no shape outside the box cells.
 
 Chance (:func:`chance_scores`): the requested shapes (right colour and kind) put in distinct
 cells drawn uniformly at random, the expected scores computed exactly: with ``G`` cells, ``n``
 objects and ``m(o)`` the number of objects sharing object ``o``'s colour and kind,
-``placed = mean_o m(o) / G``, ``occupied = n / G`` and ``exact = prod_l m_l! / (G! / (G - n)!)``
+``placed = mean_o m(o) / G``, ``occupied = in_box = n / G`` and ``exact = prod_l m_l! / (G! / (G - n)!)``
 over the distinct labels ``l``.
 """
 
@@ -33,7 +35,7 @@ import numpy as np
 from lit_cm3leon.data.shapes import Scene, ShapesWorld
 from lit_cm3leon.evaluation.shapes_edit import score_scenes
 
-OUTCOMES: tuple[str, ...] = ("placed", "occupied", "exact")
+OUTCOMES: tuple[str, ...] = ("placed", "occupied", "in_box", "exact")
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def spatial_items(n: int, world: ShapesWorld | None = None) -> list[SpatialItem]
 
 
 def spatial_outcome(parsed: Scene, item: SpatialItem) -> dict[str, float]:
-    """``placed``, ``occupied`` and ``exact`` of one output scene (module doc)."""
+    """``placed``, ``occupied``, ``in_box`` and ``exact`` of one output scene (module doc)."""
     by_cell = {s.cell: s for s in parsed.shapes}
     hits = [
         cell in by_cell and (by_cell[cell].color, by_cell[cell].kind) == (color, kind)
@@ -86,6 +88,7 @@ def spatial_outcome(parsed: Scene, item: SpatialItem) -> dict[str, float]:
     return {
         "placed": float(np.mean(hits)),
         "occupied": float(np.mean(occupied)),
+        "in_box": float(np.mean([c in cells for c in by_cell])) if by_cell else 0.0,
         "exact": float(all(hits) and set(by_cell) <= cells),
     }
 
@@ -96,7 +99,7 @@ def spatial_scores(
     world: ShapesWorld | None = None,
     scenes: Sequence[Scene] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per image ``placed``/``occupied``/``exact`` of output images uint8 [N, H, W, 3] (or of
+    """Per image ``placed``/``occupied``/``in_box``/``exact`` of output images uint8 [N, H, W, 3] (or of
     already parsed ``scenes``)."""
     return score_scenes(spatial_outcome, images, items, OUTCOMES, world, scenes)
 
@@ -109,6 +112,7 @@ def chance_outcome(item: SpatialItem, n_cells: int) -> dict[str, float]:
     return {
         "placed": float(np.mean([labels[(c, k)] / n_cells for c, k, _ in item.requests])),
         "occupied": n / n_cells,
+        "in_box": n / n_cells,
         "exact": math.prod(math.factorial(m) for m in labels.values()) / placements,
     }
 
