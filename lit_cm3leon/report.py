@@ -113,7 +113,8 @@ class Report:
         )
 
     def decoding(self) -> dict:
-        base, cfg1, n8 = self.ev("t2i_k0"), self.ev("t2i_cfg1"), self.ev("t2i_n8")
+        base, cfg1 = self.ev("t2i_k0"), self.ev("t2i_cfg1")
+        n8 = self.ablation_run("cfg_topp", 8)
         self.add(
             "## Decoding: CFG and re-ranking (pretrained model, no retrieval)",
             "",
@@ -123,7 +124,7 @@ class Report:
         for label, rec in (
             ("cfg_scale 1 (no guidance)", cfg1),
             ("cfg_scale 3", base),
-            ("cfg_scale 3, 8 samples + CLIP re-rank", n8),
+            ("cfg_scale 3, 8 samples + CLIP re-rank (the ablation's run)", n8),
         ):
             if rec is None:
                 self.add(f"| {label} | not run | | | | |")
@@ -292,13 +293,29 @@ class Report:
                     "",
                 )
 
-    def ablation_findings(self) -> tuple[bool | None, str, bool | None, str]:
+    def _ablation_rows(self) -> list[dict]:
         import csv
 
         path = self.out / "eval" / "ablation" / "shapes" / "figure4.csv"
-        if not path.is_file():
+        return [r for r in csv.DictReader(path.open()) if r["fid"]] if path.is_file() else []
+
+    def ablation_run(self, strategy: str, num_samples: int) -> dict | None:
+        """metrics.json of the ablation's run of the ``shapes`` model with ``num_samples``
+        CLIP-re-ranked samples of ``strategy`` (its folder under ``eval/t2i/``)."""
+        for r in self._ablation_rows():
+            if (r["panel"], r["size"], r["strategy"], int(r["num_samples"])) == (
+                "samples",
+                "shapes",
+                strategy,
+                num_samples,
+            ):
+                return _load(self.out / "eval" / "t2i" / Path(r["run_dir"]).name / "metrics.json")
+        return None
+
+    def ablation_findings(self) -> tuple[bool | None, str, bool | None, str]:
+        rows = self._ablation_rows()
+        if not rows:
             return None, "", None, ""
-        rows = [r for r in csv.DictReader(path.open()) if r["fid"]]
         best: dict[str, tuple[float, float]] = {}
         scales = sorted({float(r["cfg_scale"]) for r in rows if r["panel"] == "cfg"})
         for r in rows:

@@ -48,3 +48,36 @@ def test_not_a_metrics_file(tmp_path):
     (tmp_path / "x.json").write_text('{"fid": 1}')
     with pytest.raises(InputError, match="missing"):
         tables.build([str(tmp_path / "x.json")])
+
+
+def test_report_rerank_row_is_the_ablations_8_sample_run(tmp_path):
+    """The report's '8 samples + CLIP re-rank' row reads the ablation's cfg_topp run of the
+    ``shapes`` model with 8 samples, not another strategy, size or sample count."""
+    import csv
+    import json
+
+    from lit_cm3leon.report import Report
+
+    out = tmp_path / "outputs"
+    ablation = out / "eval" / "ablation" / "shapes"
+    ablation.mkdir(parents=True)
+    runs = [("shapes", "cfg_topp", 8, 0.111), ("shapes", "mixed", 8, 0.222),
+            ("shapes_small", "cfg_topp", 8, 0.333), ("shapes", "cfg_topp", 4, 0.444)]  # fmt: skip
+    with (ablation / "figure4.csv").open("w", newline="") as f:
+        w = csv.DictWriter(
+            f, ["panel", "size", "strategy", "cfg_scale", "num_samples", "fid", "run_dir"]
+        )
+        w.writeheader()
+        for i, (size, strategy, s, fid) in enumerate(runs):
+            run = out / "eval" / "t2i" / f"run{i}"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps({"fid": fid, "clip_score": 50.0, "n": 40}))
+            # absolute folders as the ablation writes them, from another location of outputs/
+            w.writerow({"panel": "samples", "size": size, "strategy": strategy, "cfg_scale": 3.0,
+                        "num_samples": s, "fid": fid, "run_dir": f"/elsewhere/eval/t2i/run{i}"})  # fmt: skip
+    text = Report(out).build()
+    row = next(line for line in text.splitlines() if "8 samples + CLIP re-rank" in line)
+    assert row.startswith(
+        "| cfg_scale 3, 8 samples + CLIP re-rank (the ablation's run) | 0.111 | 50.00 |"
+    )
+    assert Report(tmp_path / "none").ablation_run("cfg_topp", 8) is None
