@@ -1,0 +1,111 @@
+"""The pipeline's scheduler: stages start once their needs are done, at most ``jobs`` at a time
+with ``cores // jobs`` threads, exclusive ones alone with every core; a failure starts nothing
+new and keeps what finished. Fake stages (a Python one-liner each) record when they ran."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from lit_cm3leon.pipeline import Stage, run_stages
+from lit_cm3leon.report import busy_seconds
+
+SCRIPT = (
+    "import json, os, sys, time; t0 = time.time(); time.sleep(float(sys.argv[3])); "
+    "code = int(sys.argv[4]); code and sys.exit(code); "
+    "d = os.path.join(sys.argv[1], sys.argv[2]); os.makedirs(d, exist_ok=True); "
+    "json.dump({'start': t0, 'end': time.time(), 'threads': os.environ['OMP_NUM_THREADS']}, "
+    "open(os.path.join(d, 'ran.json'), 'w'))"
+)
+
+
+def fake(out, name, needs=(), exclusive=False, seconds=1.0, code=0) -> Stage:
+    cmd = [sys.executable, "-c", SCRIPT, str(out), name, str(seconds), str(code)]
+    return Stage(name, cmd, marker="ran.json", needs=tuple(needs), exclusive=exclusive)
+
+
+def ran(out, name) -> dict:
+    return json.loads((out / name / "ran.json").read_text())
+
+
+def overlap(a: dict, b: dict) -> bool:
+    return a["start"] < b["end"] and b["start"] < a["end"]
+
+
+def schedule(out, todo, timings=None, jobs=2):
+    env = {**os.environ}
+    return run_stages(
+        todo,
+        out,
+        jobs=jobs,
+        cores=2,
+        budget="full",
+        env=env,
+        timings={} if timings is None else timings,
+    )
+
+
+def test_needs_jobs_and_exclusive_stages(tmp_path):
+    out = tmp_path / "outputs"
+    out.mkdir()
+    todo = [
+        fake(out, "a"),
+        fake(out, "b"),
+        fake(out, "c", needs=["a"], exclusive=True),
+        fake(out, "d", needs=["c"]),
+        fake(out, "e", needs=["c"]),
+        fake(out, "f", needs=["c"], seconds=0.2),
+    ]
+    timings: dict = {}
+    assert schedule(out, todo, timings) == 0
+    r = {s.name: ran(out, s.name) for s in todo}
+    assert overlap(r["a"], r["b"]) and r["a"]["threads"] == r["b"]["threads"] == "1"
+    assert r["c"]["threads"] == "2" and not any(overlap(r["c"], r[n]) for n in "abdef")
+    assert r["c"]["start"] >= max(r["a"]["end"], r["b"]["end"])
+    assert overlap(r["d"], r["e"]) and min(r["d"]["start"], r["e"]["start"]) >= r["c"]["end"]
+    assert r["f"]["start"] >= min(r["d"]["end"], r["e"]["end"])  # two at a time
+    assert {k: v["threads"] for k, v in timings.items()} == dict(a=1, b=1, c=2, d=1, e=1, f=1)
+    assert json.loads((out / "pipeline.json").read_text()) == timings
+    # the run's wall time counts the overlaps once: well under the sum of the stages' times
+    total = sum(t["seconds"] for t in timings.values())
+    assert busy_seconds(timings.values()) < total - 1.0
+
+
+def test_one_job_runs_in_order_with_every_core(tmp_path):
+    out = tmp_path / "outputs"
+    out.mkdir()
+    todo = [fake(out, "a", seconds=0.3), fake(out, "b", seconds=0.3)]
+    assert schedule(out, todo, jobs=1) == 0
+    a, b = ran(out, "a"), ran(out, "b")
+    assert b["start"] >= a["end"] and a["threads"] == b["threads"] == "2"
+
+
+def test_a_failure_starts_nothing_new_and_keeps_what_finished(tmp_path, capsys):
+    out = tmp_path / "outputs"
+    out.mkdir()
+    todo = [
+        fake(out, "a", seconds=0.2),
+        fake(out, "b", seconds=0.5, code=3),
+        fake(out, "slow", seconds=1.5),
+        fake(out, "c", needs=["a"]),
+    ]
+    assert schedule(out, todo) == 3
+    assert (out / "a" / "ran.json").is_file() and not (out / "b" / "ran.json").exists()
+    assert (out / "slow" / "ran.json").is_file()  # running when b failed: allowed to finish
+    assert not (out / "c").exists()  # ready after b failed: not started
+    assert "b failed (exit 3)" in capsys.readouterr().err
+    # the rerun skips what finished and runs the rest
+    todo[1] = fake(out, "b", seconds=0.1)
+    assert schedule(out, todo) == 0
+    assert "a: done already" in capsys.readouterr().out and ran(out, "c")
+
+
+def test_busy_seconds_counts_overlaps_once_and_gaps_not_at_all():
+    t = [
+        {"seconds": 10, "start": 0, "end": 10},
+        {"seconds": 5, "start": 5, "end": 12},  # overlaps the first
+        {"seconds": 3, "start": 100, "end": 103},  # after a gap (a killed run, then a rerun)
+        {"seconds": 4},  # a record without times (older pipeline.json)
+    ]
+    assert busy_seconds(t) == 12 + 3 + 4
