@@ -73,9 +73,10 @@ class Report:
         self.add(
             "## Stages",
             "",
-            "Stages run side by side where they do not depend on each other (two at a time with "
-            "one thread each on 2 cores); training stages whose step scales with threads run "
-            "alone with every core. Wall time is per stage; the total counts overlapping time once.",
+            "Stages that do not depend on each other run side by side (`--jobs` of the pipeline; "
+            "threads: each stage's share of the cores); the training stages whose step scales "
+            "with threads run alone with every core. Wall time is per stage; the total counts "
+            "overlapping time once.",
             "",
             "| stage | wall time (s) | threads | budget (min, full run) | run |",
             "| --- | --- | --- | --- | --- |",
