@@ -224,3 +224,42 @@ def test_candidates_are_searched_only_for_the_pairs_a_run_reads(artifacts, tmp_p
     assert set(np.concatenate(searched).tolist()) == read
     _, searched = setup(4)  # a shorter run on the same cache searches nothing
     assert len(searched) == 2
+
+
+def test_prepare_data_searches_once_and_every_rank_reads_the_cache(
+    artifacts, tmp_path, monkeypatch
+):
+    """Lightning runs ``prepare_data`` in one process per node, then ``setup`` on every rank:
+    the search happens there, and a rank's ``setup`` (a fresh module) only reads the cache."""
+    from types import SimpleNamespace
+
+    import lit_cm3leon.retrieval.bank_docs as bank_docs
+    from lit_cm3leon.data.pretrain import PretrainDataModule
+
+    calls = []
+    monkeypatch.setattr(
+        bank_docs, "training_candidates", recording_search(calls, lambda rows, n: rows[:, None])
+    )
+    opened = []
+
+    def retriever(self):
+        opened.append(self)
+        return SimpleNamespace(
+            bank=SimpleNamespace(manifest={"checksum": "bank"}), encoder=SimpleNamespace(hash="enc")
+        )
+
+    monkeypatch.setattr(PretrainDataModule, "_retriever", retriever)
+    monkeypatch.setattr(
+        bank_docs, "prompt_rows", lambda r, bank, texts, k: np.zeros((len(texts), k), np.int64)
+    )
+    kw = dict(batch_size=2, max_steps=3, cm3=None)
+    first = shapes_datamodule(artifacts, tmp_path, **kw)
+    first.prepare_data()
+    assert len(calls) == 1 and len(calls[0][1]) == 6
+    first.setup("fit")  # the same process: nothing searched or opened again
+    assert len(calls) == 1 and opened == [first]
+    rank1 = shapes_datamodule(artifacts, tmp_path, **kw)
+    rank1.setup("fit")
+    assert len(calls) == 1  # read from the cache
+    assert np.array_equal(rank1.train_ds.candidates, first.train_ds.candidates)
+    assert all(len(rank1.train_ds[i]["ids"]) for i in range(6))

@@ -215,6 +215,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_ds: PairSequences | None = None
         self.val_ds: PairSequences | None = None
+        self._opened: tuple | None = None
 
     # --- setup ---------------------------------------------------------------------------
     def _codec(self) -> DocumentCodec:
@@ -266,19 +267,14 @@ class PretrainDataModule(L.LightningDataModule):
         tmp.replace(path)
         return cands
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_ds is not None:
-            return
+    def _train_sequences(self, train: TokenShards, codec: DocumentCodec) -> PairSequences:
+        """The training stream (no candidates yet): as long as every optimizer step's batches."""
         hp = self.hparams
-        codec = self._codec()
-        train = TokenShards(hp.tokens_dir, max_bad_fraction=hp.max_bad_fraction)
-        heldout = TokenShards(hp.heldout_tokens_dir, max_bad_fraction=hp.max_bad_fraction)
-        retriever = self._retriever() if hp.n_retrieved > 0 or hp.val_retrieve_k > 0 else None
         world = max(1, self.trainer.world_size) if self.trainer else 1
         accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
-        length = hp.max_steps * accumulate * hp.batch_size * world  # every optimizer step's batches
+        length = hp.max_steps * accumulate * hp.batch_size * world
         cm3 = CM3Transform(codec.vocab, **(hp.cm3 or {})) if hp.cm3 is not None else None
-        self.train_ds = PairSequences(
+        return PairSequences(
             train,
             codec,
             None,
@@ -291,7 +287,36 @@ class PretrainDataModule(L.LightningDataModule):
             cm3=cm3,
             query_weight=hp.query_weight,
         )
-        if retriever and hp.n_retrieved > 0:
+
+    def _open(self):
+        """(codec, training shards, retriever or None), opened once per process."""
+        if self._opened is None:
+            hp = self.hparams
+            train = TokenShards(hp.tokens_dir, max_bad_fraction=hp.max_bad_fraction)
+            wanted = hp.n_retrieved > 0 or hp.val_retrieve_k > 0
+            self._opened = (self._codec(), train, self._retriever() if wanted else None)
+        return self._opened
+
+    def prepare_data(self) -> None:
+        """Search the retrieval candidates of the pairs this run reads, once: Lightning calls
+        this in one process per node before ``setup`` runs on every rank, so DDP ranks find
+        them in the cache instead of each searching the same rows into the same file."""
+        if self.hparams.n_retrieved <= 0:
+            return
+        codec, train, retriever = self._open()
+        if retriever is not None:
+            self._train_candidates(
+                train, retriever, self._train_sequences(train, codec).rows_visited()
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_ds is not None:
+            return
+        hp = self.hparams
+        codec, train, retriever = self._open()
+        heldout = TokenShards(hp.heldout_tokens_dir, max_bad_fraction=hp.max_bad_fraction)
+        self.train_ds = self._train_sequences(train, codec)
+        if retriever and hp.n_retrieved > 0:  # cached by prepare_data (searched here otherwise)
             self.train_ds.candidates = self._train_candidates(
                 train, retriever, self.train_ds.rows_visited()
             )
