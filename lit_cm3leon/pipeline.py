@@ -313,6 +313,18 @@ def default_jobs(cores: int) -> int:
     return 2 if cores >= 2 else 1
 
 
+def timing(budget: str, budget_min: float, threads: int, t0: float, end: float) -> dict:
+    """A stage's record in ``outputs/pipeline.json`` (the report reads it)."""
+    return {
+        "seconds": round(end - t0, 1),
+        "budget": budget,
+        "budget_min": budget_min,
+        "threads": threads,
+        "start": round(t0, 1),
+        "end": round(end, 1),
+    }
+
+
 @dataclass
 class _Running:
     stage: Stage
@@ -337,15 +349,20 @@ def run_stages(
     Returns 0, or the exit code of the first stage that failed: no stage starts after a failure,
     the running ones finish, and every finished stage is kept (a rerun resumes)."""
     names = [s.name for s in todo]
+
+    def head(name: str) -> str:
+        return f"[{names.index(name) + 1}/{len(todo)}] {name}"
+
+    # a need outside ``todo`` (``--only``) counts as met: the stage names a missing input itself
     needs = {
         s.name: set(s.needs if s.needs is not None else names[:i]) & set(names)
         for i, s in enumerate(todo)
     }
     finished = set()
-    for i, s in enumerate(todo, 1):
+    for s in todo:
         if s.done(out):
             finished.add(s.name)
-            print(f"[{i}/{len(todo)}] {s.name}: done already, skipped", flush=True)
+            print(f"{head(s.name)}: done already, skipped", flush=True)
     pending = [s for s in todo if s.name not in finished]
     running: dict[str, _Running] = {}
     failed = 0
@@ -353,7 +370,6 @@ def run_stages(
 
     def start(stage: Stage, threads: int) -> None:
         cmd = stage.command + (stage.reduced if budget == "reduced" else [])
-        head = f"[{names.index(stage.name) + 1}/{len(todo)}] {stage.name}"
         child_env = {**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         log = None
         if jobs > 1:
@@ -365,7 +381,7 @@ def run_stages(
         else:
             proc = subprocess.Popen(cmd, env=child_env, cwd=out.parent)
             where = ""
-        print(f"{head}, {threads} thread(s){where}: {' '.join(cmd[1:])}", flush=True)
+        print(f"{head(stage.name)}, {threads} thread(s){where}: {' '.join(cmd[1:])}", flush=True)
         running[stage.name] = _Running(stage, proc, time.time(), threads, log)
 
     while pending or running:
@@ -394,31 +410,22 @@ def run_stages(
             if code is None:
                 continue
             del running[name]
-            head = f"[{names.index(name) + 1}/{len(todo)}] {name}"
             if code != 0:
                 failed = failed or code
                 tail = r.log.read_text().splitlines()[-20:] if r.log else []
                 print(
                     "\n".join(tail)
-                    + f"\n{head} failed (exit {code})"
+                    + f"\n{head(name)} failed (exit {code})"
                     + (f"; its log: {r.log}" if r.log else "")
                     + "; fix it and rerun: finished stages are kept",
                     file=sys.stderr,
                     flush=True,
                 )
                 continue
-            end = time.time()
             finished.add(name)
-            timings[name] = {
-                "seconds": round(end - r.t0, 1),
-                "budget": budget,
-                "budget_min": r.stage.budget_min,
-                "threads": r.threads,
-                "start": round(r.t0, 1),
-                "end": round(end, 1),
-            }
+            timings[name] = timing(budget, r.stage.budget_min, r.threads, r.t0, time.time())
             timing_path.write_text(json.dumps(timings, indent=2))
-            print(f"{head}: finished in {timings[name]['seconds']:.0f} s", flush=True)
+            print(f"{head(name)}: finished in {timings[name]['seconds']:.0f} s", flush=True)
     return failed
 
 
@@ -469,14 +476,7 @@ def run(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     report(["--outputs", str(out)])
-    timings["report"] = {
-        "seconds": round(time.time() - t0, 1),
-        "budget": args.budget,
-        "budget_min": 0.5,
-        "threads": cores,
-        "start": round(t0, 1),
-        "end": round(time.time(), 1),
-    }
+    timings["report"] = timing(args.budget, 0.5, cores, t0, time.time())
     timing_path.write_text(json.dumps(timings, indent=2))
     print("\nWhat the pipeline wrote:")
     for stage in todo:

@@ -252,7 +252,8 @@ class Report:
             f"{_num(edit.get('copy_recon_edit_changed'))}, kept {_num(edit.get('copy_recon_edit_kept'))}. "
             "Spatial: placed = requested objects found in their box's grid cell with the requested "
             "colour and kind; occupied = box cells holding any shape; in_box = the output's shapes "
-            "lying in a box cell (occupancy that crowding the image does not buy); baseline: the requested shapes in uniformly random distinct cells "
+            "lying in a box cell (occupancy that crowding the image does not buy); baseline: the "
+            "requested shapes in uniformly random distinct cells "
             "(exact expectation). Ceiling: the score of the true output's own codes, decoded by this "
             "image tokenizer (what a model that emits exactly the right codes would get).",
             "",

@@ -22,7 +22,8 @@ SCRIPT = (
 
 def fake(out, name, needs=(), exclusive=False, seconds=1.0, code=0) -> Stage:
     cmd = [sys.executable, "-c", SCRIPT, str(out), name, str(seconds), str(code)]
-    return Stage(name, cmd, marker="ran.json", needs=tuple(needs), exclusive=exclusive)
+    needs = None if needs is None else tuple(needs)
+    return Stage(name, cmd, marker="ran.json", needs=needs, exclusive=exclusive)
 
 
 def ran(out, name) -> dict:
@@ -56,16 +57,18 @@ def test_needs_jobs_and_exclusive_stages(tmp_path):
         fake(out, "d", needs=["c"]),
         fake(out, "e", needs=["c"]),
         fake(out, "f", needs=["c"], seconds=0.2),
+        fake(out, "g", needs=None, seconds=0.2),  # no needs given: every earlier stage
     ]
     timings: dict = {}
     assert schedule(out, todo, timings) == 0
     r = {s.name: ran(out, s.name) for s in todo}
     assert overlap(r["a"], r["b"]) and r["a"]["threads"] == r["b"]["threads"] == "1"
-    assert r["c"]["threads"] == "2" and not any(overlap(r["c"], r[n]) for n in "abdef")
+    assert r["c"]["threads"] == "2" and not any(overlap(r["c"], r[n]) for n in "abdefg")
     assert r["c"]["start"] >= max(r["a"]["end"], r["b"]["end"])
     assert overlap(r["d"], r["e"]) and min(r["d"]["start"], r["e"]["start"]) >= r["c"]["end"]
     assert r["f"]["start"] >= min(r["d"]["end"], r["e"]["end"])  # two at a time
-    assert {k: v["threads"] for k, v in timings.items()} == dict(a=1, b=1, c=2, d=1, e=1, f=1)
+    assert r["g"]["start"] >= max(r[n]["end"] for n in "abcdef")
+    assert {k: v["threads"] for k, v in timings.items()} == dict(a=1, b=1, c=2, d=1, e=1, f=1, g=1)
     assert json.loads((out / "pipeline.json").read_text()) == timings
     # the run's wall time counts the overlaps once: well under the sum of the stages' times
     total = sum(t["seconds"] for t in timings.values())
