@@ -343,16 +343,17 @@ class Engine:
         ]
         out = np.zeros(len(rows))
         n_img = self.vocab.image_tokens
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of like lengths
         for s in range(0, len(rows), batch_size):
-            chunk = rows[s : s + batch_size]
-            L = max(map(len, chunk))
+            chunk = order[s : s + batch_size]
+            L = max(len(rows[j]) for j in chunk)
             ids = torch.full((len(chunk), L), self.vocab.pad, dtype=torch.long)
-            for i, r in enumerate(chunk):  # right-pad: image codes end each row at len(r)
-                ids[i, : len(r)] = torch.tensor(r)
+            for i, j in enumerate(chunk):  # right-pad: image codes end each row at its length
+                ids[i, : len(rows[j])] = torch.tensor(rows[j])
             with self._amp():
                 logits = self.model(ids[:, :-1]).float()
             logp = F.log_softmax(logits, -1)
-            for i, r in enumerate(chunk):
-                t = torch.arange(len(r) - n_img, len(r))
-                out[s + i] = -logp[i, t - 1, ids[i, t]].mean().item()
+            for i, j in enumerate(chunk):
+                t = torch.arange(len(rows[j]) - n_img, len(rows[j]))
+                out[j] = -logp[i, t - 1, ids[i, t]].mean().item()
         return out

@@ -128,7 +128,7 @@ def test_kv_cache_prefill_and_steps_equal_full_forward_with_padding(cells):
     T = L + extra
     full = model(ids, positions_from_mask(valid), attention_mask(valid, T))
 
-    cache = KVCache.allocate(model.config, B, T)
+    cache = KVCache.allocate(model.config, B, T + 4)  # positions left unfilled: masked
     pre = model(
         ids[:, :L], positions_from_mask(valid[:, :L]), attention_mask(valid[:, :L], L), cache=cache
     )
@@ -136,7 +136,7 @@ def test_kv_cache_prefill_and_steps_equal_full_forward_with_padding(cells):
     for t in range(L, T):
         pos = valid[:, : t + 1].sum(-1, keepdim=True) - 1
         steps.append(model(ids[:, t : t + 1], pos, valid[:, None, None, : t + 1], cache=cache))
-    assert cache.length == T
+    assert cache.length == T and cache.max_len == T + 4
     inc = torch.cat(steps, 1)
     torch.testing.assert_close(inc[valid], full[valid], atol=1e-5, rtol=1e-5)
     assert (full.abs() > 0.1).any()  # not trivially zero
