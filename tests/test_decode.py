@@ -387,3 +387,60 @@ def test_sample_follows_the_distribution_and_skips_masked_tokens():
     assert freq[1] == 0 and freq[3] == 0
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
     assert sample(logits[:3], greedy=True).tolist() == [0, 0, 0]
+
+
+def _retrieval_prompts(n=3, seed=0):
+    """``<bos> doc <sep> caption <break>`` prompts whose documents hold an image (different
+    lengths), each prompt twice (two samples), with their unconditional streams."""
+    g = torch.Generator().manual_seed(seed)
+    v = VOCAB
+    cond, unc = [], []
+    for i in range(n):
+        words = torch.randint(0, v.n_text, (1 + i,), generator=g).tolist()
+        codes = (
+            v.image_offset + torch.randint(0, v.n_image, (v.image_tokens,), generator=g)
+        ).tolist()
+        prefix = [v.bos, *words, v.brk, *codes, v.brk, v.sep]
+        caption = torch.randint(0, v.n_text, (2 + 2 * i,), generator=g).tolist()
+        for _ in range(2):
+            cond.append([*prefix, *caption, v.brk])
+            unc.append(make_uncond_prompt(v, prefix, [v.brk]))
+    return cond, unc
+
+
+@pytest.mark.parametrize("cells", [{}, {"copy_heads": 1, "copy_bias": 4.0}], ids=["paper", "copy"])
+def test_shared_prefill_equals_full_recomputation(cells):
+    """The prefill computes each distinct cond row once and, for the uncond rows, only what
+    follows the retrieved documents they share with it: the tokens equal those of recomputing
+    every sequence in full at every step."""
+    from lit_cm3leon.decode.generate import _shared_layout
+
+    torch.manual_seed(1)
+    config = ModelConfig.preset("debug", **cells)
+    m = build_model(config.for_vocab(VOCAB))
+    with torch.no_grad():
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    m.eval()
+    cond, unc = _retrieval_prompts()
+    flat = cond + unc
+    donor, rest = _shared_layout(flat, len(cond), VOCAB.is_image)
+    assert donor == [0, 0, 2, 2, 4, 4] * 2 and rest == [0] * 6 + [2] * 6
+    # a stream sharing half of an image with its cond row (an edit's image-only stream, say):
+    # the shared part stops before that image, whose cells run on into the rest
+    v, img = VOCAB, [VOCAB.image_offset + t for t in (3, 1, 4, 1, 5, 9)]
+    cond2 = [*cond, [v.bos, 7, v.brk, *img, v.brk, 8, 9, 10, v.brk]]
+    other = [*unc, [v.bos, 7, v.brk, *img[:3], v.image_offset + 2, v.brk]]
+    assert _shared_layout(cond2 + other, len(cond2), v.is_image)[1][-1] == 5
+    for strategy in ("cfg_topp", "cdk", "mixed"):
+        kw = dict(strategy=strategy, cfg_scale=2.5, cdk_alpha=0.1, cdk_k=3, uncond_prompts=other)
+        for extra in (dict(temperature=0.0), dict(top_p=0.9, seed=5)):
+            cached = generate(m, cond2, VOCAB, 10, mode="any", **kw, **extra)
+            full = generate(m, cond2, VOCAB, 10, mode="any", use_cache=False, **kw, **extra)
+            assert cached == full
+    # a row that does not fit the layout (uncond longer than its cond) takes the plain prefill
+    assert _shared_layout([[1, 2, 3], [1, 4, 5, 6]], 1, VOCAB.is_image) is None
+    assert generate(m, [[VOCAB.bos, 5, VOCAB.brk]], VOCAB, 4, strategy="cfg_topp", temperature=0,
+                    uncond_prompts=[[VOCAB.bos, 7, 8, 9, VOCAB.brk]]) == generate(
+        m, [[VOCAB.bos, 5, VOCAB.brk]], VOCAB, 4, strategy="cfg_topp", temperature=0,
+        uncond_prompts=[[VOCAB.bos, 7, 8, 9, VOCAB.brk]], use_cache=False)  # fmt: skip

@@ -30,7 +30,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lit_cm3leon.model.transformer import KVCache, attention_mask, positions_from_mask
+from lit_cm3leon.model.transformer import (
+    KVCache,
+    attention_mask,
+    image_cells,
+    positions_from_mask,
+)
 from lit_cm3leon.tokenizer.vocab import Vocab
 
 from .processors import (
@@ -117,6 +122,93 @@ def _left_pad(rows: Sequence[Sequence[int]], pad: int, extra: int, device) -> tu
         ids[i, L - len(r) : L] = torch.tensor(list(r), dtype=torch.long)
         valid[i, L - len(r) : L] = True
     return ids.to(device), valid.to(device)
+
+
+def _shared_layout(flat: list[list[int]], N: int, is_image) -> tuple[list[int], list[int]] | None:
+    """Which rows the prefill computes and how the others reuse them.
+
+    Row ``r`` of stream > 0 belongs to prompt ``i = r % N`` and shares its first ``m`` tokens
+    with cond row ``i`` (the retrieved documents of a CFG prompt; ``<bos>`` at least). Laid out
+    with those ``m`` tokens in the cond row's columns and its own rest right-aligned (pads
+    between), its keys there equal the cond row's, so only the rest needs computing. The shared
+    part stops before an image the rest continues (pads would break the run of image cells).
+    Cond rows repeating an earlier cond row (several samples of a prompt) reuse it whole.
+
+    Returns ``(donor, rest)``: per row, the unique cond row it copies and how many of its last
+    columns it computes itself (0: none); ``None`` when a row does not fit this layout."""
+    first: dict[tuple[int, ...], int] = {}
+    donor = [first.setdefault(tuple(r), i) for i, r in enumerate(flat[:N])]
+    rest = [0] * N
+    for r in range(N, len(flat)):
+        c, row = flat[r % N], flat[r]
+        m = 0
+        while m < min(len(c), len(row)) and c[m] == row[m]:
+            m += 1
+        while 0 < m < len(row) and is_image(row[m - 1]) and is_image(row[m]):
+            m -= 1
+        n = len(row) - m
+        if m == 0 or n == 0 or n > len(c) - m:
+            return None
+        donor.append(donor[r % N])
+        rest.append(n)
+    return donor, rest
+
+
+def _prefill(forward, config, flat, N, ids, valid, L, pad, dtype):
+    """The prompt's keys into a new :class:`KVCache` and the logits of its last position.
+
+    Rows are computed once each where :func:`_shared_layout` allows (rows of stream > 0 are
+    laid out anew in ``ids`` / ``valid``, in place); otherwise the whole batch is. Returns
+    ``(cache, logits [R, 1, V], padded)``."""
+    R, total = ids.shape
+    device = ids.device
+
+    def is_image(t):  # an id or a tensor of ids
+        return (t >= config.image_id_start) & (t < config.image_id_start + config.n_image_ids)
+
+    layout = _shared_layout(flat, N, is_image)
+    if layout is None:
+        cache = KVCache.allocate(config, R, total, device=device, dtype=dtype)
+        padded = not bool(valid[:, :L].all())
+        am = attention_mask(valid[:, :L], L) if padded else None
+        pos = positions_from_mask(valid[:, :L]) if padded else None
+        logits = forward(ids[:, :L], positions=pos, attn_mask=am, cache=cache, last_only=True)
+        return cache, logits, padded
+    donor, rest = layout
+    uniq = sorted(set(donor))
+    slot = {row: j for j, row in enumerate(uniq)}
+    sub = torch.tensor(uniq, device=device)
+    part = KVCache.allocate(config, len(uniq), total, device=device, dtype=dtype)
+    v = valid[sub, :L]
+    logits_u = forward(ids[sub, :L], positions=positions_from_mask(v),
+                       attn_mask=attention_mask(v, L), cache=part, last_only=True)  # fmt: skip
+    cache = part.index_select(torch.tensor([slot[d] for d in donor], device=device))
+    logits = logits_u.index_select(
+        0, torch.tensor([slot[donor[i]] for i in range(N)], device=device)
+    )
+    if R == N:
+        return cache, logits, True
+    # rows of the other streams: the cond row's shared columns, pads, then their own rest
+    s = max(rest)
+    for r in range(N, R):
+        c, n, m = flat[r % N], rest[r], len(flat[r]) - rest[r]
+        shared = slice(L - len(c), L - len(c) + m)
+        ids[r, :L], valid[r, :L] = pad, False
+        ids[r, shared], valid[r, shared] = ids[r % N, shared], True
+        ids[r, L - n : L] = torch.tensor(flat[r][m:], dtype=torch.long)
+        valid[r, L - n : L] = True
+    own = KVCache([k[N:] for k in cache.k], [v[N:] for v in cache.v])  # views: writes land in cache
+    own.length = L - s
+    if cache.cells is not None:
+        own.cells = cache.cells[N:]
+    if cache.image_run is not None:  # the image run ending just before the recomputed columns
+        own.image_run = image_cells(is_image(ids[N:, : L - s]))[1]
+    v = valid[N:, :L]
+    logits_o = forward(ids[N:, L - s : L], positions=positions_from_mask(v)[:, L - s :],
+                       attn_mask=attention_mask(v, s), cache=own, last_only=True)  # fmt: skip
+    if cache.image_run is not None:
+        cache.image_run = torch.cat([cache.image_run[:N], own.image_run])
+    return cache, torch.cat([logits, logits_o]), True
 
 
 @torch.no_grad()  # not inference_mode: autocast caches its weight casts only under no_grad
@@ -234,17 +326,17 @@ def generate(
         def forward(*args, **kwargs):
             return torch.func.functional_call(model, {**params, **buffers}, args, kwargs)
 
-    cache = None
+    cache_dtype = None
     if use_cache:
         # float32 keys on the CPU: a decoding step's attention then runs as two float32 matmuls,
         # faster there than bf16 ones (transformer._attend_step); elsewhere the compute dtype
         if device.type == "cpu":
-            dtype = torch.float32
+            cache_dtype = torch.float32
         elif torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
+            cache_dtype = torch.get_autocast_dtype(device.type)
         else:
-            dtype = param_dtype or next(model.parameters()).dtype
-        cache = KVCache.allocate(config, R, total, device=device, dtype=dtype)
+            cache_dtype = param_dtype or next(model.parameters()).dtype
+    cache = None
 
     was_training = model.training
     model.eval()  # restored before returning (generation may run inside a training loop)
@@ -258,10 +350,10 @@ def generate(
     S = L  # filled positions
     for step in range(max_new_tokens):
         # --- forward: logits of the next token for every stream row [R, V]
-        if cache is not None and step == 0:
-            am = attention_mask(valid[:, :L], L) if padded else None
-            pos = positions_from_mask(valid[:, :L]) if padded else None
-            logits = forward(ids[:, :L], positions=pos, attn_mask=am, cache=cache, last_only=True)
+        if cache_dtype is not None and step == 0:
+            cache, logits, padded = _prefill(
+                forward, config, flat, N, ids, valid, L, vocab.pad, cache_dtype
+            )
         elif cache is not None:
             pos = (valid[:, :S].sum(-1, keepdim=True) - 1) if padded else None
             am = valid[:, None, None, :S] if padded else None
