@@ -181,6 +181,7 @@ def test_cli_shapes_token_shards_rerender_by_index(saved_encoder, tmp_path, prec
     assert cli([*argv, "--out", str(tmp_path / "idx"), "--precision", precision]) == 0
     bank = MemoryBank.open(tmp_path / "idx", enc)
     assert bank.doc_ids.tolist() == [5, 9, 2] and bank.multimodal.all()
+    assert bank.manifest["precision"] == precision
     s = world.sample("train", 9)
     got, want = bank.vectors([1])[0], enc.embed_document(s.caption_short, s.image)
     if precision == "32":

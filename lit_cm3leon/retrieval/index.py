@@ -489,6 +489,7 @@ def build_from_args(args) -> dict:
             "source": args.source,
             "tokens": str(args.tokens) if args.tokens else None,
             "skipped": skipped,
+            "precision": args.precision,
             "embed_seconds": round(t_embed, 3),
             "docs_per_second": round(n / max(t_embed, 1e-9), 1),
         },
