@@ -45,6 +45,7 @@ import torch  # noqa: E402
 from lit_cm3leon.model import ModelConfig, build_model  # noqa: E402
 from lit_cm3leon.model.interop import opt_config_kwargs, to_opt_state_dict  # noqa: E402
 from lit_cm3leon.tokenizer.vocab import Vocab  # noqa: E402
+from lit_cm3leon.utils.malloc import keep_freed_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -394,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="cpu or cuda (bf16 autocast on either; CPU times are then moot)",
     )
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc malloc's defaults (by default both models run with the freed-memory "
+        "reuse the training command sets: lit_cm3leon.utils.malloc)",
+    )
     p.add_argument("--out", default=str(RESULTS / "train.json"), help="JSON output path")
     p.add_argument(
         "--report",
@@ -419,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     DEVICE = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    malloc_tuned = not args.default_malloc and keep_freed_memory()
     configs = QUICK if args.quick else {k: CONFIGS[k] for k in (args.configs or CONFIGS)}
     repeats = 1 if args.quick else args.repeats
     if args.steps:
@@ -429,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t_start = time.perf_counter()
-    info = machine()
+    info = {**machine(), "malloc_keeps_freed_memory": malloc_tuned}
     peaks, peaks_cpu = [], []  # appended to by bench_config after every repeat
 
     def add_peak(tries: int = 5) -> None:

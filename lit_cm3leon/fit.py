@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lit_cm3leon.utils.config import validate_fit_config
+from lit_cm3leon.utils.malloc import keep_freed_memory
 from lit_cm3leon.utils.manifest import write_manifest
 
 log = logging.getLogger("lit_cm3leon.fit")
@@ -167,6 +168,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from lit_cm3leon.training.checkpoint import CheckpointError
 
     validate_fit_config(cfg)
+    if cfg.get("keep_freed_memory", True):
+        keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
 
     log.info("datamodule <%s>", cfg.data._target_)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import block_causal_attention
 from .config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -216,9 +217,7 @@ class Attention(nn.Module):
             y = _attend(q, k, v, attn_mask)
         else:  # copy heads with their additive bias [B, 1, T, S], the other heads as usual
             h = self.copy_heads
-            y_copy = F.scaled_dot_product_attention(
-                q[:, :h], k[:, :h], v[:, :h], attn_mask=copy_mask.to(q.dtype)
-            )
+            y_copy = _attend(q[:, :h], k[:, :h], v[:, :h], copy_mask)
             y = torch.cat([y_copy, _attend(q[:, h:], k[:, h:], v[:, h:], attn_mask)], 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -248,8 +247,14 @@ def _attend_step(
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+    """``attn_mask``: None (causal), bool (True = attend) or an additive float bias."""
+    training = q.requires_grad and k.shape[2] == q.shape[2] > 1
+    if training and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        return block_causal_attention(q, k, v, attn_mask)  # its module doc: the flash backward
     if attn_mask is None:  # plain causal (no padding); a single query sees every key
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+    if attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
