@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lit_cm3leon.data.sft import SFTSequences, mixture_rates, shapes_pools
+from lit_cm3leon.data.sft import SFTSequences, local_edit_codes, mixture_rates, shapes_pools
 from lit_cm3leon.data.templates import TASKS, split_target
 from lit_cm3leon.fit import train
 from lit_cm3leon.tokenizer.codec import DocumentCodec
@@ -137,6 +137,54 @@ def test_shapes_pools_cover_every_task_and_cache_codes(image_tokenizer, tmp_path
     assert not calls and np.array_equal(
         again["seg2image"][5]["condition"], pools["seg2image"][5]["condition"]
     )
+
+
+def test_local_edit_codes_keep_the_source_away_from_the_change():
+    """32 px images, a 4 x 4 code grid (8 px cells): pixels 12-13 x 17 differ (cell row 1, col 2)."""
+    src = np.zeros((32, 32, 3), np.uint8)
+    tgt = src.copy()
+    tgt[12:14, 17, 0] = 200
+    sc, tc = np.zeros((4, 4), np.int64), np.ones((4, 4), np.int64)
+    changed = lambda m: local_edit_codes(sc, tc, src, tgt, m).astype(bool)  # noqa: E731
+    want = np.zeros((4, 4), bool)
+    want[1, 2] = True
+    assert np.array_equal(changed(0), want)
+    assert np.array_equal(changed(1), want)  # rows 11-14, columns 16-18: the same cell
+    want[1, 1] = True  # 2 px reach column 15: cell column 1 too
+    assert np.array_equal(changed(2), want)
+    want[:3, 1:4] = True  # 7 px reach rows 5-20 and columns 10-24
+    assert np.array_equal(changed(7), want)
+    assert not local_edit_codes(sc, tc, src, src, 3).any()  # nothing changed: the source
+    faint = src.copy()
+    faint[0, 0] = 16  # at most `threshold` apart counts as unchanged
+    assert not local_edit_codes(sc, tc, src, faint, 0).any()
+    with pytest.raises(ValueError, match="same square"):
+        local_edit_codes(sc, tc, src, tgt[:30], 0)
+
+
+def test_shapes_pools_with_an_edit_margin_take_the_source_codes_where_nothing_changed(
+    image_tokenizer, tmp_path
+):
+    from lit_cm3leon.data.shapes import ShapesWorld
+
+    world = ShapesWorld()
+    plain = shapes_pools(world, "train", 0, 6, image_tokenizer, tmp_path, ["edit"])
+    local = shapes_pools(world, "train", 0, 6, image_tokenizer, tmp_path, ["edit"], 2)
+    for i, (a, b) in enumerate(zip(plain["edit"], local["edit"], strict=True)):
+        s = world.sample("train", i)
+        want = local_edit_codes(a["image"], a["target"], s.image, s.edit.after_image, 2)
+        assert np.array_equal(b["target"], want)
+    kept = np.mean([np.mean(ex["target"] == ex["image"]) for ex in local["edit"]])
+    assert kept > np.mean([np.mean(ex["target"] == ex["image"]) for ex in plain["edit"]])
+
+
+def test_edit_margin_is_for_the_shapes_world():
+    from lit_cm3leon.data.sft import SFTDataModule
+
+    with pytest.raises(ValueError, match="edit_margin"):
+        SFTDataModule("t", "i", None, source="files", edit_margin=2)
+    with pytest.raises(ValueError, match="edit_margin"):
+        SFTDataModule("t", "i", None, edit_margin=-1)
 
 
 # --- fit through the entry point -----------------------------------------------------------

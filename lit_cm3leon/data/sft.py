@@ -211,6 +211,42 @@ def edges_rgb(edges: np.ndarray) -> np.ndarray:
     return out
 
 
+def local_edit_codes(
+    source_codes: np.ndarray,
+    target_codes: np.ndarray,
+    source_image: np.ndarray,
+    target_image: np.ndarray,
+    margin: int,
+    threshold: int = 16,
+) -> np.ndarray:
+    """An edit's target as codes [h, w]: the target's own codes in the cells within ``margin``
+    pixels of where the two images differ (any channel by more than ``threshold``), the
+    source's codes everywhere else.
+
+    An image tokenizer whose encoder sees beyond a code's own patch gives an unchanged region
+    other codes once anything near it changes: a one-shape edit of the shapes world keeps 41%
+    of the scene's codes (300 held-out edits). Trained on those targets, a decoder learns that
+    copying the source's code is right less than half the time. This target keeps the source's
+    codes where the image is unchanged; decoded, it still shows the target scene (the scene
+    parser: 0.943 with ``margin`` 2 against 0.973 for the target's own codes, n = 300), while
+    80% of its codes are the source's (41% of the target's own).
+    """
+    h, w = source_codes.shape
+    size = source_image.shape[0]
+    if source_image.shape != target_image.shape or size % h or source_image.shape[1] != size:
+        raise ValueError(
+            f"images {source_image.shape} and {target_image.shape} must be the same square, a "
+            f"multiple of the {h}x{w} code grid"
+        )
+    diff = np.abs(source_image.astype(np.int16) - target_image.astype(np.int16)).max(-1)
+    near = np.pad(diff > threshold, margin)
+    if margin:
+        near = np.lib.stride_tricks.sliding_window_view(near, (2 * margin + 1,) * 2).any((-1, -2))
+    patch = size // h
+    changed = near.reshape(h, patch, w, patch).any((1, 3))
+    return np.where(changed, target_codes, source_codes)
+
+
 def shapes_paragraph(world, scene) -> str:
     """A few sentences: the count and background, then one sentence per shape."""
     from lit_cm3leon.data.shapes import position_phrase
@@ -239,11 +275,14 @@ def shapes_pools(
     tokenizer,
     cache_dir: str | Path | None,
     tasks: Sequence[str] = TASKS,
+    edit_margin: int | None = None,
 ) -> dict[str, list[dict]]:
     """Examples of every task from shapes samples ``start .. start+n-1`` of ``split``.
 
     Four images per sample are tokenized (once; cached): the scene, the edited scene, the
     segmentation map and the edge map (rendered by :func:`segmentation_rgb`/:func:`edges_rgb`).
+    With ``edit_margin`` an edit's target is :func:`local_edit_codes` (else the edited scene's
+    own codes).
     """
     samples = [world.sample(split, start + i) for i in range(n)]
     kinds = {
@@ -283,9 +322,10 @@ def shapes_pools(
                     {"image": img, "question": qa.question, "answer": qa.answer, "qtype": qa.qtype}
                 )
         if "edit" in add:
-            add["edit"](
-                {"image": img, "instruction": s.edit.instruction, "target": codes["edited"][i]}
-            )
+            target = codes["edited"][i]
+            if edit_margin is not None:
+                target = local_edit_codes(img, target, s.image, s.edit.after_image, edit_margin)
+            add["edit"]({"image": img, "instruction": s.edit.instruction, "target": target})
         if "seg2image" in add:
             add["seg2image"](
                 {"condition": codes["seg"][i], "caption": s.caption_short, "image": img}
@@ -417,6 +457,7 @@ class SFTDataModule(L.LightningDataModule):
         val_per_task: int = 16,
         loss_on: str = "target",
         max_bad_fraction: float = 0.5,
+        edit_margin: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -424,6 +465,11 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(f"source must be 'shapes' or 'files', got {source!r}")
         if loss_on not in ("target", "all"):
             raise ValueError(f"loss_on must be 'target' or 'all', got {loss_on!r}")
+        if edit_margin is not None and (source != "shapes" or edit_margin < 0):
+            raise ValueError(
+                f"edit_margin={edit_margin}: a margin in pixels (>= 0) for the shapes world's edits "
+                "(source=shapes); null keeps the edited images' own codes"
+            )
         for t in tasks or {}:
             get_template(t)
         self.save_hyperparameters()
@@ -453,12 +499,10 @@ class SFTDataModule(L.LightningDataModule):
 
             cfg = dict(hp.shapes or {})
             world = ShapesWorld(**cfg.get("world", {}))
-            train = shapes_pools(
-                world, "train", 0, int(cfg.get("n_train", 2000)), tok, hp.cache_dir, tasks
-            )
-            val = shapes_pools(
-                world, "heldout", 0, int(cfg.get("n_val", 64)), tok, hp.cache_dir, tasks
-            )
+            n_train, n_val = int(cfg.get("n_train", 2000)), int(cfg.get("n_val", 64))
+            margin = hp.edit_margin
+            train = shapes_pools(world, "train", 0, n_train, tok, hp.cache_dir, tasks, margin)
+            val = shapes_pools(world, "heldout", 0, n_val, tok, hp.cache_dir, tasks, margin)
         else:
             if not hp.sources:
                 raise ValueError(
