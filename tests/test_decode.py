@@ -408,7 +408,15 @@ def _retrieval_prompts(n=3, seed=0):
     return cond, unc
 
 
-@pytest.mark.parametrize("cells", [{}, {"copy_heads": 1, "copy_bias": 4.0}], ids=["paper", "copy"])
+@pytest.mark.parametrize(
+    "cells",
+    [
+        {},
+        {"copy_heads": 1, "copy_bias": 4.0},
+        {"copy_heads": 1, "copy_bias": 4.0, "copy_logit": True},
+    ],
+    ids=["paper", "copy", "copy_logit"],
+)
 def test_shared_prefill_equals_full_recomputation(cells):
     """The prefill computes each distinct cond row once and, for the uncond rows, only what
     follows the retrieved documents they share with it: the tokens equal those of recomputing

@@ -201,6 +201,8 @@ def _prefill(forward, config, flat, N, ids, valid, L, pad, dtype):
     own.length = L - s
     if cache.cells is not None:
         own.cells = cache.cells[N:]
+    if cache.ids is not None:
+        own.ids = cache.ids[N:]
     if cache.image_run is not None:  # the image run ending just before the recomputed columns
         own.image_run = image_cells(is_image(ids[N:, : L - s]))[1]
     v = valid[N:, :L]

@@ -108,6 +108,7 @@ class KVCache:
         self.length = 0
         self.image_run: Tensor | None = None  # [B] image tokens ending the filled part
         self.cells: Tensor | None = None  # [B, max_len] grid cell of each position (copy heads)
+        self.ids: Tensor | None = None  # [B, max_len] token of each position (copy logit)
 
     @classmethod
     def allocate(
@@ -158,6 +159,14 @@ class KVCache:
         self.cells[:, start:end] = cells
         return self.cells[:, :end]
 
+    def update_ids(self, ids: Tensor) -> Tensor:
+        """Write the tokens [B, T] of the new positions; return all tokens so far [B, S]."""
+        start, end = self._span(ids.shape[1])
+        if self.ids is None:
+            self.ids = ids.new_full((self.batch_size, self.max_len), -1)
+        self.ids[:, start:end] = ids
+        return self.ids[:, :end]
+
     def advance(self, n: int) -> None:
         self.length += n
 
@@ -171,6 +180,8 @@ class KVCache:
             out.image_run = self.image_run.index_select(0, index)
         if self.cells is not None:
             out.cells = self.cells.index_select(0, index)
+        if self.ids is not None:
+            out.ids = self.ids.index_select(0, index)
         return out
 
     def reorder_(self, index: Tensor) -> None:
@@ -182,6 +193,8 @@ class KVCache:
             self.image_run = self.image_run.index_select(0, index)
         if self.cells is not None:
             self.cells = self.cells.index_select(0, index)
+        if self.ids is not None:
+            self.ids = self.ids.index_select(0, index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +335,8 @@ class CM3LeonTransformer(nn.Module):
             config.d_model, eps=config.ln_eps, elementwise_affine=False, bias=False
         )
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        pointer = config.copy_logit and config.copy_heads > 0  # it points where they look
+        self.copy_gate = nn.Linear(config.d_model, 1) if pointer else None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -333,6 +348,9 @@ class CM3LeonTransformer(nn.Module):
                 nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
         nn.init.normal_(self.pos_emb.weight, mean=0.0, std=self.config.pos_init_std)
         nn.init.zeros_(self.lm_head.weight)
+        if self.copy_gate is not None:  # no pull towards copying until training finds one
+            nn.init.zeros_(self.copy_gate.weight)
+            nn.init.zeros_(self.copy_gate.bias)
 
     def forward(
         self,
@@ -370,13 +388,16 @@ class CM3LeonTransformer(nn.Module):
                 torch.ones(B, past + T, dtype=torch.bool, device=idx.device), T
             )
         x = self.tok_emb(idx) + self.pos_emb(positions)  # [B, T, C]
-        copy = None
+        copy = source = None
         if self.cell_emb is not None or self.config.copy_heads:
             is_image, cells = self._image_cells(idx, cache)
             if self.cell_emb is not None:
                 x = x + self.cell_emb(cells) * is_image[..., None].to(x.dtype)
             if self.config.copy_heads:
-                copy = self._copy_mask(is_image, cells, attn_mask, cache)
+                copy, source = self._copy_mask(is_image, cells, attn_mask, cache)
+                if self.copy_gate is not None:  # the token each position's copy target holds
+                    keys = idx if cache is None else cache.update_ids(idx)
+                    source = torch.where(source >= 0, keys.gather(1, source.clamp(min=0)), -1)
         if cache is not None and T == 1 and idx.device.type == "cpu":
             # A decoding step on the CPU attends over the whole allocated cache, its unfilled
             # positions masked: batched matmuls over a slice [:, :, :S] of the buffer ran 1.6-2.4x
@@ -396,7 +417,18 @@ class CM3LeonTransformer(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.ln_f(x))  # [B, T, V]
+            source = source[:, -1:] if source is not None else None
+        h = self.ln_f(x)
+        logits = self.lm_head(h)  # [B, T, V]
+        if self.copy_gate is not None:
+            logits = self._copy_logits(logits, h, source)
+        return logits
+
+    def _copy_logits(self, logits: Tensor, h: Tensor, source: Tensor) -> Tensor:
+        """``logits`` with the gate ``g(h)`` added at each position's copy source token
+        (``source`` [B, T], -1 where there is none)."""
+        gate = self.copy_gate(h).to(logits.dtype) * (source >= 0)[..., None]  # [B, T, 1]
+        return logits.scatter_add(-1, source.clamp(min=0)[..., None], gate)
 
     def _image_cells(self, idx: Tensor, cache: KVCache | None) -> tuple[Tensor, Tensor]:
         """Which tokens of ``idx`` are image tokens [B, T] and their grid cells [B, T].
@@ -414,8 +446,10 @@ class CM3LeonTransformer(nn.Module):
 
     def _copy_mask(
         self, is_image: Tensor, cells: Tensor, attn_mask: Tensor | None, cache: KVCache | None
-    ) -> Tensor:
-        """Additive attention bias [B, 1, T, S] of the copy heads (``-inf`` where masked).
+    ) -> tuple[Tensor, Tensor | None]:
+        """Additive attention bias [B, 1, T, S] of the copy heads (``-inf`` where masked), and
+        with ``copy_logit`` the key position [B, T] of each query's latest aligned visible key
+        (-1 where there is none).
 
         An image token in cell ``c`` predicts cell ``c + 1`` of its image; every earlier image
         token in cell ``c + 1`` (the same place in another image: a retrieved one, or the source
@@ -430,7 +464,11 @@ class CM3LeonTransformer(nn.Module):
             attn_mask = attention_mask(torch.ones_like(key_cell, dtype=torch.bool), T)
         allowed = attn_mask[:, 0]
         bias = torch.where(aligned, c.copy_bias, 0.0).masked_fill_(~allowed, float("-inf"))
-        return bias[:, None]
+        if self.copy_gate is None:
+            return bias[:, None], None
+        keys = torch.arange(aligned.shape[-1], device=aligned.device)
+        latest = torch.where(aligned & allowed, keys, -1).amax(-1)  # [B, T]
+        return bias[:, None], latest
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

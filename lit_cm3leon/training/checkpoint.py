@@ -31,7 +31,7 @@ SIZE_FIELDS = (
 )
 # Fields that change what the same weights compute: a checkpoint of another value is "another
 # architecture" (the run's config would otherwise silently differ from the loaded model).
-ARCH_FIELDS = ("cell_embedding", "copy_heads", "copy_bias")
+ARCH_FIELDS = ("cell_embedding", "copy_heads", "copy_bias", "copy_logit")
 
 
 class CheckpointError(ValueError):
