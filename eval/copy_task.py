@@ -11,6 +11,7 @@ log(n_codes). Prints and writes the loss on both images every ``--every`` steps.
 ``--copy-heads N --copy-bias B`` override the preset's copy heads (``ModelConfig.copy_heads``):
 with none the loss on the repeat stays at log(n_codes) for 1,200 steps; with 2 heads biased by 8
 it falls from step 200 (see the README's retrieval section for the measured curves).
+``--copy-logit 0/1`` turns the copy logit (``ModelConfig.copy_logit``) off or on.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-std", type=float, default=None, help="override the preset's init_std")
     p.add_argument("--copy-heads", type=int, default=None, help="override the preset's copy_heads")
     p.add_argument("--copy-bias", type=float, default=None, help="override the preset's copy_bias")
+    p.add_argument(
+        "--copy-logit",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="override the preset's copy_logit (1 = on, the shapes preset's default)",
+    )
     p.add_argument("--out", default=None, help="metrics.json to write")
     args = p.parse_args(argv)
 
@@ -59,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             ("init_std", args.init_std),
             ("copy_heads", args.copy_heads),
             ("copy_bias", args.copy_bias),
+            ("copy_logit", None if args.copy_logit is None else bool(args.copy_logit)),
         ]
         if v is not None
     }

@@ -16,16 +16,10 @@ PRESETS: dict[str, dict] = {
     # 2 x 64: unit tests, runs in seconds. Blocks 98,304.
     "debug": dict(n_layer=2, n_head=4, d_model=64, max_seq_len=256),
     # 6 x 256, 8 heads: the shapes world on CPU. Blocks 4,718,592.
-    # With the cell embedding, 2 copy heads and the copy logit (ModelConfig.cell_embedding,
-    # .copy_heads, .copy_logit), not in the paper.
+    # With the cell embedding and 2 copy heads (ModelConfig.cell_embedding, .copy_heads), not
+    # in the paper.
     "shapes": dict(
-        n_layer=6,
-        n_head=8,
-        d_model=256,
-        max_seq_len=1024,
-        cell_embedding=True,
-        copy_heads=2,
-        copy_logit=True,
+        n_layer=6, n_head=8, d_model=256, max_seq_len=1024, cell_embedding=True, copy_heads=2
     ),
     # 12 x 768, 12 heads, 1,024 positions: the ~100M benchmark size (bench/train.py). Blocks
     # 84,934,656; total 100,051,968 with Vocab(n_text=8192, n_image=1024) (9,330 ids).
