@@ -21,7 +21,14 @@ from a retrieved image or an edit's source is one head away from the first step.
 task (``eval/copy_task.py``) nothing is copied in 1,200 steps without them; with 2 heads biased
 by 8 the repeat's loss leaves chance at step 200.
 
-Attention runs through ``F.scaled_dot_product_attention``. Decoding uses a preallocated
+Optional and not in the paper (``ModelConfig.copy_logit``, off): an image token adds a learned
+gate to the logit of the token the copy heads align it to (:meth:`CM3LeonTransformer._copy_logits`),
+a pointer: on the tests' repeat task its loss is 0.13 after 30 steps, where the copy heads
+alone are still at chance.
+
+Attention runs through ``F.scaled_dot_product_attention``, except for a training step on the
+CPU (gradients, eager), which runs :func:`attention.block_causal_attention` (the same function,
+faster there; its module doc). Decoding uses a preallocated
 :class:`KVCache`. Rows may be left-padded: :func:`positions_from_mask` gives each row positions
 0, 1, ... for its real tokens, and :func:`attention_mask` hides the pads.
 
