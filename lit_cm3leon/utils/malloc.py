@@ -3,10 +3,12 @@
 PyTorch's CPU tensors come straight from ``malloc``. glibc serves a block of more than
 ``M_MMAP_THRESHOLD`` bytes (128 KiB, raised as large blocks are freed) with a fresh ``mmap``
 and unmaps it on free, and returns the top of the heap to the OS beyond ``M_TRIM_THRESHOLD``: a
-training step that allocates and frees megabytes of activations many times over then spends its
-time in page faults zeroing new pages: a ``shapes`` training step (``bench/train.py``, 2 cores)
-faulted in 45,000-60,000 pages per step with the defaults, none with the settings here, and ran
-about 20% faster, ours and transformers' OPT alike.
+training step that allocates and frees megabytes of activations many times over then faults in
+fresh zeroed pages again and again: a ``shapes`` training step (``bench/train.py``, 2 cores)
+faulted in 31,000-60,000 pages per step with the defaults and 0-2 with the settings here. What
+that costs varied between runs on the same machine: from about 20% of the step (ours 646 vs
+511 ms, OPT 729 vs 576 ms, two runs minutes apart) to within noise later (ours 463 vs 448 ms, OPT
+557 vs 552 ms, back to back).
 
 The settings are glibc's own knobs (``mallopt``), the ones its ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` environment variables set; blocks of up to 32 MiB (glibc's maximum)
