@@ -250,61 +250,44 @@ def test_copy_heads_bias_the_same_cell_of_earlier_images():
         ModelConfig.preset("debug", copy_heads=5)  # 4 heads
 
 
-def test_copy_heads_learn_to_copy_where_the_plain_decoder_does_not():
-    """An image of random codes, then the same image: with copy heads the repeat is copied
-    within 300 steps; without, its loss stays at chance, log(16) = 2.77 (seeds 0-3: 2.56-2.78
-    plain, 0.008-0.06 with copy heads)."""
+def _repeat_loss(copy_heads: int, steps: int, copy_logit: bool = False) -> float:
+    """Train the debug preset on a random 3 x 3 image (16 codes) followed by the same image
+    again; the loss on cells 1.. of the repeat after ``steps`` steps."""
     from lit_cm3leon.tokenizer.vocab import Vocab
 
     vocab = Vocab(n_text=30, n_image=16, image_h=3, image_w=3)
     n, B = vocab.image_tokens, 16
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(
+        "debug", copy_heads=copy_heads, copy_bias=8.0, copy_logit=copy_logit
+    ).for_vocab(vocab)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    for _ in range(steps):
+        codes = torch.randint(0, 16, (B, n)) + vocab.image_offset
+        x = torch.cat(
+            [torch.full((B, 1), vocab.bos), codes, torch.full((B, 1), vocab.sep), codes], 1
+        )
+        nll = F.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
+        opt.zero_grad()
+        nll.mean().backward()
+        opt.step()
+    return float(nll[:, -(n - 1) :].detach().mean())
 
-    def repeat_loss(copy_heads: int) -> float:
-        torch.manual_seed(0)
-        cfg = ModelConfig.preset("debug", copy_heads=copy_heads, copy_bias=8.0).for_vocab(vocab)
-        model = build_model(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
-        for _ in range(300):
-            codes = torch.randint(0, 16, (B, n)) + vocab.image_offset
-            x = torch.cat(
-                [torch.full((B, 1), vocab.bos), codes, torch.full((B, 1), vocab.sep), codes], 1
-            )
-            nll = F.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
-            opt.zero_grad()
-            nll.mean().backward()
-            opt.step()
-        return float(nll[:, -(n - 1) :].detach().mean())  # cells 1.. of the repeat
 
-    assert repeat_loss(0) > 2.0
-    assert repeat_loss(2) < 0.5
+def test_copy_heads_learn_to_copy_where_the_plain_decoder_does_not():
+    """An image of random codes, then the same image: with copy heads the repeat is copied
+    within 300 steps; without, its loss stays at chance, log(16) = 2.77 (seeds 0-3: 2.56-2.78
+    plain, 0.008-0.06 with copy heads)."""
+    assert _repeat_loss(copy_heads=0, steps=300) > 2.0
+    assert _repeat_loss(copy_heads=2, steps=300) < 0.5
 
 
 def test_copy_logit_learns_to_copy_in_a_tenth_of_the_steps():
     """The repeat task above at 30 steps: copy heads alone are still at chance (2.81-2.85 over
     seeds 0-2), with the copy logit 0.13-0.14."""
-    from lit_cm3leon.tokenizer.vocab import Vocab
-
-    vocab = Vocab(n_text=30, n_image=16, image_h=3, image_w=3)
-    n, B = vocab.image_tokens, 16
-
-    def repeat_loss(copy_logit: bool) -> float:
-        torch.manual_seed(0)
-        cfg = ModelConfig.preset("debug", copy_heads=2, copy_logit=copy_logit).for_vocab(vocab)
-        model = build_model(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
-        for _ in range(30):
-            codes = torch.randint(0, 16, (B, n)) + vocab.image_offset
-            x = torch.cat(
-                [torch.full((B, 1), vocab.bos), codes, torch.full((B, 1), vocab.sep), codes], 1
-            )
-            nll = F.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
-            opt.zero_grad()
-            nll.mean().backward()
-            opt.step()
-        return float(nll[:, -(n - 1) :].detach().mean())
-
-    assert repeat_loss(False) > 2.0
-    assert repeat_loss(True) < 0.5
+    assert _repeat_loss(copy_heads=2, steps=30) > 2.0
+    assert _repeat_loss(copy_heads=2, steps=30, copy_logit=True) < 0.5
 
 
 def test_copy_logit_adds_the_gate_at_the_token_of_the_aligned_cell():

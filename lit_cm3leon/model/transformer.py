@@ -160,19 +160,21 @@ class KVCache:
 
     def update_cells(self, cells: Tensor) -> Tensor:
         """Write the grid cells [B, T] of the new positions; return all cells so far [B, S]."""
-        start, end = self._span(cells.shape[1])
-        if self.cells is None:
-            self.cells = cells.new_full((self.batch_size, self.max_len), -1)
-        self.cells[:, start:end] = cells
-        return self.cells[:, :end]
+        return self._update_row("cells", cells)
 
     def update_ids(self, ids: Tensor) -> Tensor:
         """Write the tokens [B, T] of the new positions; return all tokens so far [B, S]."""
-        start, end = self._span(ids.shape[1])
-        if self.ids is None:
-            self.ids = ids.new_full((self.batch_size, self.max_len), -1)
-        self.ids[:, start:end] = ids
-        return self.ids[:, :end]
+        return self._update_row("ids", ids)
+
+    def _update_row(self, name: str, values: Tensor) -> Tensor:
+        """Write ``values`` [B, T] into the per-position buffer ``name`` ([B, max_len], -1 where
+        unfilled) after the filled part; return the buffer so far [B, S]."""
+        start, end = self._span(values.shape[1])
+        if getattr(self, name) is None:
+            setattr(self, name, values.new_full((self.batch_size, self.max_len), -1))
+        buf = getattr(self, name)
+        buf[:, start:end] = values
+        return buf[:, :end]
 
     def advance(self, n: int) -> None:
         self.length += n
