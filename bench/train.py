@@ -162,7 +162,11 @@ def make_step(model: torch.nn.Module, is_hf: bool, compiled: bool):
     from lit_cm3leon.training.cm3leon_module import weighted_token_loss
 
     net = torch.compile(model) if compiled else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    # fused: the training module's default (`fused_adamw`) and transformers' Trainer's
+    # (`adamw_torch_fused`), so each side steps as its own training loop would
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True
+    )
 
     def forward(batch: dict) -> torch.Tensor:
         inputs = batch["ids"][:, :-1]

@@ -115,3 +115,36 @@ class RecordBatches(L.Callback):
             f.write(
                 f"{trainer.global_step} {trainer.global_rank} {batch_idx} {lr!r} {int(batch['ids'].sum())} {loss!r} {crcs}\n"
             )
+
+
+class GradNormProbe(L.Callback):
+    """Record the global gradient norm the optimizer steps with (after any clipping) and whether
+    the optimizer is fused."""
+
+    instances: list[GradNormProbe] = []
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+        self.fused: bool | None = None
+        GradNormProbe.instances.append(self)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        opt = trainer.optimizers[0]
+        self.fused = bool(opt.defaults.get("fused"))
+        step = opt.step
+
+        def probed_step(closure=None, **kwargs):
+            def probed_closure():  # Lightning backpropagates and clips inside the closure
+                out = closure()
+                grads = [
+                    p.grad.norm()
+                    for g in opt.param_groups
+                    for p in g["params"]
+                    if p.grad is not None
+                ]
+                self.norms.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+                return out
+
+            return step(probed_closure, **kwargs)
+
+        opt.step = probed_step

@@ -59,3 +59,23 @@ def test_k_nonfinite_steps_in_a_row_stop_the_run(compose, artifacts):
     (cb,) = PoisonAt.instances
     assert not cb.changed[2] and not cb.changed[3]
     assert not (artifacts / "pretrain" / "model.pt").exists()  # nothing published
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_fused_optimizer_steps_with_clipped_gradients(compose, artifacts, precision):
+    """The training module's fused AdamW (Lightning's precision plugin refuses to clip for it
+    under mixed precision) steps with gradients clipped to ``trainer.gradient_clip_val``."""
+    from tests.reliability_callbacks import GradNormProbe
+
+    GradNormProbe.instances.clear()
+    cfg = tiny_pretrain_overrides(
+        3,
+        f"trainer.precision={precision}",
+        "trainer.gradient_clip_val=0.001",
+        "+callbacks.probe._target_=tests.reliability_callbacks.GradNormProbe",
+    )
+    train(compose(cfg))
+    (probe,) = GradNormProbe.instances
+    assert probe.fused
+    assert len(probe.norms) == 3
+    assert all(n <= 0.001 * 1.01 for n in probe.norms), probe.norms

@@ -53,6 +53,7 @@ class CM3LeonModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
+        fused_adamw: bool = True,
         init_from: str | None = None,
         peak_flops: float | None = None,
         max_bad_steps: int = 5,
@@ -204,6 +205,8 @@ class CM3LeonModule(L.LightningModule):
             lr=hp.lr,
             betas=tuple(hp.betas),
             eps=hp.eps,
+            # fp16's GradScaler unscales before clipping, which a fused step cannot follow
+            fused=hp.fused_adamw and self._grad_scaler() is None,
         )
         total = max(int(self.trainer.max_steps), hp.warmup_steps + 1)
 
@@ -216,6 +219,29 @@ class CM3LeonModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _grad_scaler(self) -> Any:
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip here, not in Lightning's precision plugin, which refuses a fused optimizer under
+        mixed precision even in bf16 (no gradient is scaled there) and norm clipping under FSDP
+        (whose root module computes the norm of the sharded gradients)."""
+        if not gradient_clip_val:
+            return
+        if self._grad_scaler() is not None:  # fp16: Lightning unscales, then clips
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        elif gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        elif hasattr(root := self.trainer.strategy.model, "clip_grad_norm_"):  # FSDP
+            root.clip_grad_norm_(gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     # --- publishing ----------------------------------------------------------------------
     def export(self, out_dir: Path) -> dict[str, float]:
