@@ -15,7 +15,10 @@ asked for with its box in ``<loc:N>`` tokens (`lit_cm3leon.evaluation.shapes_spa
 ``spatial_placed`` (requested objects found in their box's cell with the requested colour and
 kind), ``spatial_occupied`` (box cells holding any shape), ``spatial_in_box`` (the output's
 shapes lying in a box cell: occupancy without credit for crowding) and ``spatial_exact``. Baseline (``baseline_``): the requested shapes
-put in uniformly random distinct cells, expected scores computed exactly.
+put in uniformly random distinct cells, expected scores computed exactly. ``--spatial-prompt
+words`` asks for the same scenes with the long caption instead (each shape's cell named in
+words), ``none`` with the short caption (no positions): what the decoder places without the
+location tokens.
 
 Both: ``ceiling_`` is the parser on the image tokenizer's reconstruction of the true output
 (the best a model emitting the right codes can score through this tokenizer). Decoding defaults
@@ -64,6 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--n", type=int, default=300, help="held-out items (default 300)")
     p.add_argument(
+        "--spatial-prompt",
+        choices=("loc", "words", "none"),
+        default="loc",
+        help="spatial only: loc = boxes as <loc:N> tokens (the task); words = the long caption "
+        "(cells named in words); none = the short caption (no positions: a control)",
+    )
+    p.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)"
     )
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass")
@@ -95,6 +105,8 @@ def run_dir(args: argparse.Namespace) -> Path:
         f"{ckpt_label(args.ckpt)}_shapes-heldout_n{args.n}_{args.strategy}"
         f"_cfg{args.cfg_scale:g}_seed{args.seed}"
     )
+    if args.task == "spatial" and args.spatial_prompt != "loc":
+        name += f"_prompt-{args.spatial_prompt}"
     return Path(args.outputs) / "eval" / args.task / name
 
 
@@ -141,7 +153,7 @@ def spatial_run(engine, dec, args, world) -> tuple[dict, list[dict], np.ndarray]
     from lit_cm3leon.evaluation import shapes_spatial as ss
 
     items = ss.spatial_items(args.n, world)
-    cond, uncond = ss.spatial_prompts(engine, items)
+    cond, uncond = ss.spatial_prompts(engine, items, args.spatial_prompt, world)
     images = engine.decode_images(
         engine.prompt_to_image_codes(cond, uncond, dec, args.seed, args.batch_size)[:, 0]
     )
@@ -244,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     record.update(DEFINITIONS[args.task])
     record["decoding"] = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    if args.task == "spatial":
+        record["spatial_prompt"] = args.spatial_prompt
     header = run_header(args.protocol, args.seed, args.n, ckpt=str(args.ckpt),
                         strategy=args.strategy, cfg_scale=args.cfg_scale, num_samples=1,
                         retrieve_k=0)  # fmt: skip

@@ -214,6 +214,34 @@ def test_cli_writes_metrics_with_baselines(outputs, task, capsys):
     assert not (run / "samples" / "00000.png").exists()
 
 
+def test_spatial_prompt_variants(outputs, world):
+    """loc: the boxes as <loc:N> tokens; words: no location token, every shape's cell named;
+    none: neither. Every variant names each requested colour and kind."""
+    from types import SimpleNamespace
+
+    from lit_cm3leon.data.shapes import position_phrase
+    from lit_cm3leon.tokenizer.codec import DocumentCodec
+
+    codec = DocumentCodec.load(outputs / "text_tokenizer")
+    engine = SimpleNamespace(codec=codec, vocab=codec.vocab)
+    items = ss.spatial_items(5, world)
+    texts = {}
+    for kind in ss.PROMPTS:
+        cond, uncond = ss.spatial_prompts(engine, items, kind, world)
+        assert len(cond) == len(uncond) == 5
+        n_loc = [sum(codec.vocab.is_loc(t) for t in c) for c in cond]
+        assert n_loc == ([4 * len(it.requests) for it in items] if kind == "loc" else [0] * 5)
+        texts[kind] = [codec.decode_text([t for t in c if codec.vocab.is_text(t)]) for c in cond]
+    for i, it in enumerate(items):
+        for sh in it.scene.shapes:
+            for kind in ss.PROMPTS:
+                assert f"{sh.color} {sh.kind}" in texts[kind][i], (kind, texts[kind][i])
+            where = position_phrase(world.where(sh))
+            assert where in texts["words"][i] and where not in texts["none"][i]
+    with pytest.raises(ValueError, match="prompt must be one of"):
+        ss.spatial_prompts(engine, items, "boxes", world)
+
+
 def test_pipeline_stages_and_report_rows(tmp_path):
     from lit_cm3leon.pipeline import stages
     from lit_cm3leon.report import Report

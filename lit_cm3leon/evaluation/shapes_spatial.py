@@ -124,14 +124,33 @@ def chance_scores(items: Sequence[SpatialItem], world: ShapesWorld | None = None
     return {k: np.array([r[k] for r in rows]) for k in OUTCOMES}
 
 
-def spatial_prompts(engine, items: Sequence[SpatialItem]):
-    """(cond, uncond) prompt ids: the ``spatial`` template, and ``<bos> <mask:0> <break>``."""
+PROMPTS: tuple[str, ...] = ("loc", "words", "none")
+
+
+def spatial_prompts(
+    engine, items: Sequence[SpatialItem], prompt: str = "loc", world: ShapesWorld | None = None
+):
+    """(cond, uncond) prompt ids; uncond is ``<bos> <mask:0> <break>``. ``prompt``: ``loc``, the
+    ``spatial`` template (boxes as ``<loc:N>`` tokens); ``words``, the ``text2image`` template
+    with the scene's long caption (each shape's cell named in words: "at the top left");
+    ``none``, ``text2image`` with the short caption (no position at all: a placement-blind
+    control that draws the same shapes)."""
     from lit_cm3leon.data.templates import inference_prompt
     from lit_cm3leon.decode.generate import make_uncond_prompt
 
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+    world = world or ShapesWorld()
     v = engine.vocab
-    cond = [
-        inference_prompt("spatial", engine.codec, objects=it.objects, size=it.size) for it in items
-    ]
+    if prompt == "loc":
+        cond = [
+            inference_prompt("spatial", engine.codec, objects=it.objects, size=it.size)
+            for it in items
+        ]
+    else:
+        caption = world.caption_long if prompt == "words" else world.caption_short
+        cond = [
+            inference_prompt("text2image", engine.codec, caption=caption(it.scene)) for it in items
+        ]
     uncond = [make_uncond_prompt(v, [v.bos], [v.brk]) for _ in items]
     return cond, uncond
