@@ -27,8 +27,8 @@ a pointer: on the tests' repeat task its loss is 0.13 after 30 steps, where the 
 alone are still at chance.
 
 Attention runs through ``F.scaled_dot_product_attention``, except for a training step on the
-CPU (gradients, eager), which runs :func:`attention.block_causal_attention` (the same function,
-faster there; its module doc). Decoding uses a preallocated
+CPU (gradients; eager or compiled), which runs :func:`attention.block_causal_attention` (the
+same function, faster there; its module doc). Decoding uses a preallocated
 :class:`KVCache`. Rows may be left-padded: :func:`positions_from_mask` gives each row positions
 0, 1, ... for its real tokens, and :func:`attention_mask` hides the pads.
 
@@ -271,7 +271,7 @@ def _attend_step(
 def _attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
     """``attn_mask``: None (causal), bool (True = attend) or an additive float bias."""
     training = q.requires_grad and k.shape[2] == q.shape[2] > 1
-    if training and q.device.type == "cpu" and not torch.compiler.is_compiling():
+    if training and q.device.type == "cpu":
         return block_causal_attention(q, k, v, attn_mask)  # its module doc: the flash backward
     if attn_mask is None:  # plain causal (no padding); a single query sees every key
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
