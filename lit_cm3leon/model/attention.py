@@ -18,7 +18,8 @@ at key 0, since reading the mask on the host would break the graph.
 
 It relies on the mask being causal (no query attends to a later key), which every training
 mask here is: plain causal, the block-diagonal causal mask of packed rows, and the copy heads'
-bias (``-inf`` wherever those masks hide a key); a mask that is not raises an error. Masked
+bias (``-inf`` wherever those masks hide a key); a mask that is not raises an error (eager;
+the compiled graph does not read the mask to check). Masked
 scores get float32's lowest finite value instead of ``-inf``, so a query that may see no key
 (never the case in training) gets a finite uniform average instead of NaN.
 """
