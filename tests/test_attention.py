@@ -153,17 +153,16 @@ def test_keep_freed_memory_sets_glibc_malloc():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_compiled_training_step_equals_eager(packed):
+def test_compiled_training_step_equals_eager(packed, monkeypatch):
     """Under torch.compile the training forward attends through the block attention too (its
     key starts then 0, the mask not read on the host): loss and gradients equal eager's."""
+    import lit_cm3leon.model.transformer as tr
+
     torch.manual_seed(0)
     model = _model(2, **COPY)
     B, T = 2, 40
     ids = torch.randint(0, 97, (B, T))
-    kw = {}
-    if packed:
-        doc = _packed_doc_ids(B, T, seed=4)
-        kw["attn_mask"] = attention_mask_from_doc_ids(doc)
+    kw = {"attn_mask": attention_mask_from_doc_ids(_packed_doc_ids(B, T, seed=4))} if packed else {}
 
     def step(fn):
         model.zero_grad()
@@ -171,21 +170,15 @@ def test_compiled_training_step_equals_eager(packed):
         loss.backward()
         return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
 
-    import lit_cm3leon.model.transformer as tr
-
-    real, calls = tr.block_causal_attention, []
-
-    def counting(*args, **kw):  # runs while dynamo traces the compiled forward
-        calls.append(1)
-        return real(*args, **kw)
-
     torch.compiler.reset()
     want = step(model)
-    tr.block_causal_attention = counting
-    try:
-        got = step(torch.compile(model, fullgraph=True))
-    finally:
-        tr.block_causal_attention = real
+    calls = []  # appended to while dynamo traces the compiled forward
+    monkeypatch.setattr(
+        tr,
+        "block_causal_attention",
+        lambda *a, **k: (calls.append(1), block_causal_attention(*a, **k))[1],
+    )
+    got = step(torch.compile(model, fullgraph=True))
     assert len(calls) >= 2 * model.config.n_layer  # traced through it, not through SDPA
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
