@@ -16,6 +16,7 @@ from lit_cm3leon.model import (
     positions_from_mask,
 )
 from lit_cm3leon.model.parallelize import fsdp_auto_wrap_policy, fsdp_strategy_kwargs, parallelize
+from lit_cm3leon.model.transformer import text_boxes
 
 torch.set_num_threads(1)
 
@@ -231,7 +232,7 @@ def test_copy_heads_bias_the_same_cell_of_earlier_images():
     img = [40, 41, 42, 43, 44, 45]
     ids = torch.tensor([[1] + img + [2] + img[:4]])  # text, image A, text, 4 cells of image B
     is_image, cells = model._image_cells(ids, None)
-    bias = model._copy_mask(is_image, cells, None, None)[0][0, 0]  # [T, S]
+    bias = model._copy_mask(ids, is_image, cells, None, None)[0][0, 0]  # [T, S]
     T = ids.shape[1]
     assert torch.isinf(bias.triu(1)[bias.triu(1) != 0]).all()  # causal: the future is -inf
     a, b = 1, 8  # first positions of images A and B
@@ -248,6 +249,42 @@ def test_copy_heads_bias_the_same_cell_of_earlier_images():
     torch.testing.assert_close(bias[finite], expect[finite])
     with pytest.raises(ValueError, match="copy_heads=5 must be in"):
         ModelConfig.preset("debug", copy_heads=5)  # 4 heads
+
+
+# 2 x 3 image cells; ids 87..96 are <loc:0..9>
+GROUND = dict(COPY, ground_boxes=True, image_w=3, loc_id_start=87, n_loc=10)
+# <bos> "a b" [box x 0-4, y 0-9] "c" [box x 7-9, y 5-9] <break> the image's six cells
+GROUND_IDS = [80, 5, 6, 87, 87, 91, 96, 7, 94, 92, 96, 96, 83] + [40, 41, 42, 43, 44, 45]
+
+
+def test_text_boxes_cover_the_cells_their_locations_overlap():
+    model = _model(0, **GROUND)
+    boxes = text_boxes(torch.tensor([GROUND_IDS]), model.config)[0].tolist()
+    left = 0 | 0 << 8 | 1 << 16 | 1 << 24  # x 0-4 of 10 bins: columns 0-1 of 3; y: both rows
+    right = 2 | 1 << 8 | 2 << 16 | 1 << 24  # x 7-9: column 2; y 5-9: row 1
+    assert boxes == [-1] + [left] * 6 + [right] * 5 + [-1] * 7
+
+
+def test_box_grounding_biases_the_box_text_for_cells_inside_and_decodes_as_the_full_forward():
+    model = _model(3, **GROUND)
+    ids = torch.tensor([GROUND_IDS])
+    is_image, cells = model._image_cells(ids, None)
+    bias = model._copy_mask(ids, is_image, cells, None, None)[0][0, 0]
+    first = 13  # the image's cell 0, which predicts cell 1 (row 0, column 1: the left box)
+    assert bias[first, 1:7].eq(4.0).all() and bias[first, 7:13].eq(0).all()
+    assert bias[first + 4, 7:12].eq(4.0).all()  # cell 4 predicts cell 5: row 1, column 2,
+    assert bias[first + 4, 1:7].eq(0).all()  # which only the right box holds
+    assert bias[first + 2, 1:7].eq(4.0).all()  # cell 2 predicts cell 3 (row 1, column 0)
+    assert bias[first + 2, 7:12].eq(0).all()
+    assert bias[:first, :first][torch.isfinite(bias[:first, :first])].eq(0).all()  # text: none
+    plain = _model(3, **COPY)
+    assert not torch.allclose(model(ids)[0, first:], plain(ids)[0, first:])
+
+    full = model(ids)
+    cache = KVCache.allocate(model.config, 1, ids.shape[1])
+    out = [model(ids[:, :first], cache=cache)]
+    out += [model(ids[:, t : t + 1], cache=cache) for t in range(first, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def _repeat_loss(copy_heads: int, steps: int, copy_logit: bool = False) -> float:

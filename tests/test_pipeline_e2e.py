@@ -95,6 +95,13 @@ def test_sft_captions_beat_most_frequent_caption(outputs):
     assert m["caption_attr_acc"] > m["baseline_caption_attr_acc"]
 
 
+def test_sft_places_shapes_in_their_boxes_above_chance(outputs):
+    """The fraction of the output's shapes lying in a box cell, against shapes placed at random
+    (95% intervals apart)."""
+    m = metrics(outputs, "spatial_sft")
+    assert m["ci95"]["spatial_in_box"][0] > m["ci95"]["baseline_spatial_in_box"][1]
+
+
 def test_rerun_only_points_at_the_report(outputs):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(

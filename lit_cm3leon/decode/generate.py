@@ -199,10 +199,9 @@ def _prefill(forward, config, flat, N, ids, valid, L, pad, dtype):
         valid[r, L - n : L] = True
     own = KVCache([k[N:] for k in cache.k], [v[N:] for v in cache.v])  # views: writes land in cache
     own.length = L - s
-    if cache.cells is not None:
-        own.cells = cache.cells[N:]
-    if cache.ids is not None:
-        own.ids = cache.ids[N:]
+    for name in ("cells", "ids", "boxes"):
+        if getattr(cache, name) is not None:
+            setattr(own, name, getattr(cache, name)[N:])
     if cache.image_run is not None:  # the image run ending just before the recomputed columns
         own.image_run = image_cells(is_image(ids[N:, : L - s]))[1]
     v = valid[N:, :L]

@@ -16,10 +16,16 @@ PRESETS: dict[str, dict] = {
     # 2 x 64: unit tests, runs in seconds. Blocks 98,304.
     "debug": dict(n_layer=2, n_head=4, d_model=64, max_seq_len=256),
     # 6 x 256, 8 heads: the shapes world on CPU. Blocks 4,718,592.
-    # With the cell embedding and 2 copy heads (ModelConfig.cell_embedding, .copy_heads), not
-    # in the paper.
+    # With the cell embedding, 2 copy heads and box grounding through them (ModelConfig
+    # .cell_embedding, .copy_heads, .ground_boxes), not in the paper.
     "shapes": dict(
-        n_layer=6, n_head=8, d_model=256, max_seq_len=1024, cell_embedding=True, copy_heads=2
+        n_layer=6,
+        n_head=8,
+        d_model=256,
+        max_seq_len=1024,
+        cell_embedding=True,
+        copy_heads=2,
+        ground_boxes=True,
     ),
     # 12 x 768, 12 heads, 1,024 positions: the ~100M benchmark size (bench/train.py). Blocks
     # 84,934,656; total 100,051,968 with Vocab(n_text=8192, n_image=1024) (9,330 ids).
@@ -60,9 +66,17 @@ class ModelConfig:
     # image, an edit's source), g a learned linear function of the final hidden state, zero at
     # initialisation (CM3LeonTransformer._copy_logits). Acts with copy_heads > 0 only.
     copy_logit: bool = False
+    # Not in the paper: box grounding through the copy heads. A box in the text (four <loc:...>
+    # tokens after what it holds, "a red circle <loc:9><loc:9><loc:34><loc:34>") gets the copy
+    # bias from every image token whose predicted cell lies in the box, on the box's tokens and
+    # the description before it (CM3LeonTransformer._copy_mask). Acts with copy_heads > 0 only.
+    ground_boxes: bool = False
     image_id_start: int = 0
     n_image_ids: int = 0
     image_cells: int = 0
+    image_w: int = 0  # image tokens per row (box grounding)
+    loc_id_start: int = 0  # first <loc:...> id (box grounding)
+    n_loc: int = 0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
@@ -91,9 +105,14 @@ class ModelConfig:
                 image_id_start=vocab.image_offset,
                 n_image_ids=vocab.n_image,
                 image_cells=vocab.image_tokens,
+                image_w=vocab.image_w,
+                loc_id_start=vocab.loc_offset,
+                n_loc=vocab.n_loc,
             )
             if self.cell_embedding or self.copy_heads
-            else dict(image_id_start=0, n_image_ids=0, image_cells=0)
+            else dict(
+                image_id_start=0, n_image_ids=0, image_cells=0, image_w=0, loc_id_start=0, n_loc=0
+            )
         )
         return replace(self, vocab_size=vocab.size, **image)
 

@@ -26,6 +26,12 @@ gate to the logit of the token the copy heads align it to (:meth:`CM3LeonTransfo
 a pointer: on the tests' repeat task its loss is 0.13 after 30 steps, where the copy heads
 alone are still at chance.
 
+Optional and not in the paper (``ModelConfig.ground_boxes``, on in the ``shapes`` preset): box
+grounding through the copy heads. An image token whose predicted cell lies in a box written as
+four ``<loc:...>`` tokens gets ``+copy_bias`` on that box's text (its location tokens and the
+description before them, :func:`text_boxes`), so "what goes in this cell" is one head away. It
+has no weights; pretraining sees no boxes, so it acts from the first spatial SFT example.
+
 Attention runs through ``F.scaled_dot_product_attention``, except for a training step on the
 CPU (gradients; eager or compiled), which runs :func:`attention.block_causal_attention` (the
 same function, faster there; its module doc). Decoding uses a preallocated
@@ -97,6 +103,35 @@ def image_cells(is_image: Tensor, run0: Tensor | None = None) -> tuple[Tensor, T
     return cells, run_after
 
 
+def text_boxes(idx: Tensor, c: ModelConfig) -> Tensor:
+    """The image box each text token describes [B, T], packed as ``col0 | row0 << 8 | col1 << 16
+    | row1 << 24`` (image cells, inclusive), -1 on other tokens.
+
+    A box is a run of four ``<loc:...>`` tokens ``x0 y0 x1 y1`` (bins of ``n_loc`` over the
+    image's width and height, as ``data.templates.quantize_box`` writes them) and covers every
+    cell it overlaps. It is described by its own four tokens and the text before them, back to
+    the previous box or to the last token that is neither text nor a location."""
+    B, T = idx.shape
+    w, n = c.image_w, c.n_loc
+    h = c.image_cells // w
+    is_loc = (idx >= c.loc_id_start) & (idx < c.loc_id_start + n)
+    run, _ = image_cells(is_loc)
+    end = is_loc & (run % 4 == 3)
+    b = (idx - c.loc_id_start).clamp(0, n - 1)
+    x0, y0, x1 = (F.pad(b, (k, 0))[:, :T] for k in (3, 2, 1))  # the box's earlier tokens
+    col0, row0 = x0 * w // n, y0 * h // n
+    col1 = torch.maximum(col0, (x1 * w + n - 1) // n - 1)
+    row1 = torch.maximum(row0, (b * h + n - 1) // n - 1)
+    packed = col0 | row0 << 8 | col1 << 16 | row1 << 24
+    t = torch.arange(T, device=idx.device).expand(B, T)
+    nxt = torch.where(end, t, T).flip(-1).cummin(-1).values.flip(-1)  # next box end, T if none
+    at = nxt.clamp(max=T - 1)
+    boundary = ~(is_loc | (idx < c.image_id_start))
+    crossed = boundary.long().cumsum(-1)
+    valid = (nxt < T) & ~boundary & (crossed.gather(1, at) == crossed)
+    return torch.where(valid, packed.gather(1, at), -1)
+
+
 # ---------------------------------------------------------------------------------------------
 # KV cache
 # ---------------------------------------------------------------------------------------------
@@ -110,12 +145,15 @@ class KVCache:
     then advances ``length``: a prefill with the whole prompt, then one-token steps.
     """
 
+    ROWS = ("image_run", "cells", "ids", "boxes")  # per-row state besides keys and values
+
     def __init__(self, k: list[Tensor], v: list[Tensor]) -> None:
         self.k, self.v = k, v
         self.length = 0
         self.image_run: Tensor | None = None  # [B] image tokens ending the filled part
         self.cells: Tensor | None = None  # [B, max_len] grid cell of each position (copy heads)
         self.ids: Tensor | None = None  # [B, max_len] token of each position (copy logit)
+        self.boxes: Tensor | None = None  # [B, max_len] box of each position (box grounding)
 
     @classmethod
     def allocate(
@@ -166,6 +204,10 @@ class KVCache:
         """Write the tokens [B, T] of the new positions; return all tokens so far [B, S]."""
         return self._update_row("ids", ids)
 
+    def update_boxes(self, boxes: Tensor) -> Tensor:
+        """Write the boxes [B, T] of the new positions; return all boxes so far [B, S]."""
+        return self._update_row("boxes", boxes)
+
     def _update_row(self, name: str, values: Tensor) -> Tensor:
         """Write ``values`` [B, T] into the per-position buffer ``name`` ([B, max_len], -1 where
         unfilled) after the filled part; return the buffer so far [B, S]."""
@@ -185,12 +227,9 @@ class KVCache:
             [k.index_select(0, index) for k in self.k], [v.index_select(0, index) for v in self.v]
         )
         out.length = self.length
-        if self.image_run is not None:
-            out.image_run = self.image_run.index_select(0, index)
-        if self.cells is not None:
-            out.cells = self.cells.index_select(0, index)
-        if self.ids is not None:
-            out.ids = self.ids.index_select(0, index)
+        for name in self.ROWS:
+            if getattr(self, name) is not None:
+                setattr(out, name, getattr(self, name).index_select(0, index))
         return out
 
     def reorder_(self, index: Tensor) -> None:
@@ -198,12 +237,9 @@ class KVCache:
         for i in range(len(self.k)):
             self.k[i] = self.k[i].index_select(0, index)
             self.v[i] = self.v[i].index_select(0, index)
-        if self.image_run is not None:
-            self.image_run = self.image_run.index_select(0, index)
-        if self.cells is not None:
-            self.cells = self.cells.index_select(0, index)
-        if self.ids is not None:
-            self.ids = self.ids.index_select(0, index)
+        for name in self.ROWS:
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).index_select(0, index))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +360,8 @@ class CM3LeonTransformer(nn.Module):
             raise ValueError(
                 "ModelConfig.vocab_size must be set (use Vocab.size) before building the model"
             )
-        if (config.cell_embedding or config.copy_heads) and config.image_cells <= 0:
+        layout = config.image_cells > 0 and (config.image_w > 0 or not config.ground_boxes)
+        if (config.cell_embedding or config.copy_heads) and not layout:
             raise ValueError(
                 "cell_embedding and copy_heads need the vocabulary's image layout: build the "
                 "config with ModelConfig.for_vocab(vocab) (or set cell_embedding=False, "
@@ -403,7 +440,7 @@ class CM3LeonTransformer(nn.Module):
             if self.cell_emb is not None:
                 x = x + self.cell_emb(cells) * is_image[..., None].to(x.dtype)
             if self.config.copy_heads:
-                copy, source = self._copy_mask(is_image, cells, attn_mask, cache)
+                copy, source = self._copy_mask(idx, is_image, cells, attn_mask, cache)
                 if self.copy_gate is not None:  # the token each position's copy target holds
                     keys = idx if cache is None else cache.update_ids(idx)
                     source = torch.where(source >= 0, keys.gather(1, source.clamp(min=0)), -1)
@@ -454,7 +491,12 @@ class CM3LeonTransformer(nn.Module):
         return is_image, cells % c.image_cells
 
     def _copy_mask(
-        self, is_image: Tensor, cells: Tensor, attn_mask: Tensor | None, cache: KVCache | None
+        self,
+        idx: Tensor,
+        is_image: Tensor,
+        cells: Tensor,
+        attn_mask: Tensor | None,
+        cache: KVCache | None,
     ) -> tuple[Tensor, Tensor | None]:
         """Additive attention bias [B, 1, T, S] of the copy heads (``-inf`` where masked), and
         with ``copy_logit`` the key position [B, T] of each query's latest aligned visible key
@@ -463,7 +505,9 @@ class CM3LeonTransformer(nn.Module):
         An image token in cell ``c`` predicts cell ``c + 1`` of its image; every earlier image
         token in cell ``c + 1`` (the same place in another image: a retrieved one, or the source
         of an edit) gets ``copy_bias``. Keys of the current image in that cell lie in the future
-        and stay masked. With a cache, each position's cell is kept in ``cache.cells``."""
+        and stay masked. With ``ground_boxes``, the text of every box (:func:`text_boxes`) that
+        holds that cell gets ``copy_bias`` too. With a cache, each position's cell and box are
+        kept in ``cache.cells`` and ``cache.boxes``."""
         c, T = self.config, is_image.shape[1]
         cell = torch.where(is_image, cells, -1)
         key_cell = cell if cache is None else cache.update_cells(cell)
@@ -472,7 +516,20 @@ class CM3LeonTransformer(nn.Module):
         if attn_mask is None:  # plain causal
             attn_mask = attention_mask(torch.ones_like(key_cell, dtype=torch.bool), T)
         allowed = attn_mask[:, 0]
-        bias = torch.where(aligned, c.copy_bias, 0.0).masked_fill_(~allowed, float("-inf"))
+        biased = aligned
+        if c.ground_boxes:
+            boxes = text_boxes(idx, c)
+            key_box = (boxes if cache is None else cache.update_boxes(boxes))[:, None, :]
+            row, col = (target // c.image_w)[..., None], (target % c.image_w)[..., None]
+            biased = aligned | (
+                (key_box >= 0)
+                & (target >= 0)[..., None]
+                & (col >= key_box & 255)
+                & (row >= key_box >> 8 & 255)
+                & (col <= key_box >> 16 & 255)
+                & (row <= key_box >> 24 & 255)
+            )
+        bias = torch.where(biased, c.copy_bias, 0.0).masked_fill_(~allowed, float("-inf"))
         if self.copy_gate is None:
             return bias[:, None], None
         keys = torch.arange(aligned.shape[-1], device=aligned.device)

@@ -7,6 +7,7 @@ loading it under another vocabulary or model size names what differs.
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -91,7 +92,11 @@ def load_decoder(
     if vocab is not None:
         vocab.check_same(ckpt_vocab, what=f"checkpoint {path}")
     config = ModelConfig.from_dict(record["model_config"])
+    if config.cell_embedding or config.copy_heads:  # the vocabulary's layout fields, also for
+        config = config.for_vocab(ckpt_vocab)  # checkpoints written before a field existed
     if expect_config is not None:
+        # box grounding has no weights: the run decides it (an SFT run may switch it on)
+        config = replace(config, ground_boxes=expect_config.ground_boxes)
         diff = {
             k: (getattr(config, k), getattr(expect_config, k))
             for k in SIZE_FIELDS + ARCH_FIELDS
