@@ -110,7 +110,8 @@ def text_boxes(idx: Tensor, c: ModelConfig) -> Tensor:
     A box is a run of four ``<loc:...>`` tokens ``x0 y0 x1 y1`` (bins of ``n_loc`` over the
     image's width and height, as ``data.templates.quantize_box`` writes them) and covers every
     cell it overlaps. It is described by its own four tokens and the text before them, back to
-    the previous box or to the last token that is neither text nor a location."""
+    the previous box or to the last token that is neither text nor a location. Computed per
+    forward call: with a KV cache, a box and its text arrive in one chunk (the prompt's prefill)."""
     B, T = idx.shape
     w, n = c.image_w, c.n_loc
     h = c.image_cells // w
