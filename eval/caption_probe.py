@@ -1,0 +1,84 @@
+"""Which caption words the decoder's image likelihood depends on (shapes world).
+
+    python eval/caption_probe.py --ckpt outputs/pretrain --out outputs/eval/caption_probe/metrics.json
+
+Scores the first ``--n`` held-out pairs of ``<outputs>/tokens/shapes-heldout`` (long captions)
+with their own caption and with the caption changed in one thing (the first shape's colour,
+kind or cell, the background, another scene's caption;
+``lit_cm3leon.evaluation.caption_probe``): ``delta_<change>`` is the mean extra NLL in nats over
+the whole image, with bootstrap 95% intervals over images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lit_cm3leon.evaluation import bootstrap
+from lit_cm3leon.evaluation.metrics_io import (
+    InputError,
+    add_run_args,
+    check_out,
+    header_from_args,
+    write_metrics,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--outputs", default="outputs", help="the pipeline's outputs/ folder")
+    p.add_argument(
+        "--heldout", default=None, help="held-out shards (default <outputs>/tokens/shapes-heldout)"
+    )
+    p.add_argument("--n", type=int, default=300, help="held-out pairs to score")
+    add_run_args(p, protocol="shapes-caption-probe")
+    args = p.parse_args(argv)
+    if not args.ckpt:
+        p.error("--ckpt is required (a published decoder, e.g. outputs/pretrain)")
+    try:
+        out = check_out(args.out, args.force)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import torch
+
+    from lit_cm3leon.data.shapes import ShapesWorld
+    from lit_cm3leon.data.shards import TokenShards
+    from lit_cm3leon.engine import Engine
+    from lit_cm3leon.evaluation.caption_probe import caption_deltas
+
+    torch.manual_seed(args.seed)
+    outputs = Path(args.outputs)
+    heldout = TokenShards(args.heldout or outputs / "tokens" / "shapes-heldout")
+    n = min(args.n, len(heldout))
+    world = ShapesWorld()
+    scenes = [world.sample("heldout", i).scene for i in range(n)]
+    for i, s in enumerate(scenes):  # the shards must be the world's held-out pairs, in order
+        if world.caption_long(s) != heldout.text(i):
+            print(
+                f"error: held-out pair {i} of {heldout.root} is not the shapes world's held-out "
+                f"scene {i} with its long caption (made by `python -m lit_cm3leon.prepare "
+                "tokenize --source shapes --split heldout --caption long`)",
+                file=sys.stderr,
+            )
+            return 2
+    engine = Engine.load(args.ckpt, outputs, retrieval=False)
+    values = caption_deltas(engine, world, scenes, heldout.codes[:n], seed=args.seed)
+    stat = bootstrap.mean_statistic(values)
+    metrics = stat(slice(None))
+    ci95 = bootstrap.bootstrap_ci(n, stat, args.bootstrap, args.seed)
+    header = header_from_args(args, n)
+    record = write_metrics(
+        out, header, metrics, ci95, bootstrap.info(args.bootstrap, args.seed, unit="image")
+    )
+    for k, v in metrics.items():
+        lo, hi = record["ci95"].get(k, [float("nan")] * 2)
+        print(f"{k:20s} {v:8.3f}  [{lo:.3f}, {hi:.3f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
