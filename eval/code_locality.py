@@ -5,7 +5,9 @@
 Encodes each of the first ``--n`` held-out shapes-world edits before and after the edit (one
 attribute of one shape changed) and reports the fraction of token cells whose code is the same
 in both (``edit_codes_kept``), overall and by the distance from the cell's centre to the nearest
-changed pixel (`lit_cm3leon.evaluation.code_locality`).
+changed pixel (`lit_cm3leon.evaluation.code_locality`); and, over the first ``--n-scenes``
+held-out scenes, the entropy of a code given its own patch's exact pixels and its cell
+(``code_entropy_given_patch_nats``, shape and background patches apart).
 """
 
 from __future__ import annotations
@@ -25,19 +27,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tokenizer", required=True, help="a published image tokenizer folder")
     p.add_argument("--n", type=int, default=300, help="held-out edits (default 300)")
+    p.add_argument(
+        "--n-scenes",
+        type=int,
+        default=1000,
+        help="held-out scenes for the code entropy given a patch's pixels and cell (default 1000)",
+    )
     p.add_argument("--out", default=None, help="write the numbers to this JSON file")
     args = p.parse_args(argv)
     import torch
 
     from lit_cm3leon.data.shapes import ShapesWorld
-    from lit_cm3leon.evaluation.code_locality import edit_code_locality
+    from lit_cm3leon.evaluation.code_locality import edit_code_locality, scene_code_entropy
     from lit_cm3leon.tokenizer.image import load_image_tokenizer
 
     torch.set_grad_enabled(False)
+    tokenizer, world = load_image_tokenizer(args.tokenizer), ShapesWorld()
     record = {
         "tokenizer": str(args.tokenizer),
         "n": args.n,
-        **edit_code_locality(load_image_tokenizer(args.tokenizer), ShapesWorld(), args.n),
+        **edit_code_locality(tokenizer, world, args.n),
+        "n_scenes": args.n_scenes,
+        **scene_code_entropy(tokenizer, world, args.n_scenes),
     }
     print(json.dumps(record, indent=1))
     if args.out:

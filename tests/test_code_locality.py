@@ -31,3 +31,25 @@ def test_a_local_tokenizer_keeps_every_code_away_from_the_edit():
     by = out["edit_codes_kept_by_distance_px"]
     assert by["8-12"] == 1.0 and by[">=16"] == 1.0  # a 4 px patch never sees pixels 6+ px away
     assert by["0-4"] < 1.0 and 0 < out["edit_codes_kept"] < 1
+
+
+class _NoisyTokenizer(_PatchMeanTokenizer):
+    """Local codes, each doubled by a coin that distant content decides: one bit more per code."""
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        codes = super().encode(images)
+        coin = np.random.default_rng(0).integers(0, 2, codes.shape)
+        return codes * 2 + coin
+
+
+def test_code_entropy_given_the_patch_is_zero_for_local_codes_and_counts_the_rest():
+    from lit_cm3leon.data.shapes import ShapesWorld
+    from lit_cm3leon.evaluation.code_locality import scene_code_entropy
+
+    world = ShapesWorld()
+    local = scene_code_entropy(_PatchMeanTokenizer(), world, n=200)["code_entropy_given_patch_nats"]
+    assert local == {"shape": 0.0, "background": 0.0}
+    noisy = scene_code_entropy(_NoisyTokenizer(), world, n=200)["code_entropy_given_patch_nats"]
+    # a fair coin is log 2 nats; with ~200 draws per background patch and cell the estimate is near it
+    assert 0.6 < noisy["background"] <= np.log(2) + 1e-9
+    assert 0 < noisy["shape"] <= np.log(2) + 1e-9

@@ -39,6 +39,45 @@ def same_code_by_distance(
     return same, count
 
 
+def code_entropy_given_patch(
+    images: np.ndarray, codes: np.ndarray, shape_mask: np.ndarray
+) -> dict[str, float]:
+    """Conditional entropy (nats) of a code given its own patch's exact pixels and its cell,
+    over images uint8 [N, H, W, 3], codes [N, h, w] and a bool [N, H, W] mask of shape pixels:
+    ``shape`` over cells whose patch holds a shape pixel, ``background`` over the others. 0 for
+    codes that are a function of their patch; what exceeds 0 is code chosen by distant content,
+    which a decoder must predict beyond the picture itself."""
+    n, size = images.shape[0], images.shape[1]
+    h = codes.shape[1]
+    p = size // h
+    groups: dict[tuple, dict[int, int]] = {}
+    for i in range(n):
+        for r in range(h):
+            for c in range(h):
+                patch = (slice(r * p, (r + 1) * p), slice(c * p, (c + 1) * p))
+                key = (bool(shape_mask[i][patch].any()), images[i][patch].tobytes(), r, c)
+                cell = groups.setdefault(key, {})
+                cell[int(codes[i, r, c])] = cell.get(int(codes[i, r, c]), 0) + 1
+    total = {True: [0.0, 0], False: [0.0, 0]}
+    for (is_shape, *_), counts in groups.items():
+        v = np.array(list(counts.values()), dtype=np.float64)
+        total[is_shape][0] += -(v * np.log(v / v.sum())).sum()
+        total[is_shape][1] += v.sum()
+    return {
+        name: float(total[k][0] / total[k][1]) if total[k][1] else float("nan")
+        for name, k in (("shape", True), ("background", False))
+    }
+
+
+def scene_code_entropy(tokenizer: Any, world: Any, n: int = 1000) -> dict:
+    """``code_entropy_given_patch_nats`` of the first ``n`` held-out scenes' codes."""
+    scenes = [world.sample("heldout", i).scene for i in range(n)]
+    images = np.stack([world.render(s) for s in scenes])
+    shape_mask = np.stack([world.segmentation(s) > 0 for s in scenes])
+    codes = np.asarray(tokenizer.encode(images))
+    return {"code_entropy_given_patch_nats": code_entropy_given_patch(images, codes, shape_mask)}
+
+
 def edit_code_locality(tokenizer: Any, world: Any, n: int = 300) -> dict:
     """``edit_codes_kept`` (all cells) and ``edit_codes_kept_by_distance_px`` over the first
     ``n`` held-out edits, with ``tokenizer.encode(uint8 [N, H, W, 3]) -> [N, h, w]``."""
