@@ -17,10 +17,10 @@ from pathlib import Path
 
 from lit_cm3leon.evaluation import bootstrap
 from lit_cm3leon.evaluation.metrics_io import (
-    InputError,
     add_run_args,
-    check_out,
+    ckpt_run_out,
     header_from_args,
+    print_metrics,
     write_metrics,
 )
 
@@ -36,12 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=300, help="held-out pairs to score")
     add_run_args(p, protocol="shapes-caption-probe")
     args = p.parse_args(argv)
-    if not args.ckpt:
-        p.error("--ckpt is required (a published decoder, e.g. outputs/pretrain)")
-    try:
-        out = check_out(args.out, args.force)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+    out = ckpt_run_out(p, args, "a published decoder, e.g. outputs/pretrain")
+    if out is None:
         return 2
     import torch
 
@@ -74,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     record = write_metrics(
         out, header, metrics, ci95, bootstrap.info(args.bootstrap, args.seed, unit="image")
     )
-    for k, v in metrics.items():
-        lo, hi = record["ci95"].get(k, [float("nan")] * 2)
-        print(f"{k:20s} {v:8.3f}  [{lo:.3f}, {hi:.3f}]")
+    print_metrics(record, record["ci95"])
     return 0
 
 

@@ -46,6 +46,8 @@ from lit_cm3leon.evaluation.metrics_io import (
     check_predictions,
     copy_metrics,
     header_from_args,
+    print_metrics,
+    run_header,
     write_metrics,
 )
 from lit_cm3leon.evaluation.shapes_i2t import add_i2t_args, i2t_run_dir, i2t_setup
@@ -113,7 +115,6 @@ def ckpt_main(args: argparse.Namespace, metrics: list[str]) -> int:
 
     from lit_cm3leon.data.templates import inference_prompt
     from lit_cm3leon.evaluation import shapes_i2t as si
-    from lit_cm3leon.evaluation.metrics_io import run_header
 
     folder = i2t_run_dir(args, "captioning", "caption_long")
     out = folder / "metrics.json"
@@ -161,9 +162,7 @@ def ckpt_main(args: argparse.Namespace, metrics: list[str]) -> int:
         bootstrap.info(args.bootstrap, args.seed, unit="image"),
         extra={"task": "caption_long", "run_dir": str(folder), **({"skipped": skipped} if skipped else {})},
     )  # fmt: skip
-    for k, v in written.items():
-        if isinstance(v, float):
-            print(f"{k}: {v:.4f}  95% CI {ci95.get(k, '-')}")
+    print_metrics(written, ci95)
     print("examples:", *[f"  {refs[i][1]!r} -> {preds[i]!r}" for i in ids[:3]], sep="\n")
     copy_metrics(out, args.out)
     print(f"wrote {out}")

@@ -45,9 +45,9 @@ import numpy as np
 from lit_cm3leon.data.shapes import parse_scene
 from lit_cm3leon.evaluation import bootstrap
 from lit_cm3leon.evaluation.metrics_io import (
-    HEADER_KEYS,
     add_run_args,
     copy_metrics,
+    print_metrics,
     run_header,
     write_metrics,
 )
@@ -265,9 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         out, header, record, ci95, bootstrap.info(args.bootstrap, args.seed, unit="item"),
         extra={"task": args.task, "run_dir": str(folder), "seconds": round(time.time() - t0, 1)},
     )  # fmt: skip
-    for k, v in written.items():
-        if isinstance(v, float) and k not in (*HEADER_KEYS, "seconds"):
-            print(f"{k}: {v:.4f}  95% CI {ci95.get(k, '-')}")
+    print_metrics(written, ci95, skip=("seconds",))
     copy_metrics(out, args.out)
     print(f"wrote {out}")
     return 0

@@ -28,10 +28,10 @@ import numpy as np
 
 from lit_cm3leon.evaluation import bootstrap
 from lit_cm3leon.evaluation.metrics_io import (
-    InputError,
     add_run_args,
-    check_out,
+    ckpt_run_out,
     header_from_args,
+    print_metrics,
     write_metrics,
 )
 
@@ -59,12 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=500, help="held-out pairs to score")
     add_run_args(p, protocol="shapes-ppl")
     args = p.parse_args(argv)
-    if not args.ckpt:
-        p.error("--ckpt is required (a published decoder, e.g. outputs/pretrain)")
-    try:
-        out = check_out(args.out, args.force)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+    out = ckpt_run_out(p, args, "a published decoder, e.g. outputs/pretrain")
+    if out is None:
         return 2
     import torch
 
@@ -97,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     record = write_metrics(
         out, header, metrics, ci95, bootstrap.info(args.bootstrap, args.seed, unit="image")
     )
-    for k, v in metrics.items():
-        lo, hi = record["ci95"].get(k, [float("nan")] * 2)
-        print(f"{k:20s} {v:8.3f}  [{lo:.3f}, {hi:.3f}]")
+    print_metrics(record, record["ci95"])
     return 0
 
 

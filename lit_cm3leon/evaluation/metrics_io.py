@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,30 @@ def header_from_args(args: argparse.Namespace, n: int) -> dict[str, Any]:
         num_samples=args.num_samples,
         retrieve_k=args.retrieve_k,
     )
+
+
+def ckpt_run_out(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, ckpt: str
+) -> Path | None:
+    """The checked ``--out`` of a script that scores a checkpoint: ``--ckpt`` is required (a
+    usage error naming ``ckpt``, e.g. "a published decoder, e.g. outputs/pretrain"), and a
+    finished ``--out`` is kept unless ``--force``. None after printing why (the script exits 2)."""
+    if not args.ckpt:
+        parser.error(f"--ckpt is required ({ckpt})")
+    try:
+        return check_out(args.out, args.force)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def print_metrics(
+    record: Mapping[str, Any], ci95: Mapping[str, Any], skip: Sequence[str] = ()
+) -> None:
+    """One line per float metric of a written record, with its 95% interval."""
+    for k, v in record.items():
+        if isinstance(v, float) and k not in (*HEADER_KEYS, *skip):
+            print(f"{k}: {v:.4f}  95% CI {ci95.get(k, '-')}")
 
 
 def check_out(path: str | Path, force: bool) -> Path:
