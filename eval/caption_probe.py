@@ -6,7 +6,8 @@ Scores the first ``--n`` held-out pairs of ``<outputs>/tokens/shapes-heldout`` (
 with their own caption and with the caption changed in one thing (the first shape's colour,
 kind or cell, the background, another scene's caption;
 ``lit_cm3leon.evaluation.caption_probe``): ``delta_<change>`` is the mean extra NLL in nats over
-the whole image, with bootstrap 95% intervals over images.
+the whole image, with bootstrap 95% intervals over images; ``<key>_<k>_shapes`` is the same over
+the scenes with ``k`` shapes.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from lit_cm3leon.data.shapes import ShapesWorld
     from lit_cm3leon.data.shards import TokenShards
     from lit_cm3leon.engine import Engine
-    from lit_cm3leon.evaluation.caption_probe import caption_deltas
+    from lit_cm3leon.evaluation.caption_probe import by_shape_count, caption_deltas
 
     torch.manual_seed(args.seed)
     outputs = Path(args.outputs)
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     stat = bootstrap.mean_statistic(values)
     metrics = stat(slice(None))
     ci95 = bootstrap.bootstrap_ci(n, stat, args.bootstrap, args.seed)
+    for count, subset in by_shape_count(values, scenes).items():  # e.g. delta_colour_1_shapes
+        sub = bootstrap.mean_statistic({f"{k}_{count}_shapes": v for k, v in subset.items()})
+        m = len(next(iter(subset.values())))
+        metrics.update(sub(slice(None)))
+        ci95.update(bootstrap.bootstrap_ci(m, sub, args.bootstrap, args.seed))
     header = header_from_args(args, n)
     record = write_metrics(
         out, header, metrics, ci95, bootstrap.info(args.bootstrap, args.seed, unit="image")

@@ -7,7 +7,12 @@ import random
 import numpy as np
 
 from lit_cm3leon.data.shapes import COLORS, ShapesWorld
-from lit_cm3leon.evaluation.caption_probe import CHANGES, caption_deltas, counterfactual_scenes
+from lit_cm3leon.evaluation.caption_probe import (
+    CHANGES,
+    by_shape_count,
+    caption_deltas,
+    counterfactual_scenes,
+)
 from tests.conftest import ROOT
 
 
@@ -64,6 +69,12 @@ def test_deltas_show_the_words_an_engine_reads():
     for name in ("kind", "position", "background"):
         assert np.all(d[f"delta_{name}"] == 0.0), name
     assert d["delta_other_scene"].mean() > 8.0  # other scenes mostly name other colours
+    split = by_shape_count(d, scenes)
+    assert sum(len(v["nll_true"]) for v in split.values()) == 30
+    for count, values in split.items():
+        assert np.all(values["delta_colour"] == 16.0)
+        picked = [s for s in scenes if len(s.shapes) == count]
+        assert len(values["delta_kind"]) == len(picked)
 
 
 def test_script_scores_heldout_pairs_and_refuses_other_shards(tmp_path):
@@ -94,6 +105,8 @@ def test_script_scores_heldout_pairs_and_refuses_other_shards(tmp_path):
     assert module.main([*args, "--out", str(metrics)]) == 0
     record = json.loads(metrics.read_text())
     keys = {"nll_true", *(f"delta_{c}" for c in CHANGES)}
+    counts = {len(world.sample("heldout", i).scene.shapes) for i in range(n)}
+    keys |= {f"{k}_{c}_shapes" for k in keys for c in counts}
     assert keys <= set(record) and keys == set(record["ci95"])
     assert record["nll_true"] > 0 and record["delta_other_scene"] != 0
 

@@ -5,7 +5,9 @@ NLL given the same caption with one thing changed (:func:`counterfactual_scenes`
 shape's colour, its kind or its cell, the background, or the caption of another scene. A decoder
 that reads a word pays for the wrong one: ``delta`` = extra nats over the whole image (NLL per
 token times the image's tokens). A delta near 0 means the image's likelihood does not depend on
-that word, whatever the caption says.
+that word, whatever the caption says. :func:`by_shape_count` splits the per-image values by the
+scene's number of shapes: with one shape no phrase has to be matched to a place, so a colour
+delta near 0 there too means the colour word is not read at all.
 """
 
 from __future__ import annotations
@@ -63,3 +65,14 @@ def caption_deltas(
     for name, caps in captions.items():
         out[f"delta_{name}"] = (engine.image_nll(caps, codes) - true) * tokens
     return out
+
+
+def by_shape_count(
+    values: dict[str, np.ndarray], scenes: Sequence[Scene]
+) -> dict[int, dict[str, np.ndarray]]:
+    """The per-image ``values`` of the scenes with 1, 2, ... shapes (counts present only)."""
+    counts = np.array([len(s.shapes) for s in scenes])
+    return {
+        int(c): {k: np.asarray(v)[counts == c] for k, v in values.items()}
+        for c in np.unique(counts)
+    }
