@@ -69,12 +69,13 @@ def test_deltas_show_the_words_an_engine_reads():
     for name in ("kind", "position", "background"):
         assert np.all(d[f"delta_{name}"] == 0.0), name
     assert d["delta_other_scene"].mean() > 8.0  # other scenes mostly name other colours
-    split = by_shape_count(d, scenes)
-    assert sum(len(v["nll_true"]) for v in split.values()) == 30
-    for count, values in split.items():
+    split = by_shape_count({**d, "index": np.arange(30)}, scenes)
+    assert sorted(split) == sorted({len(s.shapes) for s in scenes})
+    for count, values in split.items():  # each group holds exactly its scenes, in order
+        assert values["index"].tolist() == [
+            i for i, s in enumerate(scenes) if len(s.shapes) == count
+        ]
         assert np.all(values["delta_colour"] == 16.0)
-        picked = [s for s in scenes if len(s.shapes) == count]
-        assert len(values["delta_kind"]) == len(picked)
 
 
 def test_script_scores_heldout_pairs_and_refuses_other_shards(tmp_path):
