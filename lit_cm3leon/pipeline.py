@@ -304,6 +304,15 @@ def stages(out: Path) -> list[Stage]:
             )
             for m in ("pretrain", "sft")
         ],
+        *[
+            ev(
+                "caption_probe",
+                f"eval/caption_probe_{m}",
+                *("--ckpt", f"{o}/{m}", "--n", "300"),
+                ckpts=(m,),
+            )
+            for m in ("pretrain", "sft")
+        ],
     ]
 
 

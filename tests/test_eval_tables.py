@@ -81,3 +81,35 @@ def test_report_rerank_row_is_the_ablations_8_sample_run(tmp_path):
         "| cfg_scale 3, 8 samples + CLIP re-rank (the ablation's run) | 0.111 | 50.00 |"
     )
     assert Report(tmp_path / "none").ablation_run("cfg_topp", 8) is None
+
+
+def test_report_caption_reading_rows_and_the_unread_caption_note(tmp_path):
+    """The report's caption-probe table reads eval/caption_probe_<model>/metrics.json, and says
+    so when the pretrained decoder does not read the caption (background delta near 0)."""
+    from lit_cm3leon.report import Report
+
+    out = tmp_path / "outputs"
+    deltas = {"colour": 0.192, "kind": 0.005, "position": 0.871, "background": 4.056,
+              "other_scene": 4.822}  # fmt: skip
+    for model, scale in (("pretrain", 1.0), ("sft", 0.01)):
+        write_metrics(out / "eval" / f"caption_probe_{model}" / "metrics.json",
+                      run_header("shapes-caption-probe", 0, 300, ckpt=model),
+                      {f"delta_{k}": v * scale for k, v in deltas.items()},
+                      {f"delta_{k}": [v * scale - 0.1, v * scale + 0.1] for k, v in deltas.items()},
+                      {})  # fmt: skip
+    lines = Report(out).build().splitlines()
+    head = lines.index("| model | colour | kind | position | background | other scene | n |")
+    assert lines[head + 2] == (
+        "| pretrain | 0.192 [0.092, 0.292] | 0.005 [-0.095, 0.105] | 0.871 [0.771, 0.971] | "
+        "4.056 [3.956, 4.156] | 4.822 [4.722, 4.922] | 300 |"
+    )
+    assert lines[head + 3].startswith("| sft | 0.002 [-0.098, 0.102] | 0.000 ")
+    assert not any("hardly reads the caption" in line for line in lines)
+
+    write_metrics(out / "eval" / "caption_probe_pretrain" / "metrics.json",
+                  run_header("shapes-caption-probe", 0, 300, ckpt="pretrain"),
+                  {"delta_background": 0.05}, {}, {})  # fmt: skip
+    text = Report(out).build()
+    assert "hardly reads the caption (background 0.050 nats" in text
+    assert "| pretrain | – – | – – | – – | 0.050 – | – – | 300 |" in text
+    assert "| pretrain | not run |" in Report(tmp_path / "none").build()

@@ -85,6 +85,13 @@ def test_retrieval_lowers_landmark_perplexity(outputs):
     assert m["ppl_landmark_k2"] < 0.97 * m["ppl_landmark_k0"]
 
 
+def test_pretrained_decoder_reads_background_and_place_words(outputs):
+    """A wrong background or a wrong cell for the first shape in the caption costs the held-out
+    image's codes likelihood (a decoder that ignores those words pays 0; 95% intervals above 0)."""
+    m = metrics(outputs, "caption_probe_pretrain")
+    assert m["ci95"]["delta_background"][0] > 0 and m["ci95"]["delta_position"][0] > 0
+
+
 def test_sft_vqa_beats_question_type_prior(outputs):
     m = metrics(outputs, "vqa_sft")
     assert m["overall"] > m["baseline_overall"]
