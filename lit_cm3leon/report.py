@@ -237,14 +237,19 @@ class Report:
             if rec is None:
                 self.add(f"| {m} | not run |" + " |" * len(changes))
                 continue
-            cells = [f"{_num(rec.get(f'delta_{c}'))} {_ci(rec, f'delta_{c}')}" for c in changes]
+            cells = [
+                f"{_num(rec[f'delta_{c}'])} {_ci(rec, f'delta_{c}')}"
+                if f"delta_{c}" in rec
+                else "–"
+                for c in changes
+            ]
             self.add(f"| {m} | " + " | ".join(cells) + f" | {rec.get('n')} |")
         pre = recs["pretrain"] or {}
         if pre.get("delta_background") is not None and pre["delta_background"] < 0.5:
             self.add(
                 "",
                 f"The pretrained decoder hardly reads the caption (background "
-                f"{_num(pre['delta_background'])} nats; 3-5 in a run that reads it): whether a "
+                f"{_num(pre['delta_background'])} nats; 2-5 in the runs that read it): whether a "
                 "run starts reading it by the default steps varies with the seed (README: Results).",
             )
         self.add("")

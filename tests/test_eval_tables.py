@@ -111,5 +111,5 @@ def test_report_caption_reading_rows_and_the_unread_caption_note(tmp_path):
                   {"delta_background": 0.05}, {}, {})  # fmt: skip
     text = Report(out).build()
     assert "hardly reads the caption (background 0.050 nats" in text
-    assert "| pretrain | – – | – – | – – | 0.050 – | – – | 300 |" in text
+    assert "| pretrain | – | – | – | 0.050 – | – | 300 |" in text
     assert "| pretrain | not run |" in Report(tmp_path / "none").build()
