@@ -10,7 +10,7 @@ retrieval candidates are a precomputed random ``[N, 16]`` array (the search itse
 before training).
 
 The consumer is one training step of the ``shapes`` preset as pretraining runs it
-(``CM3LeonModule.batch_logits``: cell embedding and copy heads on, bf16 autocast, AdamW; eager
+(``CM3LeonModule.batch_loss``: cell embedding and copy heads on, bf16 autocast, AdamW; eager
 by default, ``--compile`` for torch.compile) on batches the pipeline produced, timed in the same
 run. Both are repeated ``--repeats`` times (alternating) and reported as medians; the target is a
 pipeline at least 5x faster than the step consumes, single process (``num_workers=0``).
@@ -104,7 +104,7 @@ def time_batches(
 def make_step(vocab: Vocab, root: Path, compiled: bool):
     """One pretraining step of the ``shapes`` preset on a collated batch (as the module runs it)."""
     from lit_cm3leon.model import ModelConfig
-    from lit_cm3leon.training.cm3leon_module import CM3LeonModule, weighted_token_loss
+    from lit_cm3leon.training.cm3leon_module import CM3LeonModule
 
     vocab.save(root / "vocab.json")
     torch.manual_seed(0)
@@ -112,13 +112,12 @@ def make_step(vocab: Vocab, root: Path, compiled: bool):
         model=vars(ModelConfig.preset("shapes")), vocab_path=str(root / "vocab.json")
     )
     if compiled:
-        module.net = torch.compile(module.net)
+        module.net.loss = torch.compile(module.net.loss)  # the training path: hidden states -> loss
     opt = torch.optim.AdamW(module.net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
     def step(batch: dict) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = module.batch_logits(batch)
-            _, loss = weighted_token_loss(logits, batch["ids"][:, 1:], batch["weights"])
+            _, loss = module.batch_loss(batch, batch["weights"].sum())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

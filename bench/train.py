@@ -1,7 +1,7 @@
 """Training throughput: tokens/s and MFU of a full step, ours vs transformers' OPTForCausalLM.
 
-One step = forward, token-weighted cross-entropy (``weighted_token_loss``), backward, AdamW step,
-under bf16 autocast on CPU. The peer is Hugging Face ``OPTForCausalLM`` built with identical
+One step = forward, token-weighted cross-entropy (each side's own: ``make_step``), backward, AdamW
+step, under bf16 autocast on CPU. The peer is Hugging Face ``OPTForCausalLM`` built with identical
 dimensions (no biases, affine-free pre-LN, GELU, untied head, same vocabulary and sequence
 length) and loaded with our weights, so both compute the same function; the first-step losses
 are recorded as a check. Each configuration (preset x eager/compile) is timed ``--repeats`` times,
@@ -157,34 +157,45 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 def make_step(model: torch.nn.Module, is_hf: bool, compiled: bool):
     """A closure running one training step on a batch dict (``ids`` [B, T+1], ``weights``
     [B, T]; packed rows also ``doc_ids`` and ``positions``, which only ours takes); returns the
-    loss."""
-    from lit_cm3leon.objective.sequence import attention_mask_from_doc_ids
-    from lit_cm3leon.training.cm3leon_module import weighted_token_loss
+    loss.
 
-    net = torch.compile(model) if compiled else model
+    Each side computes the loss as its own training loop does: ours with the training module's
+    ``CM3LeonTransformer.loss`` (hidden states to loss, logits never whole), OPT from its logits
+    with ``F.cross_entropy`` on their float32 upcast (transformers' ``ForCausalLMLoss``), both
+    weighted per token and divided by the sum of the weights."""
+    import torch.nn.functional as F
+
+    from lit_cm3leon.objective.sequence import attention_mask_from_doc_ids
+
+    net = model if is_hf else model.loss
+    net = torch.compile(net) if compiled else net
     # fused: the training module's default (`fused_adamw`) and transformers' Trainer's
     # (`adamw_torch_fused`), so each side steps as its own training loop would
     opt = torch.optim.AdamW(
         model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True
     )
 
-    def forward(batch: dict) -> torch.Tensor:
-        inputs = batch["ids"][:, :-1]
+    def loss_of(batch: dict) -> torch.Tensor:
+        inputs, targets = batch["ids"][:, :-1], batch["ids"][:, 1:]
+        weights = batch["weights"]
         if is_hf:
             if "doc_ids" in batch:  # restarting position ids: transformers masks each sequence
                 positions = batch["positions"][:, :-1]
-                return net(input_ids=inputs, position_ids=positions, use_cache=False).logits
-            # right padding needs no mask in a causal LM: the pads come after every target
-            return net(input_ids=inputs, use_cache=False).logits
+                logits = net(input_ids=inputs, position_ids=positions, use_cache=False).logits
+            else:  # right padding needs no mask in a causal LM: the pads come after every target
+                logits = net(input_ids=inputs, use_cache=False).logits
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            return (ce * weights.flatten()).sum() / weights.sum().clamp_min(1e-8)
+        row_weights = weights / weights.sum().clamp_min(1e-8)
         if "doc_ids" in batch:
             mask = attention_mask_from_doc_ids(batch["doc_ids"][:, :-1])
-            return net(inputs, positions=batch["positions"][:, :-1], attn_mask=mask)
-        return net(inputs)
+            positions = batch["positions"][:, :-1]
+            return net(inputs, targets, row_weights, positions=positions, attn_mask=mask)[1]
+        return net(inputs, targets, row_weights)[1]
 
     def step(batch: dict) -> float:
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            logits = forward(batch)
-            _, loss = weighted_token_loss(logits, batch["ids"][:, 1:], batch["weights"])
+            loss = loss_of(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

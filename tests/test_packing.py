@@ -7,8 +7,9 @@ import torch
 
 from lit_cm3leon.data.collate import PackedCollate, pad_item
 from lit_cm3leon.model import ModelConfig
+from lit_cm3leon.objective.sequence import attention_mask_from_doc_ids
 from lit_cm3leon.tokenizer.vocab import Vocab
-from lit_cm3leon.training.cm3leon_module import CM3LeonModule, weighted_token_loss
+from lit_cm3leon.training.cm3leon_module import CM3LeonModule
 
 VOCAB = Vocab(n_text=40, n_image=16, image_h=3, image_w=3)
 SEQ_LEN = 48
@@ -71,9 +72,7 @@ def test_packed_batch_gives_each_sequence_the_loss_of_its_own_padded_row(tmp_pat
     losses = []
     with torch.no_grad():
         for batch in (padded, packed):
-            ce, loss = weighted_token_loss(
-                m.batch_logits(batch), batch["ids"][:, 1:], batch["weights"]
-            )
+            ce, loss = m.batch_loss(batch, batch["weights"].sum())
             kept = ce[batch["weights"] > 0]
             losses.append((loss, torch.sort(kept).values))
     (loss_pad, ce_pad), (loss_pack, ce_pack) = losses
@@ -90,7 +89,8 @@ def test_without_the_mask_packed_sequences_would_see_each_other(tmp_path):
     items = make_items(8, seed=1)
     packed = PackedCollate(VOCAB.pad)(items)
     with torch.no_grad():
-        masked = m.batch_logits(packed)
+        mask = attention_mask_from_doc_ids(packed["doc_ids"][:, :-1])
+        masked = m.net(packed["ids"][:, :-1], positions=packed["positions"][:, :-1], attn_mask=mask)
         plain = m.net(packed["ids"][:, :-1], positions=packed["positions"][:, :-1])
     later = packed["doc_ids"][:, :-1] > 0
     assert later.any()

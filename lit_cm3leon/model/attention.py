@@ -77,6 +77,9 @@ class _BlockCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, block):
         T, scale = q.shape[2], q.shape[-1] ** -0.5
+        # dense [B, H, T, Dh] once: views of a fused projection (heads strided inside each row)
+        # would otherwise be copied by every block's matmul, forward and backward
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         acc = torch.promote_types(q.dtype, torch.float32)  # scores as the flash kernel keeps them
         qs, kf = q.to(acc) * scale, k.to(acc)
         starts = _key_starts(mask, T, block)

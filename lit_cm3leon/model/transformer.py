@@ -53,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import block_causal_attention
 from .config import ModelConfig
+from .head_loss import head_loss
 
 # ---------------------------------------------------------------------------------------------
 # masks and positions for left-padded batches
@@ -422,6 +423,47 @@ class CM3LeonTransformer(nn.Module):
         Returns:
             logits [B, T, V] (float32 unless under autocast), or [B, 1, V] with ``last_only``.
         """
+        h, source = self._hidden(idx, positions, attn_mask, cache, last_only)
+        logits = self.lm_head(h)  # [B, T, V]
+        if self.copy_gate is not None:
+            logits = self._copy_logits(logits, h, source)
+        return logits
+
+    def loss(
+        self,
+        idx: Tensor,
+        targets: Tensor,
+        row_weights: Tensor,
+        positions: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The training loss without the logits (:func:`head_loss`): per-token cross-entropy
+        [B, T] (float32, no gradient) and ``sum(row_weights * ce)``; ``targets`` and
+        ``row_weights`` [B, T], the other arguments as in :meth:`forward`."""
+        h, source = self._hidden(idx, positions, attn_mask)
+        copy_index = copy_value = None
+        if self.copy_gate is not None:
+            copy_index, copy_value = source.flatten(), self.copy_gate(h).flatten()
+        ce, loss = head_loss(
+            h.flatten(0, 1),
+            self.lm_head.weight,
+            targets.flatten(),
+            row_weights.flatten(),
+            copy_index,
+            copy_value,
+        )
+        return ce.view_as(targets), loss
+
+    def _hidden(
+        self,
+        idx: Tensor,
+        positions: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Final hidden states [B, T, C] (after ``ln_f``) and, with the copy logit, each
+        position's copy source token [B, T] (-1: none); arguments as in :meth:`forward`."""
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if positions is None:
@@ -465,11 +507,7 @@ class CM3LeonTransformer(nn.Module):
         if last_only:
             x = x[:, -1:]
             source = source[:, -1:] if source is not None else None
-        h = self.ln_f(x)
-        logits = self.lm_head(h)  # [B, T, V]
-        if self.copy_gate is not None:
-            logits = self._copy_logits(logits, h, source)
-        return logits
+        return self.ln_f(x), source
 
     def _copy_logits(self, logits: Tensor, h: Tensor, source: Tensor) -> Tensor:
         """``logits`` with the gate ``g(h)`` added at each position's copy source token

@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from lit_cm3leon.model import ModelConfig, build_model
@@ -29,16 +28,6 @@ def modality_masks(targets: torch.Tensor, vocab: Vocab) -> dict[str, torch.Tenso
     text = targets < vocab.n_text
     image = (targets >= vocab.image_offset) & (targets < vocab.special_offset)
     return {"text": text, "image": image}
-
-
-def weighted_token_loss(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy [B, T] and its weighted mean (weights 0 drop pads and prompts)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(
-        targets
-    )
-    return ce, (ce * weights).sum() / weights.sum().clamp_min(1e-8)
 
 
 class CM3LeonModule(L.LightningModule):
@@ -80,28 +69,34 @@ class CM3LeonModule(L.LightningModule):
         """ids [B, T] -> logits [B, T, V]."""
         return self.net(ids)
 
-    def batch_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits [N, T, V] of a batch's inputs ``ids[:, :-1]``, padded or packed.
+    def batch_loss(
+        self, batch: dict[str, torch.Tensor], normalizer: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token cross-entropy [N, T] of a batch's targets ``ids[:, 1:]`` and the loss
+        ``sum(weights * ce) / normalizer``, padded or packed, without whole logits
+        (``CM3LeonTransformer.loss``).
 
         A packed batch (``doc_ids``, ``positions``: :class:`lit_cm3leon.data.collate.PackedCollate`)
         runs with the block-diagonal causal mask and per-sequence positions, so each packed
         sequence sees only itself, as in a padded row of its own."""
-        inputs = batch["ids"][:, :-1]
+        inputs, targets = batch["ids"][:, :-1], batch["ids"][:, 1:]
+        row_weights = batch["weights"] / normalizer.clamp_min(1e-8)
         if "doc_ids" not in batch:
-            return self.net(inputs)
+            return self.net.loss(inputs, targets, row_weights)
         mask = attention_mask_from_doc_ids(batch["doc_ids"][:, :-1])
-        return self.net(inputs, positions=batch["positions"][:, :-1], attn_mask=mask)
+        return self.net.loss(
+            inputs, targets, row_weights, positions=batch["positions"][:, :-1], attn_mask=mask
+        )
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         ids, weights = batch["ids"], batch["weights"]  # [N, T+1], [N, T]
         targets = ids[:, 1:]
-        logits = self.batch_logits(batch)
-        ce, loss = weighted_token_loss(logits, targets, weights)
+        normalizer = weights.sum()
         if stage == "train" and self.trainer.world_size > 1:
             # normalize by the global batch's loss tokens, so the gradient DDP averages over ranks
             # is that of one process holding the whole batch (per-rank token counts differ)
-            mean_tokens = self.trainer.strategy.reduce(weights.sum().detach(), reduce_op="mean")
-            loss = (ce * weights).sum() / mean_tokens.clamp_min(1e-8)
+            normalizer = self.trainer.strategy.reduce(normalizer.detach(), reduce_op="mean")
+        ce, loss = self.batch_loss(batch, normalizer)
         bsz = int(batch["length"].numel()) if "length" in batch else ids.shape[0]  # sequences
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bsz, sync_dist=stage != "train")
         with torch.no_grad():
