@@ -90,10 +90,22 @@ def test_head_loss_without_gradients_keeps_none():
     assert not loss.requires_grad
 
 
+def test_head_loss_backward_twice_accumulates_twice():
+    """The kept gradients are scaled, not overwritten: a retained graph's second backward adds
+    the same gradient again."""
+    h, w, targets, row_weights = inputs()
+    _, loss = head_loss(h, w, targets, row_weights)
+    loss.backward(retain_graph=True)
+    once = h.grad.clone(), w.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(h.grad, 2 * once[0])
+    torch.testing.assert_close(w.grad, 2 * once[1])
+
+
 @pytest.mark.parametrize("copy_logit", [False, True])
 def test_model_loss_equals_the_cross_entropy_of_its_logits(copy_logit):
-    """``CM3LeonTransformer.loss`` (the training path) against ``forward``'s logits, with the
-    shapes preset's cell embedding and copy heads, and the copy logit on or off."""
+    """``CM3LeonTransformer.loss`` (the training path) against ``forward``'s logits, with a cell
+    embedding and copy heads (as the shapes preset has them), and the copy logit on or off."""
     vocab = Vocab(n_text=60, n_image=16, image_h=3, image_w=3)
     cfg = ModelConfig.preset(
         "debug", copy_heads=2, copy_logit=copy_logit, cell_embedding=True

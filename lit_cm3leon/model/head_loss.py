@@ -5,7 +5,7 @@ A training step's logits are the largest activation of the step at a large vocab
 the paper's 4,096 tokens and 64,626 ids), and the plain path writes and reads them several times:
 the head's matmul, the float32 copy, log-softmax, its backward, the gradient's cast. :func:`head_loss`
 computes, per chunk of rows, the logits (the head's matmul in the autocast dtype, as
-``lm_head`` would), their float32 log-sum-exp and cross-entropy, and at once the gradient
+``lm_head`` would), their float32 log-softmax and cross-entropy, and at once the gradient
 of the weighted loss with respect to the logits (softmax minus one-hot, times the row's weight),
 which it turns into the gradients of the hidden states and of the head's weight right away. Only
 those are kept for the backward pass, which scales them by the incoming gradient. The same
@@ -91,6 +91,6 @@ class _HeadLoss(torch.autograd.Function):
         grad_h, grad_w, grad_copy = ctx.saved_tensors
         h_dtype, copy_dtype = ctx.dtypes
         out_h = (grad_h * d_loss).to(h_dtype) if grad_h is not None else None
-        out_w = grad_w.mul_(d_loss) if grad_w is not None else None
+        out_w = grad_w * d_loss if grad_w is not None else None
         out_copy = (grad_copy * d_loss).to(copy_dtype) if grad_copy is not None else None
         return out_h, out_w, None, None, None, out_copy, None
