@@ -26,6 +26,14 @@ from torch import Tensor
 CHUNK_ELEMENTS = 1 << 21  # logits per chunk: 8 MB in float32
 
 
+def add_copy_logit(logits: Tensor, index: Tensor, value: Tensor) -> Tensor:
+    """``logits`` [..., V] with ``value`` [...] added at column ``index`` [...] of each row
+    (none where ``index`` is -1): the copy logit, at the token each position may copy."""
+    value = value.to(logits.dtype) * (index >= 0)
+    return logits.scatter_add(-1, index.clamp(min=0)[..., None], value[..., None])
+
+
+@torch.compiler.disable  # its chunk loop depends on the row count: traced, every new count recompiles
 def head_loss(
     h: Tensor,
     weight: Tensor,
@@ -62,9 +70,7 @@ class _HeadLoss(torch.autograd.Function):
             e = min(N, s + rows)
             z = torch.matmul(hc[s:e], wc.t()).float()  # [n, V]
             if copy_index is not None:
-                col = copy_index[s:e].clamp(min=0)[:, None]
-                has = (copy_index[s:e] >= 0).float()
-                z.scatter_add_(1, col, (copy_value[s:e].float() * has)[:, None])
+                z = add_copy_logit(z, copy_index[s:e], copy_value[s:e])
             logp = torch.log_softmax(z, -1)
             del z
             tgt = targets[s:e, None]
@@ -75,7 +81,8 @@ class _HeadLoss(torch.autograd.Function):
             g.scatter_add_(1, tgt, torch.full((e - s, 1), -1.0, device=g.device))  # minus one-hot
             g.mul_(row_weights[s:e, None].float())  # d loss / d logits
             if need_copy:
-                grad_copy[s:e] = g.gather(1, col).squeeze(1) * has
+                index = copy_index[s:e]
+                grad_copy[s:e] = g.gather(1, index.clamp(min=0)[:, None]).squeeze(1) * (index >= 0)
             g = g.to(dtype)
             if need_h:
                 grad_h[s:e] = torch.matmul(g, wc)

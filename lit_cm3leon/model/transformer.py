@@ -53,7 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import block_causal_attention
 from .config import ModelConfig
-from .head_loss import head_loss
+from .head_loss import add_copy_logit, head_loss
 
 # ---------------------------------------------------------------------------------------------
 # masks and positions for left-padded batches
@@ -512,8 +512,7 @@ class CM3LeonTransformer(nn.Module):
     def _copy_logits(self, logits: Tensor, h: Tensor, source: Tensor) -> Tensor:
         """``logits`` with the gate ``g(h)`` added at each position's copy source token
         (``source`` [B, T], -1 where there is none)."""
-        gate = self.copy_gate(h).to(logits.dtype) * (source >= 0)[..., None]  # [B, T, 1]
-        return logits.scatter_add(-1, source.clamp(min=0)[..., None], gate)
+        return add_copy_logit(logits, source, self.copy_gate(h).squeeze(-1))
 
     def _image_cells(self, idx: Tensor, cache: KVCache | None) -> tuple[Tensor, Tensor]:
         """Which tokens of ``idx`` are image tokens [B, T] and their grid cells [B, T].
