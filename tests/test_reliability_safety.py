@@ -103,3 +103,31 @@ def test_decoder_of_another_architecture_is_named(tmp_path):
         CheckpointError, match=r"another architecture \(copy_heads: checkpoint 2 vs config 0\)"
     ):
         load_decoder(tmp_path / "model.pt", vocab, expect_config=replace(cfg, copy_heads=0))
+
+
+def test_sft_may_add_the_copy_logit_to_a_decoder_pretrained_without_it(tmp_path):
+    """``model.copy_logit=true`` over a checkpoint without the gate: the gate is added at zero
+    (the loaded decoder computes what the checkpoint's did); the other way round is refused."""
+    vocab = Vocab(n_text=30, n_image=16, image_h=2, image_w=2)
+    cfg = ModelConfig.preset("debug", copy_heads=2).for_vocab(vocab)
+    torch.manual_seed(0)
+    pretrained = build_model(cfg).eval()
+    save_decoder(tmp_path / "model.pt", pretrained, vocab)
+    gated, _, _ = load_decoder(tmp_path / "model.pt", vocab, replace(cfg, copy_logit=True))
+    assert gated.config.copy_logit and gated.copy_gate is not None
+    assert not gated.copy_gate.weight.any() and not gated.copy_gate.bias.any()
+    for k, v in pretrained.state_dict().items():
+        assert torch.equal(gated.state_dict()[k], v), k
+    ids = torch.randint(0, vocab.size, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids[:, 2:6] = torch.randint(vocab.image_offset, vocab.image_offset + 16, (2, 4))
+    ids[:, 7:11] = ids[:, 2:6]
+    with torch.no_grad():
+        torch.testing.assert_close(gated(ids), pretrained(ids))
+
+    plain = replace(cfg, copy_heads=0)  # no copy heads: no aligned token for a gate to point at
+    save_decoder(tmp_path / "plain" / "model.pt", build_model(plain), vocab)
+    with pytest.raises(CheckpointError, match=r"copy_logit: checkpoint False vs config True"):
+        load_decoder(tmp_path / "plain" / "model.pt", vocab, replace(plain, copy_logit=True))
+    save_decoder(tmp_path / "gated" / "model.pt", gated, vocab)
+    with pytest.raises(CheckpointError, match=r"copy_logit: checkpoint True vs config False"):
+        load_decoder(tmp_path / "gated" / "model.pt", vocab, expect_config=cfg)

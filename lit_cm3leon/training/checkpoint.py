@@ -82,7 +82,11 @@ def load_decoder(
     expect_config: ModelConfig | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[CM3LeonTransformer, Vocab, dict]:
-    """Rebuild the model from the file alone; check vocabulary and size when given."""
+    """Rebuild the model from the file alone; check vocabulary and size when given.
+
+    ``expect_config`` (a run's ``module.init_from``): the checkpoint must have its size and
+    architecture, except that a config with ``copy_logit`` may add the copy logit's gate, at
+    zero, to a checkpoint with copy heads and without it."""
     record = read_checkpoint(path)
     if record.get("format") != FORMAT:
         raise CheckpointError(
@@ -94,9 +98,15 @@ def load_decoder(
     config = ModelConfig.from_dict(record["model_config"])
     if config.cell_embedding or config.copy_heads:  # the vocabulary's layout fields, also for
         config = config.for_vocab(ckpt_vocab)  # checkpoints written before a field existed
+    new_gate = False
     if expect_config is not None:
         # box grounding has no weights: the run decides it (an SFT run may switch it on)
         config = replace(config, ground_boxes=expect_config.ground_boxes)
+        # the copy logit's gate starts at zero, where it changes nothing: an SFT run may add it
+        # to a decoder pretrained without it (the same copy heads)
+        new_gate = expect_config.copy_logit and not config.copy_logit and config.copy_heads > 0
+        if new_gate:
+            config = replace(config, copy_logit=True)
         diff = {
             k: (getattr(config, k), getattr(expect_config, k))
             for k in SIZE_FIELDS + ARCH_FIELDS
@@ -107,5 +117,9 @@ def load_decoder(
             detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
             raise CheckpointError(f"checkpoint {path} is another {kind} ({detail})")
     model = build_model(config)
-    model.load_state_dict(record["state_dict"])
+    if new_gate:  # every weight but the new gate's (zero: build_model's initialisation)
+        state = {**model.copy_gate.state_dict(prefix="copy_gate."), **record["state_dict"]}
+        model.load_state_dict(state)
+    else:
+        model.load_state_dict(record["state_dict"])
     return model.to(device).eval(), ckpt_vocab, record
