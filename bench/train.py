@@ -239,10 +239,51 @@ def random_batch(cfg: dict, vocab_size: int, seed: int = 0) -> dict:
     return {"ids": ids.to(DEVICE), "weights": torch.ones(cfg["batch"], cfg["seq"], device=DEVICE)}
 
 
+def op_profile(step, batches: list[dict], n: int, top: int = 12) -> dict:
+    """Where ``n`` steps spend their time: the ``top`` operators by self time (wall milliseconds
+    per step in the calling thread, torch.profiler, which itself adds some overhead) and the
+    total over all operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for s in range(n):
+            step(batches[s % len(batches)])
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return {
+        "total_ms": sum(e.self_cpu_time_total for e in events) / 1e3 / n,
+        "ops_ms": {e.key: e.self_cpu_time_total / 1e3 / n for e in events[:top]},
+    }
+
+
+def profile_table(profiles: dict[str, dict]) -> str:
+    """A markdown table of :func:`op_profile` results side by side (one column per impl)."""
+    impls = list(profiles)
+    ops = sorted(
+        {op for p in profiles.values() for op in p["ops_ms"]},
+        key=lambda op: -max(p["ops_ms"].get(op, 0.0) for p in profiles.values()),
+    )
+    out = ["| operator | " + " | ".join(f"{i} (ms/step)" for i in impls) + " |"]
+    out.append("| --- |" + " ---: |" * len(impls))
+    for op in ops:
+        cells = [profiles[i]["ops_ms"].get(op) for i in impls]
+        out.append(f"| `{op}` | " + " | ".join("" if c is None else f"{c:.1f}" for c in cells) + " |")
+    out.append("| all operators | " + " | ".join(f"{profiles[i]['total_ms']:.1f}" for i in impls) + " |")
+    return "\n".join(out)
+
+
 def bench_config(
-    name: str, cfg: dict, modes: list[str], repeats: int, warmup: int, add_peak, log, on_rows=None
+    name: str,
+    cfg: dict,
+    modes: list[str],
+    repeats: int,
+    warmup: int,
+    add_peak,
+    log,
+    on_rows=None,
+    profile_steps: int = 0,
 ) -> list[dict]:
-    """Rows (one per mode x impl) for one preset; ours and OPT alternate within each repeat."""
+    """Rows (one per mode x impl) for one preset; ours and OPT alternate within each repeat.
+    With ``profile_steps`` each impl is then profiled (:func:`op_profile`, in the rows)."""
     rows = []
     for mode in modes:
         if cfg.get("data"):
@@ -307,6 +348,10 @@ def bench_config(
             log(
                 f"  warning: {name} {mode} recompiled during timing: {dict(torch._dynamo.utils.counters['stats'])}"
             )
+        profiles = {}
+        if profile_steps:
+            profiles = {i: op_profile(impls[i], batches[i], profile_steps) for i in impls}
+            log(f"  {name} {mode} profile ({profile_steps} steps each):\n" + profile_table(profiles))
         ratios = [h / o for o, h in zip(times["ours"], times["transformers OPT"], strict=True)]
         cpu_ratios = [h / o for o, h in zip(cpu["ours"], cpu["transformers OPT"], strict=True)]
         for impl, ts in times.items():
@@ -338,6 +383,7 @@ def bench_config(
                     tokens_per_cpu_s=tokens / statistics.median(cpu[impl]),
                     speedup_vs_opt_cpu=statistics.median(cpu_ratios) if impl == "ours" else None,
                     speedup_vs_opt_cpu_all=cpu_ratios if impl == "ours" else None,
+                    profile=profiles.get(impl),
                 )
             )
         del ours, hf, impls
@@ -415,6 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep glibc malloc's defaults (by default both models run with the freed-memory "
         "reuse the training command sets: lit_cm3leon.utils.malloc)",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile N steps of each impl: the costliest operators side by side "
+        "(printed, and in the JSON rows as `profile`)",
     )
     p.add_argument("--out", default=str(RESULTS / "train.json"), help="JSON output path")
     p.add_argument(
@@ -497,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
         return result
 
     for name, cfg in configs.items():
-        rows += bench_config(name, cfg, modes, repeats, args.warmup, add_peak, log, on_rows=write)
+        rows += bench_config(
+            name, cfg, modes, repeats, args.warmup, add_peak, log, write, args.profile
+        )
     result = write()
     peak, peak_cpu = result["peak_bf16_flops"], result["peak_bf16_flops_per_cpu_s"]
     print(
