@@ -266,8 +266,12 @@ def profile_table(profiles: dict[str, dict]) -> str:
     out.append("| --- |" + " ---: |" * len(impls))
     for op in ops:
         cells = [profiles[i]["ops_ms"].get(op) for i in impls]
-        out.append(f"| `{op}` | " + " | ".join("" if c is None else f"{c:.1f}" for c in cells) + " |")
-    out.append("| all operators | " + " | ".join(f"{profiles[i]['total_ms']:.1f}" for i in impls) + " |")
+        out.append(
+            f"| `{op}` | " + " | ".join("" if c is None else f"{c:.1f}" for c in cells) + " |"
+        )
+    out.append(
+        "| all operators | " + " | ".join(f"{profiles[i]['total_ms']:.1f}" for i in impls) + " |"
+    )
     return "\n".join(out)
 
 
@@ -351,7 +355,9 @@ def bench_config(
         profiles = {}
         if profile_steps:
             profiles = {i: op_profile(impls[i], batches[i], profile_steps) for i in impls}
-            log(f"  {name} {mode} profile ({profile_steps} steps each):\n" + profile_table(profiles))
+            log(
+                f"  {name} {mode} profile ({profile_steps} steps each):\n" + profile_table(profiles)
+            )
         ratios = [h / o for o, h in zip(times["ours"], times["transformers OPT"], strict=True)]
         cpu_ratios = [h / o for o, h in zip(cpu["ours"], cpu["transformers OPT"], strict=True)]
         for impl, ts in times.items():
