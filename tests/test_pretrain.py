@@ -263,3 +263,55 @@ def test_prepare_data_searches_once_and_every_rank_reads_the_cache(
     assert len(calls) == 1  # read from the cache
     assert np.array_equal(rank1.train_ds.candidates, first.train_ds.candidates)
     assert all(len(rank1.train_ds[i]["ids"]) for i in range(6))
+
+
+def _shapes_shards(root, indices, landmarks: int = 0):
+    """A shapes-world shard folder (the layout `prepare tokenize --source shapes` writes) with
+    random codes: enough for what the data reads from the records."""
+    import json
+
+    root.mkdir(parents=True)
+    recs = [
+        {"doc_id": i, "text": f"scene {i}", "source": "shapes", "split": "train", "index": i}
+        | ({"landmarks": landmarks} if landmarks else {})
+        for i in indices
+    ]
+    codes = np.random.default_rng(0).integers(0, 16, (len(recs), 4, 4)).astype(np.int16)
+    np.savez(root / "shard-00000.npz", codes=codes, doc_id=np.array(indices, dtype=np.int64))
+    (root / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    source = {"source": "shapes", "image_size": 32, "world_seed": 0}
+    manifest = {"h": 4, "w": 4, "n_codes": 16, "count": len(recs), "source": source}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return TokenShards(root)
+
+
+def test_box_captions_give_each_shape_its_box(artifacts, tmp_path):
+    from lit_cm3leon.data.shapes import ShapesWorld
+    from lit_cm3leon.data.templates import quantize_box
+
+    root = artifacts / "text_tokenizer"
+    codec = DocumentCodec(TextTokenizer.load(root), Vocab.load(root / "vocab.json"))
+    vocab, world = codec.vocab, ShapesWorld(image_size=32, seed=0)
+    shards = _shapes_shards(tmp_path / "scenes", list(range(12)))
+    plain = PairSequences(shards, codec, None, seq_len=96, length=12, shuffle=False, cm3=None)
+    boxed = PairSequences(
+        shards, codec, None, seq_len=96, length=12, shuffle=False, cm3=None, box_caption_prob=1.0
+    )
+    for i in range(12):
+        scene = world.scene("train", i)
+        ids = boxed[i]["ids"].tolist()
+        locs = [t - vocab.loc_offset for t in ids if vocab.loc_offset <= t < vocab.size]
+        want = [q for b in world.boxes(scene) for q in quantize_box(b, 32, 32)]
+        assert locs == want  # every shape's box, in the caption's order
+        text = codec.decode_text([t for t in ids if vocab.is_text(t)])
+        assert text.startswith("a ") and "on the" not in text and "at the" not in text
+        assert not any(vocab.loc_offset <= t < vocab.size for t in plain[i]["ids"].tolist())
+    with pytest.raises(ValueError, match="box_caption_prob"):
+        PairSequences(shards, codec, None, seq_len=96, length=1, box_caption_prob=1.5)
+    # landmark views (named scenes) and other sources keep their captions
+    views = _shapes_shards(tmp_path / "views", [0, 1], landmarks=5)
+    fixture = TokenShards(artifacts / "tokens" / "shapes-train")
+    for s in (views, fixture):
+        ds = PairSequences(s, codec, None, seq_len=96, length=2, shuffle=False, box_caption_prob=1.0)
+        ref = PairSequences(s, codec, None, seq_len=96, length=2, shuffle=False)
+        assert torch.equal(ds[0]["ids"], ref[0]["ids"])

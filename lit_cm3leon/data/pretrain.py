@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lit_cm3leon.data.collate import collate_fn, pad_item
-from lit_cm3leon.data.shards import TokenShards
+from lit_cm3leon.data.shards import TokenShards, shapes_world_kwargs
 from lit_cm3leon.objective.cm3 import CM3Transform, loss_weights
 from lit_cm3leon.objective.sequence import build_sequence, pair_document
 from lit_cm3leon.retrieval.bank_docs import UNSEARCHED
@@ -39,6 +39,30 @@ log = logging.getLogger(__name__)
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order in which epoch ``epoch`` of a shuffled stream reads ``n`` pairs."""
     return np.random.default_rng([seed, 7919, epoch]).permutation(n)
+
+
+class BoxCaptions:
+    """The shapes-world records of ``shards`` captioned with their shapes' boxes
+    (:meth:`ShapesWorld.caption_boxes`: ``<loc:N>`` tokens in place of the position words),
+    made on first use; ``None`` for landmark views and for other sources."""
+
+    def __init__(self, shards: TokenShards) -> None:
+        from lit_cm3leon.data.shapes import ShapesWorld
+
+        source = shards.manifest.get("source", {})
+        shapes = source.get("source") == "shapes"
+        self.shards = shards
+        self.world = ShapesWorld(**shapes_world_kwargs(source)) if shapes else None
+        self._texts: dict[int, str | None] = {}
+
+    def __call__(self, row: int) -> str | None:
+        if row not in self._texts:
+            rec = self.shards.records[row]
+            plain = self.world is None or rec.get("landmarks") or "index" not in rec
+            self._texts[row] = None if plain else self.world.caption_boxes(
+                self.world.scene(rec.get("split", "train"), int(rec["index"]))
+            )
+        return self._texts[row]
 
 
 class PairSequences(Dataset):
@@ -59,9 +83,16 @@ class PairSequences(Dataset):
         query_weight: float = 1.0,
         shuffle: bool = True,
         bank: TokenShards | None = None,
+        box_caption_prob: float = 0.0,
     ) -> None:
         self.shards, self.codec, self.vocab = shards, codec, codec.vocab
         self.bank = bank if bank is not None else shards  # the rows candidates point at
+        if not 0.0 <= box_caption_prob <= 1.0:
+            raise ValueError(f"box_caption_prob must be in [0, 1], got {box_caption_prob}")
+        self.box_caption_prob = box_caption_prob
+        self._box_captions = (
+            {id(s): BoxCaptions(s) for s in (self.shards, self.bank)} if box_caption_prob else {}
+        )
         self.candidates = candidates  # int64 [N, M] of rows in the bank (-1 = none), or None
         self.seq_len, self.length, self.seed = seq_len, length, seed
         self.n_retrieved, self.p_fewer, self.image_first_prob = (
@@ -94,14 +125,21 @@ class PairSequences(Dataset):
         head = epoch_order(self.seed, 0, n)[: self.length] if self.shuffle else range(self.length)
         return np.sort(np.asarray(head, dtype=np.int64))
 
-    def doc_ids(self, shards: TokenShards, row: int, image_first: bool) -> list[int]:
-        doc = pair_document(shards.text(row), shards.codes[row], image_first=image_first)
+    def doc_ids(
+        self, shards: TokenShards, row: int, image_first: bool, rng: np.random.Generator
+    ) -> list[int]:
+        text = shards.text(row)
+        if self.box_caption_prob and rng.random() < self.box_caption_prob:
+            text = self._box_captions[id(shards)](row) or text
+        doc = pair_document(text, shards.codes[row], image_first=image_first)
         return self.codec.encode(doc)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(i)])
         row = self._row(int(i))
-        query = self.doc_ids(self.shards, row, image_first=rng.random() < self.image_first_prob)
+        query = self.doc_ids(
+            self.shards, row, image_first=rng.random() < self.image_first_prob, rng=rng
+        )
         retrieved: list[list[int]] = []
         if self.candidates is not None and self.n_retrieved > 0:
             pool = self.candidates[row]
@@ -116,7 +154,7 @@ class PairSequences(Dataset):
             for r in rng.choice(pool, size=min(k, len(pool)), replace=False):
                 retrieved.append(
                     self.doc_ids(
-                        self.bank, int(r), image_first=rng.random() < self.image_first_prob
+                        self.bank, int(r), image_first=rng.random() < self.image_first_prob, rng=rng
                     )
                 )
         room = self.seq_len + 1 - (self.cm3.max_extra_tokens if self.cm3 is not None else 0)
@@ -204,6 +242,7 @@ class PretrainDataModule(L.LightningDataModule):
         p_fewer: float = 0.75,
         image_first_prob: float = 0.5,
         query_weight: float = 1.0,
+        box_caption_prob: float = 0.0,
         val_size: int = 256,
         val_retrieve_k: int = 2,
         cm3: dict | None = None,
@@ -286,6 +325,7 @@ class PretrainDataModule(L.LightningDataModule):
             image_first_prob=hp.image_first_prob,
             cm3=cm3,
             query_weight=hp.query_weight,
+            box_caption_prob=hp.box_caption_prob,
         )
 
     def _open(self):

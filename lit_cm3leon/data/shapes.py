@@ -467,6 +467,19 @@ class ShapesWorld:
         ]
         return f"{self._join(items)}, on {article(scene.background)} {scene.background} background"
 
+    def caption_boxes(self, scene: Scene, n_loc: int = 100) -> str:
+        """The long caption with each shape's box as four ``<loc:N>`` tokens in place of its
+        position words, as the ``spatial`` template writes boxes, e.g. 'a large red circle
+        <loc:3><loc:3><loc:28><loc:28> and ..., on a white background'."""
+        from lit_cm3leon.data.templates import box_text
+
+        size = self.image_size
+        items = [
+            f"a {s.size} {s.color} {s.kind} {box_text(b, size, size, n_loc)}"
+            for s, b in zip(scene.shapes, self.boxes(scene), strict=True)
+        ]
+        return f"{self._join(items)}, on {article(scene.background)} {scene.background} background"
+
     # Fields a referring expression may use, tried from shortest to longest.
     _REF_FIELDS = (("kind",), ("color", "kind"), ("size", "color", "kind"), ("kind", "position"),
                    ("color", "kind", "position"), ("color",), ("size", "color"), ("position",))  # fmt: skip
