@@ -3,7 +3,8 @@
     python eval/caption_probe.py --ckpt outputs/pretrain --out outputs/eval/caption_probe/metrics.json
 
 Scores the first ``--n`` held-out pairs of ``<outputs>/tokens/shapes-heldout`` (long captions)
-with their own caption and with the caption changed in one thing (the first shape's colour,
+with their own caption (``--caption boxes``: each shape's position as its box in ``<loc>``
+tokens) and with the caption changed in one thing (the first shape's colour,
 kind or cell, the background, another scene's caption;
 ``lit_cm3leon.evaluation.caption_probe``): ``delta_<change>`` is the mean extra NLL in nats over
 the whole image, with bootstrap 95% intervals over images; ``<key>_<k>_shapes`` is the same over
@@ -35,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         "--heldout", default=None, help="held-out shards (default <outputs>/tokens/shapes-heldout)"
     )
     p.add_argument("--n", type=int, default=300, help="held-out pairs to score")
+    p.add_argument(
+        "--caption",
+        choices=["long", "boxes"],
+        default="long",
+        help="how the scored captions are written: long (positions in words) or boxes (each "
+        "shape's box as <loc> tokens, as data.box_caption_prob pretrains)",
+    )
     add_run_args(p, protocol="shapes-caption-probe")
     args = p.parse_args(argv)
     out = ckpt_run_out(p, args, "a published decoder, e.g. outputs/pretrain")
@@ -63,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     engine = Engine.load(args.ckpt, outputs, retrieval=False)
-    values = caption_deltas(engine, world, scenes, heldout.codes[:n], seed=args.seed)
+    values = caption_deltas(
+        engine, world, scenes, heldout.codes[:n], seed=args.seed, caption=args.caption
+    )
     stat = bootstrap.mean_statistic(values)
     metrics = stat(slice(None))
     ci95 = bootstrap.bootstrap_ci(n, stat, args.bootstrap, args.seed)
@@ -72,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         m = len(next(iter(subset.values())))
         metrics.update(sub(slice(None)))
         ci95.update(bootstrap.bootstrap_ci(m, sub, args.bootstrap, args.seed))
-    header = header_from_args(args, n)
+    header = {**header_from_args(args, n), "caption": args.caption}
     record = write_metrics(
         out, header, metrics, ci95, bootstrap.info(args.bootstrap, args.seed, unit="image")
     )

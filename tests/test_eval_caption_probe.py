@@ -3,8 +3,10 @@
 import importlib.util
 import json
 import random
+import re
 
 import numpy as np
+import pytest
 
 from lit_cm3leon.data.shapes import COLORS, ShapesWorld
 from lit_cm3leon.evaluation.caption_probe import (
@@ -76,6 +78,42 @@ def test_deltas_show_the_words_an_engine_reads():
             i for i, s in enumerate(scenes) if len(s.shapes) == count
         ]
         assert np.all(values["delta_colour"] == 16.0)
+
+
+class BoxReader:
+    """An engine that reads only the ``<loc:N>`` tokens of a caption (1 nat per token when they
+    are the true caption's, 2 otherwise)."""
+
+    def __init__(self, true_captions):
+        self.boxes = [self._boxes(c) for c in true_captions]
+
+    @staticmethod
+    def _boxes(caption):
+        return re.findall(r"<loc:\d+>", caption)
+
+    def image_nll(self, captions, codes):
+        rows = [int(np.asarray(c).reshape(-1)[0]) for c in codes]
+        return np.array(
+            [
+                1.0 if self._boxes(c) == self.boxes[r] else 2.0
+                for c, r in zip(captions, rows, strict=True)
+            ]
+        )
+
+
+def test_box_captions_carry_the_position_as_loc_tokens():
+    world = ShapesWorld()
+    scenes = [world.sample("heldout", i).scene for i in range(30)]
+    codes = np.repeat(np.arange(30)[:, None, None], 4, 1).repeat(4, 2)
+    for caption, write in (("boxes", world.caption_boxes), ("long", world.caption_long)):
+        d = caption_deltas(
+            BoxReader([write(s) for s in scenes]), world, scenes, codes, caption=caption
+        )
+        moved = 16.0 if caption == "boxes" else 0.0  # long captions have no boxes to read
+        assert np.all(d["delta_position"] == moved), caption
+        assert np.all(d["delta_colour"] == 0.0) and np.all(d["delta_background"] == 0.0)
+    with pytest.raises(ValueError, match="caption must be one of"):
+        caption_deltas(BoxReader([]), world, scenes, codes, caption="short")
 
 
 def test_script_scores_heldout_pairs_and_refuses_other_shards(tmp_path):

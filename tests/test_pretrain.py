@@ -312,6 +312,8 @@ def test_box_captions_give_each_shape_its_box(artifacts, tmp_path):
     views = _shapes_shards(tmp_path / "views", [0, 1], landmarks=5)
     fixture = TokenShards(artifacts / "tokens" / "shapes-train")
     for s in (views, fixture):
-        ds = PairSequences(s, codec, None, seq_len=96, length=2, shuffle=False, box_caption_prob=1.0)
+        ds = PairSequences(
+            s, codec, None, seq_len=96, length=2, shuffle=False, box_caption_prob=1.0
+        )
         ref = PairSequences(s, codec, None, seq_len=96, length=2, shuffle=False)
         assert torch.equal(ds[0]["ids"], ref[0]["ids"])

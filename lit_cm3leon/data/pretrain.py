@@ -59,8 +59,12 @@ class BoxCaptions:
         if row not in self._texts:
             rec = self.shards.records[row]
             plain = self.world is None or rec.get("landmarks") or "index" not in rec
-            self._texts[row] = None if plain else self.world.caption_boxes(
-                self.world.scene(rec.get("split", "train"), int(rec["index"]))
+            self._texts[row] = (
+                None
+                if plain
+                else self.world.caption_boxes(
+                    self.world.scene(rec.get("split", "train"), int(rec["index"]))
+                )
             )
         return self._texts[row]
 

@@ -48,18 +48,30 @@ def counterfactual_scenes(
     }
 
 
+CAPTIONS = ("long", "boxes")  # ShapesWorld.caption_long / caption_boxes (positions as <loc> boxes)
+
+
 def caption_deltas(
-    engine, world: ShapesWorld, scenes: Sequence[Scene], codes: np.ndarray, seed: int = 0
+    engine,
+    world: ShapesWorld,
+    scenes: Sequence[Scene],
+    codes: np.ndarray,
+    seed: int = 0,
+    caption: str = "long",
 ) -> dict[str, np.ndarray]:
-    """Per image: ``nll_true`` (mean NLL per code given its long caption) and, per change,
-    ``delta_<change>``, the extra nats over the whole image given the changed caption."""
+    """Per image: ``nll_true`` (mean NLL per code given its caption) and, per change,
+    ``delta_<change>``, the extra nats over the whole image given the changed caption.
+    ``caption``: one of :data:`CAPTIONS`, how the captions are written."""
+    if caption not in CAPTIONS:
+        raise ValueError(f"caption must be one of {CAPTIONS}, got {caption!r}")
+    write = world.caption_long if caption == "long" else world.caption_boxes
     rng = random.Random(seed)
     captions: dict[str, list[str]] = {c: [] for c in CHANGES}
     for i, scene in enumerate(scenes):
         changed = counterfactual_scenes(scene, scenes[(i + 1) % len(scenes)], world, rng)
         for name, s in changed.items():
-            captions[name].append(world.caption_long(s))
-    true = engine.image_nll([world.caption_long(s) for s in scenes], codes)
+            captions[name].append(write(s))
+    true = engine.image_nll([write(s) for s in scenes], codes)
     tokens = int(np.asarray(codes[0]).size)
     out = {"nll_true": true}
     for name, caps in captions.items():
