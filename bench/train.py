@@ -204,6 +204,28 @@ def make_step(model: torch.nn.Module, is_hf: bool, compiled: bool):
     return step
 
 
+BOUND = "ours, attention free (bound)"
+
+
+def attention_free(step):
+    """``step`` with ours' attention replaced by its values (``out = v``: no scores, no softmax,
+    nothing kept for the backward pass): the same step otherwise, so its time bounds what any
+    attention implementation could give ours."""
+    from lit_cm3leon.model import transformer
+
+    def free(q, k, v, mask=None, block=128):
+        return v
+
+    def bound_step(batch: dict) -> float:
+        real, transformer.block_causal_attention = transformer.block_causal_attention, free
+        try:
+            return step(batch)
+        finally:
+            transformer.block_causal_attention = real
+
+    return bound_step
+
+
 def time_steps(step, batch, n: int) -> tuple[float, float]:
     """Wall-clock and process CPU seconds per step, averaged over ``n`` steps.
 
@@ -285,9 +307,11 @@ def bench_config(
     log,
     on_rows=None,
     profile_steps: int = 0,
+    bound: bool = False,
 ) -> list[dict]:
     """Rows (one per mode x impl) for one preset; ours and OPT alternate within each repeat.
-    With ``profile_steps`` each impl is then profiled (:func:`op_profile`, in the rows)."""
+    With ``profile_steps`` each impl is then profiled (:func:`op_profile`, in the rows); with
+    ``bound`` (eager only) a copy of ours also steps without attention (:func:`attention_free`)."""
     rows = []
     for mode in modes:
         if cfg.get("data"):
@@ -311,6 +335,9 @@ def bench_config(
             "ours": make_step(ours, False, mode == "compile"),
             "transformers OPT": make_step(hf, True, mode == "compile"),
         }
+        if bound and mode == "eager":  # the same weights, another copy
+            impls[BOUND] = attention_free(make_step(copy.deepcopy(ours), False, False))
+            batches[BOUND] = batches["ours"]
         if "transformers OPT, padded" in batches:  # the same weights, another copy
             hf_padded = copy.deepcopy(hf)
             impls["transformers OPT, padded"] = make_step(hf_padded, True, mode == "compile")
@@ -358,8 +385,14 @@ def bench_config(
             log(
                 f"  {name} {mode} profile ({profile_steps} steps each):\n" + profile_table(profiles)
             )
-        ratios = [h / o for o, h in zip(times["ours"], times["transformers OPT"], strict=True)]
-        cpu_ratios = [h / o for o, h in zip(cpu["ours"], cpu["transformers OPT"], strict=True)]
+        vs_opt = {  # OPT's step time over ours (and over the bound's), repeat by repeat
+            i: [h / o for o, h in zip(times[i], times["transformers OPT"], strict=True)]
+            for i in ("ours", BOUND)
+            if i in times
+        }
+        cpu_vs_opt = {
+            i: [h / o for o, h in zip(cpu[i], cpu["transformers OPT"], strict=True)] for i in vs_opt
+        }
         for impl, ts in times.items():
             med = statistics.median(ts)
             rows.append(
@@ -382,13 +415,15 @@ def bench_config(
                     tokens_per_s_all=[tokens / t for t in ts],
                     first_loss=first_loss[impl],
                     warmup_s=warm_s[impl],
-                    speedup_vs_opt=statistics.median(ratios) if impl == "ours" else None,
-                    speedup_vs_opt_all=ratios if impl == "ours" else None,
+                    speedup_vs_opt=statistics.median(vs_opt[impl]) if impl in vs_opt else None,
+                    speedup_vs_opt_all=vs_opt.get(impl),
                     step_cpu_s=cpu[impl],
                     step_cpu_s_median=statistics.median(cpu[impl]),
                     tokens_per_cpu_s=tokens / statistics.median(cpu[impl]),
-                    speedup_vs_opt_cpu=statistics.median(cpu_ratios) if impl == "ours" else None,
-                    speedup_vs_opt_cpu_all=cpu_ratios if impl == "ours" else None,
+                    speedup_vs_opt_cpu=(
+                        statistics.median(cpu_vs_opt[impl]) if impl in cpu_vs_opt else None
+                    ),
+                    speedup_vs_opt_cpu_all=cpu_vs_opt.get(impl),
                     profile=profiles.get(impl),
                 )
             )
@@ -422,10 +457,12 @@ def table(rows: list[dict], peak: float, peak_cpu: float) -> str:
         mfu_cpu = r["tokens_per_cpu_s"] * r["flops_per_token"] / peak_cpu
         ratio = f"{r['speedup_vs_opt']:.2f}x" if r["speedup_vs_opt"] is not None else ""
         ratio_cpu = f"{r['speedup_vs_opt_cpu']:.2f}x" if r["speedup_vs_opt_cpu"] is not None else ""
+        # the bound skips the attention's FLOPs, so it has no MFU
+        mfu, mfu_cpu = ("", "") if r["impl"] == BOUND else (f"{mfu:.1%}", f"{mfu_cpu:.1%}")
         out.append(
             f"| {r['config']} (B{r['batch']} x T{r['seq']}, {r['params'] / 1e6:.1f}M) | {r['mode']} | {impl_label(r)} "
-            f"| {r['step_s_median'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | {100 * mfu:.1f}% | {ratio} "
-            f"| {r['step_cpu_s_median'] * 1e3:.0f} | {r['tokens_per_cpu_s']:,.0f} | {100 * mfu_cpu:.1f}% | {ratio_cpu} |"
+            f"| {r['step_s_median'] * 1e3:.0f} | {r['tokens_per_s']:,.0f} | {mfu} | {ratio} "
+            f"| {r['step_cpu_s_median'] * 1e3:.0f} | {r['tokens_per_cpu_s']:,.0f} | {mfu_cpu} | {ratio_cpu} |"
         )
     return "\n".join(out)
 
@@ -475,6 +512,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="after timing, profile N steps of each impl: the costliest operators side by side "
         "(printed, and in the JSON rows as `profile`)",
+    )
+    p.add_argument(
+        "--attention-free",
+        action="store_true",
+        help="eager: also step a copy of ours whose attention returns its values (the bound any "
+        "attention implementation could reach; its own row)",
     )
     p.add_argument("--out", default=str(RESULTS / "train.json"), help="JSON output path")
     p.add_argument(
@@ -558,7 +601,16 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, cfg in configs.items():
         rows += bench_config(
-            name, cfg, modes, repeats, args.warmup, add_peak, log, write, args.profile
+            name,
+            cfg,
+            modes,
+            repeats,
+            args.warmup,
+            add_peak,
+            log,
+            write,
+            args.profile,
+            args.attention_free,
         )
     result = write()
     peak, peak_cpu = result["peak_bf16_flops"], result["peak_bf16_flops_per_cpu_s"]
