@@ -149,12 +149,21 @@ def stages(out: Path) -> list[Stage]:
             needs=("retriever", "tokens/shapes-train"),
         ),
         Stage(
+            "pretrain_warmup",
+            # single-shape scenes, caption first, no retrieval: the colour and kind words
+            # (docs/experiments.md: A single-shape warm-up); both budgets keep its steps
+            fit("pretrain_warmup"),
+            budget_min=6.0,
+            needs=base[:5],
+            exclusive=True,
+        ),
+        Stage(
             "pretrain",
             # The reduced run keeps the full budget's steps: copying from retrieved views is
             # learned late (README: Retrieval, landmarks and copy heads).
-            fit("pretrain"),
+            fit("pretrain", f"module.init_from={o}/pretrain_warmup"),
             budget_min=7.0,
-            needs=base,
+            needs=(*base, "pretrain_warmup"),
             exclusive=True,
         ),
         Stage(

@@ -317,3 +317,29 @@ def test_box_captions_give_each_shape_its_box(artifacts, tmp_path):
         )
         ref = PairSequences(s, codec, None, seq_len=96, length=2, shuffle=False)
         assert torch.equal(ds[0]["ids"], ref[0]["ids"])
+
+
+def test_max_shapes_streams_only_the_small_scenes(artifacts, tmp_path):
+    from lit_cm3leon.data.pretrain import scene_rows
+    from lit_cm3leon.data.shapes import ShapesWorld
+
+    root = artifacts / "text_tokenizer"
+    codec = DocumentCodec(TextTokenizer.load(root), Vocab.load(root / "vocab.json"))
+    world = ShapesWorld(image_size=32, seed=0)
+    shards = _shapes_shards(tmp_path / "scenes", list(range(40)))
+    counts = [len(world.scene("train", i).shapes) for i in range(40)]
+    rows = scene_rows(shards, 1)
+    assert rows.tolist() == [i for i, c in enumerate(counts) if c == 1] and 0 < len(rows) < 40
+    ds = PairSequences(shards, codec, None, seq_len=96, length=3 * len(rows), rows=rows)
+    read = [ds._row(i) for i in range(len(ds))]
+    assert sorted(set(read)) == rows.tolist()  # every small scene, and only those, each epoch
+    assert sorted(read[: len(rows)]) == rows.tolist()
+    assert ds.rows_visited().tolist() == rows.tolist()
+    short = PairSequences(shards, codec, None, seq_len=96, length=2, rows=rows)
+    assert set(short.rows_visited().tolist()) <= set(rows.tolist())
+    assert len(short.rows_visited()) == 2
+    views = _shapes_shards(tmp_path / "views", [0, 1], landmarks=5)
+    with pytest.raises(ValueError, match="no scene"):  # landmark views are not scenes
+        scene_rows(views, 3)
+    with pytest.raises(ValueError, match="shapes-world"):
+        scene_rows(TokenShards(artifacts / "tokens" / "shapes-train"), 1)

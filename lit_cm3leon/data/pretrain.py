@@ -69,6 +69,29 @@ class BoxCaptions:
         return self._texts[row]
 
 
+def scene_rows(shards: TokenShards, max_shapes: int) -> np.ndarray:
+    """The rows of shapes-world scenes (not landmark views) with at most ``max_shapes`` shapes."""
+    from lit_cm3leon.data.shapes import ShapesWorld
+
+    source = shards.manifest.get("source", {})
+    if source.get("source") != "shapes":
+        raise ValueError(
+            f"data.max_shapes reads the scenes of shapes-world shards; {shards.root} holds "
+            f"{source.get('source', 'shards without a source')!r} records"
+        )
+    world = ShapesWorld(**shapes_world_kwargs(source))
+    rows = [
+        r
+        for r, rec in enumerate(shards.records)
+        if not rec.get("landmarks")
+        and "index" in rec
+        and len(world.scene(rec.get("split", "train"), int(rec["index"])).shapes) <= max_shapes
+    ]
+    if not rows:
+        raise ValueError(f"no scene in {shards.root} has at most {max_shapes} shapes")
+    return np.asarray(rows, dtype=np.int64)
+
+
 class PairSequences(Dataset):
     """Map-style view over a virtual stream of ``length`` retrieval-augmented sequences."""
 
@@ -88,8 +111,11 @@ class PairSequences(Dataset):
         shuffle: bool = True,
         bank: TokenShards | None = None,
         box_caption_prob: float = 0.0,
+        rows: np.ndarray | None = None,
     ) -> None:
         self.shards, self.codec, self.vocab = shards, codec, codec.vocab
+        # the shard rows the stream reads (all by default)
+        self.rows = np.arange(len(shards)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.bank = bank if bank is not None else shards  # the rows candidates point at
         if not 0.0 <= box_caption_prob <= 1.0:
             raise ValueError(f"box_caption_prob must be in [0, 1], got {box_caption_prob}")
@@ -111,23 +137,23 @@ class PairSequences(Dataset):
         return self.length
 
     def _row(self, i: int) -> int:
-        n = len(self.shards)
+        n = len(self.rows)
         epoch, j = divmod(i, n)
         if not self.shuffle:
-            return j
+            return int(self.rows[j])
         if epoch != self._perm_epoch:
             self._perm = epoch_order(self.seed, epoch, n)
             self._perm_epoch = epoch
-        return int(self._perm[j])
+        return int(self.rows[self._perm[j]])
 
     def rows_visited(self) -> np.ndarray:
         """The sorted shard rows that the ``length`` items of the stream read (every row once
         the stream is at least an epoch long): the only ones that need retrieval candidates."""
-        n = len(self.shards)
+        n = len(self.rows)
         if self.length >= n:
-            return np.arange(n)
+            return np.sort(self.rows)
         head = epoch_order(self.seed, 0, n)[: self.length] if self.shuffle else range(self.length)
-        return np.sort(np.asarray(head, dtype=np.int64))
+        return np.sort(self.rows[np.asarray(head, dtype=np.int64)])
 
     def doc_ids(
         self, shards: TokenShards, row: int, image_first: bool, rng: np.random.Generator
@@ -247,6 +273,7 @@ class PretrainDataModule(L.LightningDataModule):
         image_first_prob: float = 0.5,
         query_weight: float = 1.0,
         box_caption_prob: float = 0.0,
+        max_shapes: int | None = None,
         val_size: int = 256,
         val_retrieve_k: int = 2,
         cm3: dict | None = None,
@@ -330,6 +357,7 @@ class PretrainDataModule(L.LightningDataModule):
             cm3=cm3,
             query_weight=hp.query_weight,
             box_caption_prob=hp.box_caption_prob,
+            rows=None if hp.max_shapes is None else scene_rows(train, hp.max_shapes),
         )
 
     def _open(self):
