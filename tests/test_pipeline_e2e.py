@@ -21,6 +21,7 @@ from tests.conftest import ROOT
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> Path:
     root = Path(os.environ.get("LIT_CM3LEON_E2E_ROOT") or tmp_path_factory.mktemp("e2e"))
+    root.mkdir(parents=True, exist_ok=True)  # a LIT_CM3LEON_E2E_ROOT that does not exist yet
     out = root / "outputs"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
