@@ -39,32 +39,38 @@ def test_each_counterfactual_changes_only_its_attribute():
             assert cf[name].shapes[1:] == scene.shapes[1:]
 
 
-class ColourReader:
-    """An engine whose image NLL is 1 per token when the caption names the image's shape colours
-    and 2 otherwise: it reads colour words and nothing else."""
+class Reader:
+    """An engine whose image NLL is 1 per token when ``words(caption)`` equals that of the image's
+    true caption and 2 otherwise: it reads those words and nothing else (an image's row is its
+    first code)."""
 
-    def __init__(self, true_captions):
-        self.colours = [self._colours(c) for c in true_captions]
-
-    @staticmethod
-    def _colours(caption):
-        return sorted(w for w in caption.replace(",", " ").split() if w in COLORS)
+    def __init__(self, words, true_captions):
+        self.words = words
+        self.truth = [words(c) for c in true_captions]
 
     def image_nll(self, captions, codes):
         rows = [int(np.asarray(c).reshape(-1)[0]) for c in codes]
         return np.array(
             [
-                1.0 if self._colours(c) == self.colours[r] else 2.0
+                1.0 if self.words(c) == self.truth[r] else 2.0
                 for c, r in zip(captions, rows, strict=True)
             ]
         )
+
+
+def colours(caption):
+    return sorted(w for w in caption.replace(",", " ").split() if w in COLORS)
+
+
+def boxes(caption):
+    return re.findall(r"<loc:\d+>", caption)
 
 
 def test_deltas_show_the_words_an_engine_reads():
     world = ShapesWorld()
     scenes = [world.sample("heldout", i).scene for i in range(30)]
     codes = np.repeat(np.arange(30)[:, None, None], 4, 1).repeat(4, 2)  # row i: codes i, 4 x 4
-    engine = ColourReader([world.caption_long(s) for s in scenes])
+    engine = Reader(colours, [world.caption_long(s) for s in scenes])
     d = caption_deltas(engine, world, scenes, codes)
     assert np.all(d["nll_true"] == 1.0)
     assert np.all(d["delta_colour"] == 16.0)  # one nat per token more, over 16 tokens
@@ -80,40 +86,19 @@ def test_deltas_show_the_words_an_engine_reads():
         assert np.all(values["delta_colour"] == 16.0)
 
 
-class BoxReader:
-    """An engine that reads only the ``<loc:N>`` tokens of a caption (1 nat per token when they
-    are the true caption's, 2 otherwise)."""
-
-    def __init__(self, true_captions):
-        self.boxes = [self._boxes(c) for c in true_captions]
-
-    @staticmethod
-    def _boxes(caption):
-        return re.findall(r"<loc:\d+>", caption)
-
-    def image_nll(self, captions, codes):
-        rows = [int(np.asarray(c).reshape(-1)[0]) for c in codes]
-        return np.array(
-            [
-                1.0 if self._boxes(c) == self.boxes[r] else 2.0
-                for c, r in zip(captions, rows, strict=True)
-            ]
-        )
-
-
 def test_box_captions_carry_the_position_as_loc_tokens():
     world = ShapesWorld()
     scenes = [world.sample("heldout", i).scene for i in range(30)]
     codes = np.repeat(np.arange(30)[:, None, None], 4, 1).repeat(4, 2)
     for caption, write in (("boxes", world.caption_boxes), ("long", world.caption_long)):
         d = caption_deltas(
-            BoxReader([write(s) for s in scenes]), world, scenes, codes, caption=caption
+            Reader(boxes, [write(s) for s in scenes]), world, scenes, codes, caption=caption
         )
         moved = 16.0 if caption == "boxes" else 0.0  # long captions have no boxes to read
         assert np.all(d["delta_position"] == moved), caption
         assert np.all(d["delta_colour"] == 0.0) and np.all(d["delta_background"] == 0.0)
     with pytest.raises(ValueError, match="caption must be one of"):
-        caption_deltas(BoxReader([]), world, scenes, codes, caption="short")
+        caption_deltas(Reader(boxes, []), world, scenes, codes, caption="short")
 
 
 def test_script_scores_heldout_pairs_and_refuses_other_shards(tmp_path):

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lit_cm3leon.data.collate import collate_fn, pad_item
-from lit_cm3leon.data.shards import TokenShards, shapes_world_kwargs
+from lit_cm3leon.data.shards import TokenShards, shapes_scene
 from lit_cm3leon.objective.cm3 import CM3Transform, loss_weights
 from lit_cm3leon.objective.sequence import build_sequence, pair_document
 from lit_cm3leon.retrieval.bank_docs import UNSEARCHED
@@ -42,51 +42,31 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 class BoxCaptions:
-    """The shapes-world records of ``shards`` captioned with their shapes' boxes
+    """The shapes-world scene records of ``shards`` captioned with their shapes' boxes
     (:meth:`ShapesWorld.caption_boxes`: ``<loc:N>`` tokens in place of the position words),
     made on first use; ``None`` for landmark views and for other sources."""
 
     def __init__(self, shards: TokenShards) -> None:
-        from lit_cm3leon.data.shapes import ShapesWorld
-
-        source = shards.manifest.get("source", {})
-        shapes = source.get("source") == "shapes"
-        self.shards = shards
-        self.world = ShapesWorld(**shapes_world_kwargs(source)) if shapes else None
+        self.shards, self.world = shards, shards.shapes_world()
         self._texts: dict[int, str | None] = {}
 
     def __call__(self, row: int) -> str | None:
         if row not in self._texts:
-            rec = self.shards.records[row]
-            plain = self.world is None or rec.get("landmarks") or "index" not in rec
-            self._texts[row] = (
-                None
-                if plain
-                else self.world.caption_boxes(
-                    self.world.scene(rec.get("split", "train"), int(rec["index"]))
-                )
-            )
+            scene = self.world and shapes_scene(self.world, self.shards.records[row])
+            self._texts[row] = self.world.caption_boxes(scene) if scene else None
         return self._texts[row]
 
 
 def scene_rows(shards: TokenShards, max_shapes: int) -> np.ndarray:
     """The rows of shapes-world scenes (not landmark views) with at most ``max_shapes`` shapes."""
-    from lit_cm3leon.data.shapes import ShapesWorld
-
-    source = shards.manifest.get("source", {})
-    if source.get("source") != "shapes":
+    world = shards.shapes_world()
+    if world is None:
         raise ValueError(
             f"data.max_shapes reads the scenes of shapes-world shards; {shards.root} holds "
-            f"{source.get('source', 'shards without a source')!r} records"
+            f"{shards.manifest.get('source', {}).get('source', 'shards without a source')!r} records"
         )
-    world = ShapesWorld(**shapes_world_kwargs(source))
-    rows = [
-        r
-        for r, rec in enumerate(shards.records)
-        if not rec.get("landmarks")
-        and "index" in rec
-        and len(world.scene(rec.get("split", "train"), int(rec["index"])).shapes) <= max_shapes
-    ]
+    scenes = (shapes_scene(world, rec) for rec in shards.records)
+    rows = [r for r, sc in enumerate(scenes) if sc is not None and len(sc.shapes) <= max_shapes]
     if not rows:
         raise ValueError(f"no scene in {shards.root} has at most {max_shapes} shapes")
     return np.asarray(rows, dtype=np.int64)

@@ -38,6 +38,14 @@ def shapes_record_sample(world, rec: dict):
     return world.sample(split, index)
 
 
+def shapes_scene(world, rec: dict):
+    """The ``Scene`` of a shapes-world scene record, ``None`` for a landmark view (a named scene
+    plus a shape) or a record without an index."""
+    if rec.get("landmarks") or "index" not in rec:
+        return None
+    return world.scene(rec.get("split", "train"), int(rec["index"]))
+
+
 class TokenShards:
     """All records of a shard folder in memory: image codes, texts and metadata by row.
 
@@ -163,3 +171,12 @@ class TokenShards:
 
     def text(self, row: int) -> str:
         return self.records[row]["text"]
+
+    def shapes_world(self):
+        """The ``ShapesWorld`` these shards were made from, ``None`` for other sources."""
+        from lit_cm3leon.data.shapes import ShapesWorld
+
+        source = self.manifest.get("source", {})
+        if source.get("source") != "shapes":
+            return None
+        return ShapesWorld(**shapes_world_kwargs(source))
