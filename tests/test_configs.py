@@ -123,6 +123,15 @@ def test_context_shorter_than_an_image_is_refused(compose):
         validate_fit_config(cfg)
 
 
+def test_sft_task_overrides_merge_unless_the_mixture_is_replaced(compose):
+    """`data.tasks={...}` merges into the mixture (every task stays); `~data.tasks` then
+    `+data.tasks={...}` replaces it (the README's one-task SFT)."""
+    merged = compose(["experiment=sft", "data.tasks={edit: 2.0}"]).data.tasks
+    assert len(merged) == 10 and merged.edit == 2.0 and merged.vqa is None
+    only = compose(["experiment=sft", "~data.tasks", "+data.tasks={edit: null}"]).data.tasks
+    assert list(only) == ["edit"]
+
+
 def test_inference_retrieval_uses_the_training_strategy(compose):
     """Outside Hydra (generate, eval) the retriever reads the same thresholds as training."""
     from lit_cm3leon.retrieval.bank_docs import default_strategy
