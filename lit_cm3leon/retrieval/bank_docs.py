@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lit_cm3leon.data.shards import TokenShards, shapes_record_sample
+from lit_cm3leon.data.shards import TokenShards, shapes_record_sample, shapes_world_kwargs
 
 
 def shard_images(shards: TokenShards, rows) -> np.ndarray:
     """uint8 [n, H, W, 3] of shard rows, for embedding: shapes-world records are re-rendered
     from their (split, index); file records are read from their ``image_path``."""
+    from lit_cm3leon.data.shapes import ShapesWorld
     from lit_cm3leon.tokenizer.image import open_image
 
     world = None
@@ -25,12 +26,7 @@ def shard_images(shards: TokenShards, rows) -> np.ndarray:
     for r in rows:
         rec = shards.records[int(r)]
         if rec.get("source") == "shapes":
-            world = world or shards.shapes_world()
-            if world is None:
-                raise ValueError(
-                    f"{shards.root}: record {rec.get('doc_id')} is a shapes-world record, but "
-                    "manifest.json's source is not the shapes world: its world is unknown"
-                )
+            world = world or ShapesWorld(**shapes_world_kwargs(shards.manifest.get("source", {})))
             out.append(shapes_record_sample(world, rec).image)
         elif rec.get("image_path"):
             path = Path(rec["image_path"])
