@@ -246,3 +246,21 @@ def test_missing_pretrain_checkpoint_names_the_command(compose, artifacts):
     (artifacts / "pretrain" / "model.pt").unlink()
     with pytest.raises(ConfigError, match="experiment=pretrain"):
         train(compose(overrides(2)))
+
+
+def test_one_task_override_builds_a_one_task_mixture(compose, artifacts):
+    """The README's one-task SFT (`~data.tasks '+data.tasks={edit: null}'`) trains on edits
+    alone, and the merging override keeps every task in the mixture."""
+    from hydra.utils import instantiate
+
+    def built(extra: list[str]):
+        dm = instantiate(compose([*overrides(4), *extra]).data)
+        dm.setup("fit")
+        return dm
+
+    only = built(["~data.tasks", "+data.tasks={edit: null}"])
+    assert only.rates == {"edit": 1.0}
+    assert {only.train_ds[i]["task"].item() for i in range(8)} == {0}
+    merged = built(["data.tasks={edit: 2.0}"])
+    assert set(merged.rates) == set(TASKS)
+    assert len({merged.train_ds[i]["task"].item() for i in range(32)}) > 1
