@@ -320,3 +320,26 @@ def test_shapes_shards_rerender_in_their_own_world(tok, tmp_path):
     world = ShapesWorld(image_size=40, seed=3)
     assert images.shape == (2, 40, 40, 3)
     assert np.array_equal(images[1], world.sample("train", 3).image)
+    # a world with aligned cells is recorded in the manifest and re-rendered from it
+    aligned = tmp_path / "aligned"
+    assert (
+        cli(
+            [
+                *argv,
+                "--cell-align",
+                "4",
+                "--fp32",
+                "--tokenizer",
+                str(tok_dir),
+                "--out",
+                str(aligned),
+            ]
+        )
+        == 0
+    )
+    world = TokenShards(aligned).shapes_world()
+    assert (world.cell_align, world.image_size, world.seed) == (4, 40, 3)
+    assert np.array_equal(
+        shard_images(TokenShards(aligned), [3])[0], world.sample("train", 3).image
+    )
+    assert TokenShards(out).shapes_world().cell_align == 1

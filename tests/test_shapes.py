@@ -141,6 +141,32 @@ def test_full_grid_world_still_makes_every_label():
     assert full > 0
 
 
+def test_cells_aligned_to_the_tokenizer_patch_draw_a_shape_the_same_way_in_every_cell():
+    """cell_align=4: 8 px cells on a 4 px margin, so a shape's pixels sit the same way on the
+    4 px patches in every cell; the parser reads this world and the default one side by side."""
+    aligned, default = ShapesWorld(cell_align=4), ShapesWorld()
+    assert (aligned.cell_size, aligned.margin) == (8, 4) and (
+        default.cell_size,
+        default.margin,
+    ) == (10, 1)
+    for size in SIZES:
+        crops = set()
+        for r in range(3):
+            for c in range(3):
+                scene = Scene("black", (Shape("diamond", "red", size, r, c),))
+                x0, y0, x1, y1 = aligned.cell_box(r, c)
+                assert x0 % 4 == 0 and y0 % 4 == 0
+                crops.add(aligned.render(scene)[y0 - 4 : y1 + 4, x0 - 4 : x1 + 4].tobytes())
+        assert len(crops) == 1  # one drawing (with its 4 px surround) for all nine cells
+    for i in range(40):  # the parser's templates are kept per geometry
+        for w in (aligned, default):
+            s = w.sample("heldout", i)
+            assert parse_scene(s.image, w).attributes() == s.scene.attributes()
+    assert ShapesWorld(image_size=22).cell_size == 7
+    with pytest.raises(ValueError, match="cells aligned to 4 px"):
+        ShapesWorld(image_size=22, cell_align=4)  # 7 px cells would shrink to 4 px
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError):
         ShapesWorld(image_size=8, grid=3)

@@ -187,7 +187,11 @@ def build_jobs(args: argparse.Namespace) -> list[dict]:
     }
     jobs = []
     if args.source == "shapes":
-        world = {"image_size": args.image_size, "seed": args.world_seed}
+        world = {
+            "image_size": args.image_size,
+            "seed": args.world_seed,
+            "cell_align": args.cell_align,
+        }
         for i, start in enumerate(range(0, args.n, args.shard_size)):
             jobs.append(
                 {
@@ -279,6 +283,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--image-size", type=int, default=32, help="shapes world image size")
     p.add_argument("--world-seed", type=int, default=0, help="shapes world seed")
+    p.add_argument(
+        "--cell-align",
+        type=int,
+        default=1,
+        help="shapes world: cells start on and span multiples of this many px (ShapesWorld.cell_align)",
+    )
     p.add_argument("--root", help="folder source: image folder (captions as <stem>.txt)")
     p.add_argument("--shards", nargs="+", default=[], help="wds source: tar paths or globs")
     p.add_argument(

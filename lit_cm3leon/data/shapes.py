@@ -280,20 +280,30 @@ class ShapesWorld:
         max_shapes: int = 3,
         heldout_fraction: float = 0.1,
         seed: int = 0,
+        cell_align: int = 1,
     ):
-        if grid < 1 or image_size // grid < MIN_CELL:
+        if cell_align < 1:
+            raise ValueError(f"cell_align must be >= 1 px, got {cell_align}")
+        # Cells are a multiple of cell_align px and start on one. With cell_align equal to the
+        # image tokenizer's patch (4: 8 px cells on a 4 px margin at 32 px) a shape covers the
+        # same patches in the same way in every cell, and with 1x1 encoder convolutions it is the
+        # same codes wherever it is (docs/experiments.md: Cells on the tokenizer's patches, with
+        # the warm-up). 1: the largest cells that fit (10 px on a 1 px margin at 32 px).
+        cell = (image_size // max(grid, 1)) // cell_align * cell_align
+        if grid < 1 or cell < MIN_CELL:
             raise ValueError(
-                f"image_size={image_size} too small for grid={grid}: cells need >= {MIN_CELL} px "
-                f"so that every kind and size stays distinct (use image_size >= {MIN_CELL * grid})"
+                f"image_size={image_size} too small for grid={grid} with cells aligned to "
+                f"{cell_align} px: cells need >= {MIN_CELL} px so that every kind and size stays "
+                f"distinct (use a larger image_size or a smaller cell_align)"
             )
         if not 1 <= max_shapes <= grid * grid:
             raise ValueError(f"max_shapes must be in 1..{grid * grid}, got {max_shapes}")
         if not 0.0 < heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
         self.image_size, self.grid, self.max_shapes = image_size, grid, max_shapes
-        self.heldout_fraction, self.seed = heldout_fraction, seed
-        self.cell_size = image_size // grid
-        self.margin = (image_size - self.cell_size * grid) // 2
+        self.heldout_fraction, self.seed, self.cell_align = heldout_fraction, seed, cell_align
+        self.cell_size = cell
+        self.margin = (image_size - cell * grid) // 2 // cell_align * cell_align
         self.positions = tuple(position_name(r, c, grid) for r in range(grid) for c in range(grid))
         small = max(5, round(SIZE_FRACTION["small"] * self.cell_size))
         large = min(self.cell_size, max(small + 2, round(SIZE_FRACTION["large"] * self.cell_size)))
@@ -317,7 +327,7 @@ class ShapesWorld:
     def __repr__(self) -> str:
         return (
             f"ShapesWorld(image_size={self.image_size}, grid={self.grid}, max_shapes={self.max_shapes}, "
-            f"heldout_fraction={self.heldout_fraction}, seed={self.seed})"
+            f"heldout_fraction={self.heldout_fraction}, seed={self.seed}, cell_align={self.cell_align})"
         )
 
     # -- geometry ---------------------------------------------------------------------------

@@ -51,7 +51,7 @@ COLOR_TOLERANCE = 0.6 * _MIN_PAL_DIST
 _SHIFT_PENALTY = 0.05  # squared-error units per pixel of shift: prefer the exact grid position
 MIN_GAIN = 0.5  # a cell holds a shape only if its best template fits with at least half contrast
 MIN_CONTRAST = 0.25  # cells whose pixels all stay this close to the background are empty
-_TABLES: dict[tuple[int, int], tuple] = {}
+_TABLES: dict[tuple[int, int, int], tuple] = {}
 
 
 def _gauss(sigma: float, radius: int) -> tuple[float, ...]:
@@ -81,7 +81,7 @@ def _blur(a: np.ndarray, kernel: tuple[float, ...], mode: str = "constant") -> n
 
 def _tables(world: ShapesWorld):
     """Templates [K, cs*cs] of every (kind, size, shift, blur) in a cell, with labels."""
-    key = (world.image_size, world.grid)
+    key = (world.image_size, world.grid, world.cell_size)
     if key in _TABLES:
         return _TABLES[key]
     cs = world.cell_size

@@ -25,8 +25,14 @@ LAYOUT = (
 
 def shapes_world_kwargs(source: dict) -> dict:
     """``ShapesWorld`` arguments of shapes-world shards, from their manifest's ``source`` block
-    (what ``prepare tokenize`` was given): records are re-rendered from this world."""
-    return {"image_size": source.get("image_size", 32), "seed": source.get("world_seed", 0)}
+    (what ``prepare tokenize`` was given): records are re-rendered from this world. Shards
+    written before ``--cell-align`` existed have none in their manifest; they were made with the
+    largest cells that fit, which is ``cell_align=1``."""
+    return {
+        "image_size": source.get("image_size", 32),
+        "seed": source.get("world_seed", 0),
+        "cell_align": source.get("cell_align", 1),
+    }
 
 
 def shapes_record_sample(world, rec: dict):
