@@ -50,16 +50,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from lit_cm3leon.data.shapes import ShapesWorld
     from lit_cm3leon.data.shards import TokenShards
     from lit_cm3leon.engine import Engine
     from lit_cm3leon.evaluation.caption_probe import by_shape_count, caption_deltas
+    from lit_cm3leon.evaluation.world import outputs_world
 
     torch.manual_seed(args.seed)
     outputs = Path(args.outputs)
     heldout = TokenShards(args.heldout or outputs / "tokens" / "shapes-heldout")
     n = min(args.n, len(heldout))
-    world = ShapesWorld()
+    world = outputs_world(outputs, args.ckpt)
     scenes = [world.sample("heldout", i).scene for i in range(n)]
     for i, s in enumerate(scenes):  # the shards must be the world's held-out pairs, in order
         if world.caption_long(s) != heldout.text(i):

@@ -115,6 +115,7 @@ def ckpt_main(args: argparse.Namespace, metrics: list[str]) -> int:
 
     from lit_cm3leon.data.templates import inference_prompt
     from lit_cm3leon.evaluation import shapes_i2t as si
+    from lit_cm3leon.evaluation.world import outputs_world
 
     folder = i2t_run_dir(args, "captioning", "caption_long")
     out = folder / "metrics.json"
@@ -123,7 +124,8 @@ def ckpt_main(args: argparse.Namespace, metrics: list[str]) -> int:
         print(out.read_text())
         return 0
     protocol = "shapes-captions" if args.protocol == "coco-captions" else args.protocol
-    ids, images, refs, scenes = si.caption_items(args.n)
+    world = outputs_world(args.outputs, args.ckpt)
+    ids, images, refs, scenes = si.caption_items(args.n, world)
     engine, dec, hdr = i2t_setup(args)
     codes = engine.image_tokenizer.encode(images).numpy()
     prompts = [inference_prompt("caption_long", engine.codec, image=c) for c in codes]

@@ -37,12 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from lit_cm3leon.data.shapes import ShapesWorld
     from lit_cm3leon.evaluation.code_locality import edit_code_locality, scene_code_entropy
+    from lit_cm3leon.evaluation.world import tokenizer_world
     from lit_cm3leon.tokenizer.image import load_image_tokenizer
 
     torch.set_grad_enabled(False)
-    tokenizer, world = load_image_tokenizer(args.tokenizer), ShapesWorld()
+    tokenizer, world = load_image_tokenizer(args.tokenizer), tokenizer_world(args.tokenizer)
     record = {
         "tokenizer": str(args.tokenizer),
         "n": args.n,

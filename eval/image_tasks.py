@@ -26,7 +26,9 @@ to the text-to-image protocol's (``cfg_topp``, CFG 3, top-p 0.9, temperature 1, 
 Writes ``<outputs>/eval/<task>/<ckpt>_shapes-heldout_n<n>_<strategy>_cfg<s>_seed<s>/`` with
 ``samples/*.png``, ``items.json`` (prompt, target and parsed scene, scores per item) and
 ``metrics.json`` (copied to ``--out`` when given). A finished run folder is not redone
-(``--force`` redoes it).
+(``--force`` redoes it). The scenes are drawn and parsed in the world the stages under
+``--outputs`` were made in (``lit_cm3leon.evaluation.world``; its geometry is the record's
+``world``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import numpy as np
 from lit_cm3leon.data.shapes import parse_scene
 from lit_cm3leon.evaluation import bootstrap
 from lit_cm3leon.evaluation.metrics_io import (
+    InputError,
     add_run_args,
     copy_metrics,
     print_metrics,
@@ -219,10 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from PIL import Image
 
-    from lit_cm3leon.data.shapes import ShapesWorld
     from lit_cm3leon.engine import Decoding, Engine
+    from lit_cm3leon.evaluation.world import geometry, outputs_world
 
     t0 = time.time()
+    try:
+        world = outputs_world(args.outputs, args.ckpt)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     engine = Engine.load(args.ckpt, args.outputs, retrieval=False)
     dec = Decoding(
         strategy=args.strategy,
@@ -231,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
     )
-    world = ShapesWorld()
     task_run = edit_run if args.task == "edit" else spatial_run
     scores, records, images = task_run(engine, dec, args, world)
     (folder / "samples").mkdir(parents=True, exist_ok=True)
@@ -255,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 scores[prefix]["edit_success"], edits
             )
     record.update(DEFINITIONS[args.task])
+    record["world"] = geometry(vars(world))
     record["decoding"] = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     if args.task == "spatial":
         record["spatial_prompt"] = args.spatial_prompt

@@ -127,6 +127,7 @@ def ckpt_main(args: argparse.Namespace) -> int:
     from lit_cm3leon.data.templates import inference_prompt
     from lit_cm3leon.evaluation import shapes_i2t as si
     from lit_cm3leon.evaluation.metrics_io import run_header
+    from lit_cm3leon.evaluation.world import outputs_world
 
     folder = i2t_run_dir(args, "vqa", "vqa")
     out = folder / "metrics.json"
@@ -135,8 +136,9 @@ def ckpt_main(args: argparse.Namespace) -> int:
         print(out.read_text())
         return 0
     protocol = "shapes-vqa" if args.protocol == "vqa2" else args.protocol
-    items = si.vqa_items(args.n)
-    _, images, _, _ = si.caption_items(items[-1].scene_index + 1)
+    world = outputs_world(args.outputs, args.ckpt)
+    items = si.vqa_items(args.n, world)
+    _, images, _, _ = si.caption_items(items[-1].scene_index + 1, world)
     engine, dec, hdr = i2t_setup(args)
     codes = engine.image_tokenizer.encode(images).numpy()
     prompts = [

@@ -259,3 +259,68 @@ def test_pipeline_stages_and_report_rows(tmp_path):
     text = Report(out).build()
     assert "| edit | success | 0.250 | [0.200, 0.300] | 0.000 (copy) | 0.500 | 100 |" in text
     assert "| spatial | placed | not run |" in text
+
+
+def _manifest(path: Path, record: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "manifest.json").write_text(json.dumps(record))
+    return path
+
+
+def _shards_source(cell_align: int | None) -> dict:
+    source = {"source": "shapes", "image_size": 32, "world_seed": 0, "split": "heldout"}
+    return {"source": source if cell_align is None else {**source, "cell_align": cell_align}}
+
+
+def test_the_evaluation_world_is_the_one_the_stages_were_made_in(tmp_path):
+    """Each stage's manifest records its world; the evaluation takes theirs, and refuses a
+    folder whose stages disagree, naming each manifest."""
+    from lit_cm3leon.evaluation.metrics_io import InputError
+    from lit_cm3leon.evaluation.world import outputs_world, tokenizer_world
+
+    out = tmp_path / "outputs"
+    assert outputs_world(out).cell_align == 1  # nothing recorded: the default world
+    tok = _manifest(out / "image_tokenizer", {"config": {"data": {
+        "source": "shapes", "size": 32, "world": {"seed": 3, "cell_align": 4}}}})  # fmt: skip
+    _manifest(out / "tokens" / "shapes-heldout", _shards_source(4))
+    sft = _manifest(out / "sft", {"config": {"data": {
+        "source": "shapes", "shapes": {"world": {"cell_align": 4}}}}})  # fmt: skip
+    world = outputs_world(out, sft)
+    assert (world.cell_align, world.cell_size, world.margin, world.seed) == (4, 8, 4, 0)
+    assert tokenizer_world(tok).cell_align == 4
+    # held-out edits are drawn in that world, not the default one
+    aligned = se.edit_items(3, world)[0].before_image
+    assert not np.array_equal(aligned, se.edit_items(3)[0].before_image)
+    # shards made before --cell-align existed were made with 1: they disagree with the rest
+    _manifest(out / "tokens" / "landmarks-heldout", _shards_source(None))
+    with pytest.raises(InputError, match="different shapes worlds") as err:
+        outputs_world(out, sft)
+    for name in ("image_tokenizer", "shapes-heldout", "landmarks-heldout", "sft"):
+        assert name in str(err.value)
+    _manifest(out / "tokens" / "landmarks-heldout", _shards_source(4))
+    other_sft = _manifest(out / "sft_other", {"config": {"data": {
+        "source": "shapes", "shapes": {"world": {}}}}})  # fmt: skip
+    with pytest.raises(InputError, match="sft_other"):
+        outputs_world(out, other_sft)
+
+
+def test_cli_scores_in_the_outputs_world(outputs, tmp_path, capsys):
+    """The edit CLI draws, renders and parses in the world of the stages under --outputs, and
+    says so in its record; a folder of mixed worlds is refused before anything is generated."""
+    import shutil
+
+    out = tmp_path / "outputs"
+    shutil.copytree(outputs / "text_tokenizer", out / "text_tokenizer")
+    shutil.copytree(outputs / "image_tokenizer", out / "image_tokenizer")
+    _manifest(out / "tokens" / "shapes-heldout", _shards_source(4))
+    cli = _cli()
+    argv = ["--task", "edit", "--ckpt", str(outputs / "pretrain"), "--outputs", str(out),
+            "--n", "4", "--batch-size", "4", "--bootstrap", "10"]  # fmt: skip
+    assert cli.main(argv) == 0
+    rec = json.loads(next((out / "eval" / "edit").glob("*/metrics.json")).read_text())
+    assert rec["world"] == {"image_size": 32, "grid": 3, "cell_align": 4}
+    # the source images, drawn and parsed in that world, keep every shape
+    assert rec["baseline_edit_kept"] == 1.0
+    _manifest(out / "tokens" / "landmarks-heldout", _shards_source(1))
+    assert cli.main([*argv, "--force"]) == 2
+    assert "different shapes worlds" in capsys.readouterr().err

@@ -172,6 +172,9 @@ def test_invalid_arguments():
         ShapesWorld(image_size=8, grid=3)
     with pytest.raises(ValueError):
         ShapesWorld(max_shapes=10)
+    for grid in (0, -1):
+        with pytest.raises(ValueError, match="grid must be >= 1"):
+            ShapesWorld(grid=grid)
     with pytest.raises(ValueError):
         ShapesWorld().sample("val", 0)
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from lit_cm3leon.data.shards import shapes_world_kwargs
+
 WDS_STRIDE = 10**7
 LANDMARK_DOC_BASE = 10**8  # shapes: doc id of landmark view i is LANDMARK_DOC_BASE + i
 
@@ -187,11 +189,7 @@ def build_jobs(args: argparse.Namespace) -> list[dict]:
     }
     jobs = []
     if args.source == "shapes":
-        world = {
-            "image_size": args.image_size,
-            "seed": args.world_seed,
-            "cell_align": args.cell_align,
-        }
+        world = shapes_world_kwargs(vars(args))
         for i, start in enumerate(range(0, args.n, args.shard_size)):
             jobs.append(
                 {

@@ -284,13 +284,15 @@ class ShapesWorld:
     ):
         if cell_align < 1:
             raise ValueError(f"cell_align must be >= 1 px, got {cell_align}")
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1 cell per side, got {grid}")
         # Cells are a multiple of cell_align px and start on one. With cell_align equal to the
         # image tokenizer's patch (4: 8 px cells on a 4 px margin at 32 px) a shape covers the
         # same patches in the same way in every cell, and with 1x1 encoder convolutions it is the
         # same codes wherever it is (docs/experiments.md: Cells on the tokenizer's patches, with
         # the warm-up). 1: the largest cells that fit (10 px on a 1 px margin at 32 px).
-        cell = (image_size // max(grid, 1)) // cell_align * cell_align
-        if grid < 1 or cell < MIN_CELL:
+        cell = (image_size // grid) // cell_align * cell_align
+        if cell < MIN_CELL:
             raise ValueError(
                 f"image_size={image_size} too small for grid={grid} with cells aligned to "
                 f"{cell_align} px: cells need >= {MIN_CELL} px so that every kind and size stays "

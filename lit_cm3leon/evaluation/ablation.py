@@ -226,7 +226,8 @@ def prefix_cell(
     write_prompts(folder, pset.prompts)
     scorers = tr.Scorers(cfg.features, res.eval_clip(required=cfg.features == "clip"))
     rec = tr.score_run(folder, pset.prompts, pset.reference, tr.header_for(spec, dec), scorers, pset.scenes,
-                       cfg.bootstrap, cfg.seed, extra={"run_dir": str(folder), "selection": selection})  # fmt: skip
+                       cfg.bootstrap, cfg.seed, extra={"run_dir": str(folder), "selection": selection},
+                       world=pset.world)  # fmt: skip
     return folder, rec
 
 

@@ -184,8 +184,10 @@ def score_run(
     n_bootstrap: int = 1000,
     seed: int = 0,
     extra: dict | None = None,
+    world: Any = None,
 ) -> dict:
-    """Score a run folder whose samples all exist; writes and returns its metrics.json."""
+    """Score a run folder whose samples all exist; writes and returns its metrics.json
+    (``world``: the ShapesWorld that parses the samples against ``scenes``)."""
     folder = Path(folder)
     n = len(prompts)
     clean_partial(folder)
@@ -209,7 +211,7 @@ def score_run(
         )
     if scenes is not None:
         images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-        att = attribute_scores(images, scenes)
+        att = attribute_scores(images, scenes, world)
         per["attr_acc"], per["attr_acc_strict"], per["exact"], per["count_acc"] = (
             att["attributes"],
             att["attributes_strict"],
@@ -326,6 +328,7 @@ class PromptSet:
     prompts: list[str]
     reference: Path  # folder of reference images
     scenes: list | None = None  # shapes world: the prompts' scenes (for attr_acc)
+    world: Any = None  # shapes world: the ShapesWorld the scenes are drawn and parsed in
 
 
 def prompt_set(
@@ -337,9 +340,12 @@ def prompt_set(
     """The shapes protocol (first n held-out scenes) or the first captions of a COCO file."""
     if captions is None:
         from lit_cm3leon.evaluation.t2i import shapes_protocol
+        from lit_cm3leon.evaluation.world import outputs_world
 
-        prompts, scenes, images = shapes_protocol(n)
-        return PromptSet("shapes-heldout", prompts, shapes_reference(outputs, images), scenes)
+        world = outputs_world(outputs)
+        prompts, scenes, images = shapes_protocol(n, world)
+        reference = shapes_reference(outputs, images)
+        return PromptSet("shapes-heldout", prompts, reference, scenes, world)
     if reference is None:
         raise InputError("--captions needs --reference DIR (the images the captions describe)")
     fidlib.list_images(reference)
@@ -446,5 +452,5 @@ def evaluate_ckpt(
     if missing_samples(folder, n):
         return folder, None
     record = score_run(folder, pset.prompts, pset.reference, header_for(spec, dec), scorers, pset.scenes, n_bootstrap, seed,
-                       extra={"run_dir": str(folder), "ckpt_digest": spec.ckpt_digest})  # fmt: skip
+                       extra={"run_dir": str(folder), "ckpt_digest": spec.ckpt_digest}, world=pset.world)  # fmt: skip
     return folder, record

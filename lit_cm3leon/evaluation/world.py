@@ -1,0 +1,84 @@
+"""The shapes world an outputs folder's stages were made in, for the evaluations that draw scenes.
+
+Held-out scenes, their renders and the scene parser all depend on the world's geometry (image
+size, grid, ``cell_align``), so a run made with ``cell_align=4`` has to be scored in that world.
+Each stage records the world it used:
+
+* the image tokenizer, in ``image_tokenizer/manifest.json`` (``config.data.size`` and
+  ``config.data.world``);
+* pre-tokenized shards, in ``tokens/<name>/manifest.json`` (``source``, what ``prepare
+  tokenize`` was given);
+* an SFT checkpoint, in its ``manifest.json`` (``config.data.shapes.world``).
+
+:func:`outputs_world` reads them all and returns their world; records that disagree raise an
+``InputError`` naming each file and its geometry, since such a run's numbers would mix worlds.
+The evaluation's held-out set is always that of world seed 0 (the world's default), whatever
+seed a stage trained with. Without any record it is the default world.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lit_cm3leon.data.shapes import ShapesWorld
+from lit_cm3leon.data.shards import shapes_world_kwargs
+from lit_cm3leon.evaluation.metrics_io import InputError
+
+# ShapesWorld arguments that decide where and how shapes are drawn, with their defaults.
+GEOMETRY: dict[str, int] = {"image_size": 32, "grid": 3, "cell_align": 1}
+
+
+def geometry(kwargs: dict) -> dict[str, int]:
+    """The geometry part of ShapesWorld arguments, defaults filled in."""
+    return {k: int(kwargs.get(k, default)) for k, default in GEOMETRY.items()}
+
+
+def _config(manifest: Path) -> dict:
+    return json.loads(manifest.read_text()).get("config") or {}
+
+
+def _tokenizer_geometry(manifest: Path) -> dict | None:
+    data = (_config(manifest).get("data") or {}) if manifest.is_file() else {}
+    if data.get("source") != "shapes":
+        return None
+    return geometry({"image_size": data.get("size", 32), **(data.get("world") or {})})
+
+
+def tokenizer_world(tokenizer_dir: str | Path) -> ShapesWorld:
+    """The ``ShapesWorld`` an image tokenizer folder was trained on (the default world when its
+    manifest records another source or none)."""
+    return ShapesWorld(**(_tokenizer_geometry(Path(tokenizer_dir) / "manifest.json") or {}))
+
+
+def recorded_geometries(outputs: str | Path, ckpt: str | Path | None = None) -> dict[str, dict]:
+    """manifest path -> the world geometry it records, over the stages under ``outputs`` (and
+    the checkpoint folder ``ckpt``) that were made in the shapes world."""
+    outputs = Path(outputs)
+    found: dict[str, dict] = {}
+    tokenizer = outputs / "image_tokenizer" / "manifest.json"
+    if (recorded := _tokenizer_geometry(tokenizer)) is not None:
+        found[str(tokenizer)] = recorded
+    for shards in sorted((outputs / "tokens").glob("*/manifest.json")):
+        source = json.loads(shards.read_text()).get("source") or {}
+        if source.get("source") == "shapes":
+            found[str(shards)] = geometry(shapes_world_kwargs(source))
+    if ckpt is not None and (Path(ckpt) / "manifest.json").is_file():
+        manifest = Path(ckpt) / "manifest.json"
+        data = _config(manifest).get("data") or {}
+        if data.get("source") == "shapes" and isinstance(data.get("shapes"), dict):
+            found[str(manifest)] = geometry(data["shapes"].get("world") or {})
+    return found
+
+
+def outputs_world(outputs: str | Path, ckpt: str | Path | None = None) -> ShapesWorld:
+    """The ``ShapesWorld`` the stages under ``outputs`` (and ``ckpt``) were made in (module doc)."""
+    found = recorded_geometries(outputs, ckpt)
+    if len({tuple(g.items()) for g in found.values()}) > 1:
+        listing = "; ".join(f"{path}: {g}" for path, g in found.items())
+        raise InputError(
+            f"the stages under {outputs} were made in different shapes worlds ({listing}); make "
+            "them in one world (prepare tokenize --cell-align, data.world.cell_align for the "
+            "tokenizer, data.shapes.world.cell_align for SFT) before evaluating"
+        )
+    return ShapesWorld(**next(iter(found.values()), {}))
