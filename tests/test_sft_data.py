@@ -99,6 +99,51 @@ def test_items_put_the_loss_on_targets_only(codec):
     ] * 2 + ["text2image"]
 
 
+def test_cfg_dropout_trains_the_unconditional_stream_that_guidance_decodes(codec):
+    """With cfg_dropout, that share of the image-output examples is the unconditional stream of
+    classifier-free guidance, token for token as inference builds it (the prompt's text one
+    <mask:0>, its images kept), with the same target and loss; text tasks, validation and the
+    tasks and examples drawn do not change."""
+    from collections import Counter
+
+    from lit_cm3leon.decode.generate import make_uncond_prompt
+    from lit_cm3leon.tokenizer.document import Document, Image
+
+    v, rng = codec.vocab, np.random.default_rng(1)
+    pools = fake_pools({"caption_short": 40, "vqa": 40, "text2image": 40})
+    pools["edit"] = [
+        {"image": rng.integers(0, 16, (4, 4)), "instruction": "make the circle red",
+         "target": rng.integers(0, 16, (4, 4))}
+        for _ in range(40)
+    ]  # fmt: skip
+    plain = SFTSequences(pools, codec, seq_len=64, length=3000, seed=2)
+    ds = SFTSequences(pools, codec, seq_len=64, length=3000, seed=2, cfg_dropout=0.25)
+    masked, total = Counter(), Counter()
+    for i in range(len(ds)):
+        task, ex = ds.example(i)
+        assert plain.example(i)[0] == task
+        item, base = ds[i], plain[i]
+        ids = item["ids"].tolist()
+        prompt, target = split_target(ids[: ids.index(v.eos) + 1], codec)
+        base_ids = base["ids"].tolist()
+        base_prompt, base_target = split_target(base_ids[: base_ids.index(v.eos) + 1], codec)
+        assert target == base_target and item["weights"].sum() == base["weights"].sum()
+        total[task] += 1
+        if prompt == base_prompt:
+            continue
+        masked[task] += 1
+        images = [v.bos, *codec.encode(Document([Image(ex["image"])])), v.brk]
+        head = images if task == "edit" else [v.bos]
+        assert prompt == make_uncond_prompt(v, head, [v.brk]), task
+    assert masked["caption_short"] == masked["vqa"] == 0
+    for task in ("edit", "text2image"):
+        assert abs(masked[task] / total[task] - 0.25) < 0.05, (task, masked, total)
+    val = SFTSequences(pools, codec, seq_len=64, sample=False, cfg_dropout=0.25)
+    assert all(v.mask(0) not in val[i]["ids"].tolist() for i in range(len(val)))
+    with pytest.raises(ValueError, match="cfg_dropout"):
+        SFTSequences(pools, codec, seq_len=64, cfg_dropout=1.0)
+
+
 # --- shapes world --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def image_tokenizer():

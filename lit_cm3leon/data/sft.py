@@ -102,6 +102,11 @@ class SFTSequences(Dataset):
     ``sample=True``: item ``i`` draws a task by ``rates`` and an example of it from
     ``default_rng([seed, i])``. ``sample=False``: item ``i`` is the ``i``-th of the pools'
     examples in task order (validation).
+
+    ``cfg_dropout``: the share of sampled items of the image-output tasks rendered as the
+    unconditional stream of classifier-free guidance (the prompt's text replaced by
+    ``<mask:0>``, its images kept; :func:`~lit_cm3leon.data.templates.encode_example`), drawn
+    from ``default_rng([seed, i, 1])`` so that the tasks and examples drawn do not change.
     """
 
     def __init__(
@@ -114,7 +119,11 @@ class SFTSequences(Dataset):
         seed: int = 0,
         loss_on: str = "target",
         sample: bool = True,
+        cfg_dropout: float = 0.0,
     ) -> None:
+        if not 0.0 <= cfg_dropout < 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
+        self.cfg_dropout = cfg_dropout if sample else 0.0
         self.tasks = [t for t in pools if len(pools[t])]
         for t in self.tasks:
             get_template(t)  # unknown task names fail here
@@ -160,7 +169,14 @@ class SFTSequences(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         task, ex = self.example(i)
-        ids, weights = render_ids(self.codec, task, ex, self.loss_on, max_len=self.seq_len + 1)
+        uncond = (
+            self.cfg_dropout > 0
+            and get_template(task).target == "image"
+            and np.random.default_rng([self.seed, int(i), 1]).random() < self.cfg_dropout
+        )
+        ids, weights = render_ids(
+            self.codec, task, ex, self.loss_on, max_len=self.seq_len + 1, unconditional=uncond
+        )
         item = pad_item(ids, weights, self.seq_len, self.codec.vocab.pad)
         item["task"] = torch.tensor(self.tasks.index(task))
         return item
@@ -458,9 +474,12 @@ class SFTDataModule(L.LightningDataModule):
         loss_on: str = "target",
         max_bad_fraction: float = 0.5,
         edit_margin: int | None = None,
+        cfg_dropout: float = 0.0,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= cfg_dropout < 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
         if source not in ("shapes", "files"):
             raise ValueError(f"source must be 'shapes' or 'files', got {source!r}")
         if loss_on not in ("target", "all"):
@@ -541,7 +560,9 @@ class SFTDataModule(L.LightningDataModule):
         )
         world = max(1, self.trainer.world_size if self.trainer else 1)
         length = hp.max_steps * hp.batch_size * world
-        self.train_ds = SFTSequences(train, codec, hp.seq_len, length, rates, hp.seed, hp.loss_on)
+        self.train_ds = SFTSequences(
+            train, codec, hp.seq_len, length, rates, hp.seed, hp.loss_on, cfg_dropout=hp.cfg_dropout
+        )
         # spread over each pool (consecutive examples often share a scene or an image)
         val = {
             t: v[:: max(1, len(v) // hp.val_per_task)][: hp.val_per_task]

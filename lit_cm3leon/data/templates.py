@@ -16,6 +16,12 @@ right after the ``<break>`` that ends the prompt: it opens the target image (dec
 The loss covers the target only (``loss_on="target"``: ``T`` and ``<eos>``), or every
 non-padding id (``loss_on="all"``).
 
+Unconditional examples (``unconditional=True``, SFT's ``cfg_dropout``) replace the prompt's text
+by one ``<mask:0>`` and keep its images: ``<bos> P_img <break> <mask:0> <break> T <eos>``, the
+unconditional stream that classifier-free guidance decodes beside the prompt at inference
+(:func:`lit_cm3leon.decode.generate.make_uncond_prompt`), so that stream is one the model was
+trained on.
+
 Formats, ``IMG`` = the 8x8 (shapes) or h x w code grid of one image, ``"..."`` = text::
 
     task          prompt                                                          target
@@ -203,10 +209,12 @@ def encode_example(
     target: Document,
     loss_on: LossOn = "target",
     max_len: int | None = None,
+    unconditional: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, weights)`` of ``<bos> prompt <break> target <eos>``; ``weights[t]`` is the loss
     weight of predicting ``ids[t]`` (1 on the target and ``<eos>`` only, or on all but
-    ``<bos>`` with ``loss_on="all"``).
+    ``<bos>`` with ``loss_on="all"``). ``unconditional``: the prompt's text is one ``<mask:0>``
+    (module doc).
 
     With ``max_len`` the prompt's text is trimmed (never an image, never the target) so the
     sequence fits; a ValueError says so when even that is not enough.
@@ -214,7 +222,12 @@ def encode_example(
     if loss_on not in ("target", "all"):
         raise ValueError(f"loss_on must be 'target' or 'all', got {loss_on!r}")
     v = codec.vocab
-    p = np.asarray(codec.encode(prompt), dtype=np.int64)
+    if unconditional:
+        images = [seg for seg in prompt.segments if isinstance(seg, Image)]
+        head = [*codec.encode(Document(images)), v.brk] if images else []
+        p = np.asarray([*head, v.mask(0)], dtype=np.int64)
+    else:
+        p = np.asarray(codec.encode(prompt), dtype=np.int64)
     t = np.asarray(codec.encode(target), dtype=np.int64)
     if max_len is not None:
         room = max_len - t.size - 3  # <bos>, the <break> before the target, <eos>
@@ -237,10 +250,11 @@ def render_ids(
     example: Mapping[str, Any],
     loss_on: LossOn = "target",
     max_len: int | None = None,
+    unconditional: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one example of ``task`` and encode it (:func:`encode_example`)."""
     prompt, target = get_template(task).render(example, codec.vocab.n_loc)
-    return encode_example(codec, prompt, target, loss_on, max_len)
+    return encode_example(codec, prompt, target, loss_on, max_len, unconditional)
 
 
 def inference_prompt(task: str, codec: DocumentCodec, **inputs: Any) -> list[int]:
