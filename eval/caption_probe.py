@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lit_cm3leon.evaluation import bootstrap
 from lit_cm3leon.evaluation.metrics_io import (
+    InputError,
     add_run_args,
     ckpt_run_out,
     header_from_args,
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     outputs = Path(args.outputs)
     heldout = TokenShards(args.heldout or outputs / "tokens" / "shapes-heldout")
     n = min(args.n, len(heldout))
-    world = outputs_world(outputs, args.ckpt)
+    try:
+        world = outputs_world(outputs, args.ckpt)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     scenes = [world.sample("heldout", i).scene for i in range(n)]
     for i, s in enumerate(scenes):  # the shards must be the world's held-out pairs, in order
         if world.caption_long(s) != heldout.text(i):

@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(
                 "give --ckpt PATH (caption the shapes world) or --predictions and --annotations"
             )
-        return ckpt_main(args, metrics)
+        try:
+            return ckpt_main(args, metrics)
+        except InputError as e:  # e.g. an outputs folder whose stages mix shapes worlds
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.annotations is None or args.out is None:
         p.error("scoring a results file needs --predictions, --annotations and --out")
     try:

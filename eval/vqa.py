@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(
                 "give --ckpt PATH (answer shapes-world questions) or --predictions, --questions, --annotations"
             )
-        return ckpt_main(args)
+        try:
+            return ckpt_main(args)
+        except InputError as e:  # e.g. an outputs folder whose stages mix shapes worlds
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.questions is None or args.annotations is None or args.out is None:
         p.error("scoring a results file needs --predictions, --questions, --annotations and --out")
     try:

@@ -324,3 +324,11 @@ def test_cli_scores_in_the_outputs_world(outputs, tmp_path, capsys):
     _manifest(out / "tokens" / "landmarks-heldout", _shards_source(1))
     assert cli.main([*argv, "--force"]) == 2
     assert "different shapes worlds" in capsys.readouterr().err
+    for name in ("captioning", "vqa"):  # the image-to-text scripts refuse it the same way
+        spec = importlib.util.spec_from_file_location(f"eval_{name}", ROOT / "eval" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert (
+            mod.main(["--ckpt", str(outputs / "pretrain"), "--outputs", str(out), "--n", "2"]) == 2
+        )
+        assert "different shapes worlds" in capsys.readouterr().err, name

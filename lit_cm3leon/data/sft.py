@@ -95,6 +95,13 @@ def mixture_rates(
     return r / r.sum()
 
 
+def check_cfg_dropout(cfg_dropout: float) -> float:
+    """``cfg_dropout`` if it is a share in [0, 1) (1 would leave no conditional example)."""
+    if not 0.0 <= cfg_dropout < 1.0:
+        raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
+    return cfg_dropout
+
+
 # --- datasets ------------------------------------------------------------------------------
 class SFTSequences(Dataset):
     """Map-style view over ``length`` instruction-tuning sequences.
@@ -121,9 +128,7 @@ class SFTSequences(Dataset):
         sample: bool = True,
         cfg_dropout: float = 0.0,
     ) -> None:
-        if not 0.0 <= cfg_dropout < 1.0:
-            raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
-        self.cfg_dropout = cfg_dropout if sample else 0.0
+        self.cfg_dropout = check_cfg_dropout(cfg_dropout) if sample else 0.0
         self.tasks = [t for t in pools if len(pools[t])]
         for t in self.tasks:
             get_template(t)  # unknown task names fail here
@@ -478,8 +483,7 @@ class SFTDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= cfg_dropout < 1.0:
-            raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
+        check_cfg_dropout(cfg_dropout)  # before setup tokenizes anything
         if source not in ("shapes", "files"):
             raise ValueError(f"source must be 'shapes' or 'files', got {source!r}")
         if loss_on not in ("target", "all"):

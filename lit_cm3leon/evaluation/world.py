@@ -18,12 +18,12 @@ seed a stage trained with. Without any record it is the default world.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lit_cm3leon.data.shapes import ShapesWorld
 from lit_cm3leon.data.shards import shapes_world_kwargs
 from lit_cm3leon.evaluation.metrics_io import InputError
+from lit_cm3leon.utils.manifest import MANIFEST, read_manifest
 
 # ShapesWorld arguments that decide where and how shapes are drawn, with their defaults.
 GEOMETRY: dict[str, int] = {"image_size": 32, "grid": 3, "cell_align": 1}
@@ -34,12 +34,12 @@ def geometry(kwargs: dict) -> dict[str, int]:
     return {k: int(kwargs.get(k, default)) for k, default in GEOMETRY.items()}
 
 
-def _config(manifest: Path) -> dict:
-    return json.loads(manifest.read_text()).get("config") or {}
+def _data_config(folder: Path) -> dict:
+    return ((read_manifest(folder) or {}).get("config") or {}).get("data") or {}
 
 
-def _tokenizer_geometry(manifest: Path) -> dict | None:
-    data = (_config(manifest).get("data") or {}) if manifest.is_file() else {}
+def _tokenizer_geometry(folder: Path) -> dict | None:
+    data = _data_config(folder)
     if data.get("source") != "shapes":
         return None
     return geometry({"image_size": data.get("size", 32), **(data.get("world") or {})})
@@ -48,7 +48,7 @@ def _tokenizer_geometry(manifest: Path) -> dict | None:
 def tokenizer_world(tokenizer_dir: str | Path) -> ShapesWorld:
     """The ``ShapesWorld`` an image tokenizer folder was trained on (the default world when its
     manifest records another source or none)."""
-    return ShapesWorld(**(_tokenizer_geometry(Path(tokenizer_dir) / "manifest.json") or {}))
+    return ShapesWorld(**(_tokenizer_geometry(Path(tokenizer_dir)) or {}))
 
 
 def recorded_geometries(outputs: str | Path, ckpt: str | Path | None = None) -> dict[str, dict]:
@@ -56,18 +56,17 @@ def recorded_geometries(outputs: str | Path, ckpt: str | Path | None = None) -> 
     the checkpoint folder ``ckpt``) that were made in the shapes world."""
     outputs = Path(outputs)
     found: dict[str, dict] = {}
-    tokenizer = outputs / "image_tokenizer" / "manifest.json"
+    tokenizer = outputs / "image_tokenizer"
     if (recorded := _tokenizer_geometry(tokenizer)) is not None:
-        found[str(tokenizer)] = recorded
-    for shards in sorted((outputs / "tokens").glob("*/manifest.json")):
-        source = json.loads(shards.read_text()).get("source") or {}
+        found[str(tokenizer / MANIFEST)] = recorded
+    for shards in sorted(m.parent for m in (outputs / "tokens").glob(f"*/{MANIFEST}")):
+        source = (read_manifest(shards) or {}).get("source") or {}
         if source.get("source") == "shapes":
-            found[str(shards)] = geometry(shapes_world_kwargs(source))
-    if ckpt is not None and (Path(ckpt) / "manifest.json").is_file():
-        manifest = Path(ckpt) / "manifest.json"
-        data = _config(manifest).get("data") or {}
+            found[str(shards / MANIFEST)] = geometry(shapes_world_kwargs(source))
+    if ckpt is not None:
+        data = _data_config(Path(ckpt))
         if data.get("source") == "shapes" and isinstance(data.get("shapes"), dict):
-            found[str(manifest)] = geometry(data["shapes"].get("world") or {})
+            found[str(Path(ckpt) / MANIFEST)] = geometry(data["shapes"].get("world") or {})
     return found
 
 
