@@ -232,6 +232,27 @@ def test_edit_margin_is_for_the_shapes_world():
         SFTDataModule("t", "i", None, edit_margin=-1)
 
 
+def test_the_edit_task_can_train_on_its_own_scenes(image_tokenizer, tmp_path):
+    from lit_cm3leon.data.sft import SFTDataModule
+    from lit_cm3leon.data.shapes import ShapesWorld
+
+    shapes = {"n_train": 6, "n_val": 2, "edit": {"n_train": 10, "max_shapes": 1}}
+    dm = SFTDataModule("t", "i", str(tmp_path), shapes=shapes, edit_margin=2)
+    train, val = dm._pools(image_tokenizer)
+    assert len(train["edit"]) == 10 and len(train["caption_short"]) == 6
+    one = ShapesWorld(max_shapes=1)
+    assert all(len(one.scene("train", i).shapes) == 1 for i in range(10))
+    want = shapes_pools(one, "train", 0, 10, image_tokenizer, tmp_path, ["edit"], 2)["edit"]
+    for a, b in zip(train["edit"], want, strict=True):
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["target"], b["target"])
+        assert a["instruction"] == b["instruction"]
+    # validation keeps the held-out scenes of the mixture's world (one to three shapes)
+    held = [ShapesWorld().sample("heldout", i).edit.instruction for i in range(2)]
+    assert [ex["instruction"] for ex in val["edit"]] == held
+    with pytest.raises(ValueError, match="n_train and max_shapes"):
+        SFTDataModule("t", "i", None, shapes={"edit": {"grid": 2}})
+
+
 # --- fit through the entry point -----------------------------------------------------------
 @pytest.fixture
 def artifacts(tmp_path, image_tokenizer):

@@ -95,6 +95,26 @@ def mixture_rates(
     return r / r.sum()
 
 
+def edit_scenes(shapes: dict, tasks: Sequence[str]) -> dict | None:
+    """``data.shapes.edit`` checked: ``{n_train, max_shapes}`` of the scenes the edit task trains
+    on (its own draw of the training split, the mixture's world otherwise), or None when the
+    edit task uses the mixture's scenes (both unset or null, or no edit task)."""
+    own = {k: v for k, v in dict(shapes.get("edit") or {}).items() if v is not None}
+    unknown = set(own) - {"n_train", "max_shapes"}
+    if unknown:
+        raise ValueError(
+            f"data.shapes.edit takes n_train and max_shapes (the edit task's own scenes), "
+            f"not {sorted(unknown)}"
+        )
+    if not own or "edit" not in tasks:
+        return None
+    world = dict(shapes.get("world") or {})
+    return {
+        "n_train": int(own.get("n_train", shapes.get("n_train", 2000))),
+        "max_shapes": int(own.get("max_shapes", world.get("max_shapes", 3))),
+    }
+
+
 def check_cfg_dropout(cfg_dropout: float) -> float:
     """``cfg_dropout`` if it is a share in [0, 1) (1 would leave no conditional example)."""
     if not 0.0 <= cfg_dropout < 1.0:
@@ -484,6 +504,7 @@ class SFTDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_cfg_dropout(cfg_dropout)  # before setup tokenizes anything
+        edit_scenes(shapes or {}, list(tasks or TASKS))
         if source not in ("shapes", "files"):
             raise ValueError(f"source must be 'shapes' or 'files', got {source!r}")
         if loss_on not in ("target", "all"):
@@ -524,7 +545,13 @@ class SFTDataModule(L.LightningDataModule):
             world = ShapesWorld(**cfg.get("world", {}))
             n_train, n_val = int(cfg.get("n_train", 2000)), int(cfg.get("n_val", 64))
             margin = hp.edit_margin
-            train = shapes_pools(world, "train", 0, n_train, tok, hp.cache_dir, tasks, margin)
+            own = edit_scenes(cfg, tasks)  # the edit task's own training scenes, if any
+            rest = [t for t in tasks if not (own and t == "edit")]
+            train = shapes_pools(world, "train", 0, n_train, tok, hp.cache_dir, rest, margin)
+            if own:
+                ew = ShapesWorld(**{**cfg.get("world", {}), "max_shapes": own["max_shapes"]})
+                n = own["n_train"]
+                train |= shapes_pools(ew, "train", 0, n, tok, hp.cache_dir, ["edit"], margin)
             val = shapes_pools(world, "heldout", 0, n_val, tok, hp.cache_dir, tasks, margin)
         else:
             if not hp.sources:
