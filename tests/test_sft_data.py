@@ -232,14 +232,20 @@ def test_edit_margin_is_for_the_shapes_world():
         SFTDataModule("t", "i", None, edit_margin=-1)
 
 
-def test_the_edit_task_can_train_on_its_own_scenes(image_tokenizer, tmp_path):
+def test_a_task_can_train_on_its_own_scenes(image_tokenizer, tmp_path):
     from lit_cm3leon.data.sft import SFTDataModule
     from lit_cm3leon.data.shapes import ShapesWorld
 
-    shapes = {"n_train": 6, "n_val": 2, "edit": {"n_train": 10, "max_shapes": 1}}
+    own = {"edit": {"n_train": 10, "max_shapes": 1}, "spatial": {"n_train": 8, "max_shapes": None}}
+    shapes = {"n_train": 6, "n_val": 2, "own_scenes": own}
     dm = SFTDataModule("t", "i", str(tmp_path), shapes=shapes, edit_margin=2)
     train, val = dm._pools(image_tokenizer)
-    assert len(train["edit"]) == 10 and len(train["caption_short"]) == 6
+    assert len(train["edit"]) == 10 and len(train["spatial"]) == 8
+    assert len(train["caption_short"]) == 6
+    spatial = shapes_pools(ShapesWorld(), "train", 0, 8, image_tokenizer, tmp_path, ["spatial"])
+    assert [ex["objects"] for ex in train["spatial"]] == [
+        ex["objects"] for ex in spatial["spatial"]
+    ]
     one = ShapesWorld(max_shapes=1)
     assert all(len(one.scene("train", i).shapes) == 1 for i in range(10))
     want = shapes_pools(one, "train", 0, 10, image_tokenizer, tmp_path, ["edit"], 2)["edit"]
@@ -250,7 +256,9 @@ def test_the_edit_task_can_train_on_its_own_scenes(image_tokenizer, tmp_path):
     held = [ShapesWorld().sample("heldout", i).edit.instruction for i in range(2)]
     assert [ex["instruction"] for ex in val["edit"]] == held
     with pytest.raises(ValueError, match="n_train and max_shapes"):
-        SFTDataModule("t", "i", None, shapes={"edit": {"grid": 2}})
+        SFTDataModule("t", "i", None, shapes={"own_scenes": {"edit": {"grid": 2}}})
+    with pytest.raises(KeyError):
+        SFTDataModule("t", "i", None, shapes={"own_scenes": {"draw": {"n_train": 2}}})
 
 
 # --- fit through the entry point -----------------------------------------------------------

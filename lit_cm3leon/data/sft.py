@@ -95,24 +95,28 @@ def mixture_rates(
     return r / r.sum()
 
 
-def edit_scenes(shapes: dict, tasks: Sequence[str]) -> dict | None:
-    """``data.shapes.edit`` checked: ``{n_train, max_shapes}`` of the scenes the edit task trains
-    on (its own draw of the training split, the mixture's world otherwise), or None when the
-    edit task uses the mixture's scenes (both unset or null, or no edit task)."""
-    own = {k: v for k, v in dict(shapes.get("edit") or {}).items() if v is not None}
-    unknown = set(own) - {"n_train", "max_shapes"}
-    if unknown:
-        raise ValueError(
-            f"data.shapes.edit takes n_train and max_shapes (the edit task's own scenes), "
-            f"not {sorted(unknown)}"
-        )
-    if not own or "edit" not in tasks:
-        return None
+def own_scenes(shapes: dict, tasks: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``data.shapes.own_scenes`` checked: for each task of ``tasks`` that draws its own training
+    scenes, ``{n_train, max_shapes}`` (its own draw of the training split in the mixture's world;
+    a null field takes the mixture's value). Tasks whose entry is missing or all null use the
+    mixture's scenes."""
     world = dict(shapes.get("world") or {})
-    return {
-        "n_train": int(own.get("n_train", shapes.get("n_train", 2000))),
-        "max_shapes": int(own.get("max_shapes", world.get("max_shapes", 3))),
-    }
+    out = {}
+    for task, spec in dict(shapes.get("own_scenes") or {}).items():
+        get_template(task)
+        spec = {k: v for k, v in dict(spec or {}).items() if v is not None}
+        unknown = set(spec) - {"n_train", "max_shapes"}
+        if unknown:
+            raise ValueError(
+                f"data.shapes.own_scenes.{task} takes n_train and max_shapes (the task's own "
+                f"training scenes), not {sorted(unknown)}"
+            )
+        if spec and task in tasks:
+            out[task] = {
+                "n_train": int(spec.get("n_train", shapes.get("n_train", 2000))),
+                "max_shapes": int(spec.get("max_shapes", world.get("max_shapes", 3))),
+            }
+    return out
 
 
 def check_cfg_dropout(cfg_dropout: float) -> float:
@@ -504,7 +508,7 @@ class SFTDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_cfg_dropout(cfg_dropout)  # before setup tokenizes anything
-        edit_scenes(shapes or {}, list(tasks or TASKS))
+        own_scenes(shapes or {}, list(tasks or TASKS))
         if source not in ("shapes", "files"):
             raise ValueError(f"source must be 'shapes' or 'files', got {source!r}")
         if loss_on not in ("target", "all"):
@@ -545,13 +549,13 @@ class SFTDataModule(L.LightningDataModule):
             world = ShapesWorld(**cfg.get("world", {}))
             n_train, n_val = int(cfg.get("n_train", 2000)), int(cfg.get("n_val", 64))
             margin = hp.edit_margin
-            own = edit_scenes(cfg, tasks)  # the edit task's own training scenes, if any
-            rest = [t for t in tasks if not (own and t == "edit")]
+            own = own_scenes(cfg, tasks)  # tasks with their own training scenes
+            rest = [t for t in tasks if t not in own]
             train = shapes_pools(world, "train", 0, n_train, tok, hp.cache_dir, rest, margin)
-            if own:
-                ew = ShapesWorld(**{**cfg.get("world", {}), "max_shapes": own["max_shapes"]})
-                n = own["n_train"]
-                train |= shapes_pools(ew, "train", 0, n, tok, hp.cache_dir, ["edit"], margin)
+            for task, spec in own.items():
+                w = ShapesWorld(**{**cfg.get("world", {}), "max_shapes": spec["max_shapes"]})
+                n = spec["n_train"]
+                train |= shapes_pools(w, "train", 0, n, tok, hp.cache_dir, [task], margin)
             val = shapes_pools(world, "heldout", 0, n_val, tok, hp.cache_dir, tasks, margin)
         else:
             if not hp.sources:
