@@ -284,6 +284,7 @@ def overrides(steps: int) -> list[str]:
         "experiment=sft",
         "model=debug",
         "data.shapes.n_train=16",
+        "data.shapes.own_scenes.spatial.n_train=24",
         "data.shapes.n_val=4",
         "data.val_per_task=2",
         "data.batch_size=4",
