@@ -97,14 +97,12 @@ def mixture_rates(
 
 def own_scenes(shapes: dict, tasks: Sequence[str]) -> dict[str, dict[str, int]]:
     """``data.shapes.own_scenes`` checked: for each task of ``tasks`` that draws its own training
-    scenes, ``{n_train, max_shapes}`` (its own draw of the training split in the mixture's world;
-    a null field takes the mixture's value). Tasks whose entry is missing or all null use the
-    mixture's scenes."""
-    world = dict(shapes.get("world") or {})
+    scenes, the fields given of ``{n_train, max_shapes}`` (the others are the mixture's). Tasks
+    whose entry is missing or all null use the mixture's scenes."""
     out = {}
     for task, spec in dict(shapes.get("own_scenes") or {}).items():
         get_template(task)
-        spec = {k: v for k, v in dict(spec or {}).items() if v is not None}
+        spec = {k: int(v) for k, v in dict(spec or {}).items() if v is not None}
         unknown = set(spec) - {"n_train", "max_shapes"}
         if unknown:
             raise ValueError(
@@ -112,10 +110,7 @@ def own_scenes(shapes: dict, tasks: Sequence[str]) -> dict[str, dict[str, int]]:
                 f"training scenes), not {sorted(unknown)}"
             )
         if spec and task in tasks:
-            out[task] = {
-                "n_train": int(spec.get("n_train", shapes.get("n_train", 2000))),
-                "max_shapes": int(spec.get("max_shapes", world.get("max_shapes", 3))),
-            }
+            out[task] = spec
     return out
 
 
@@ -508,7 +503,8 @@ class SFTDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_cfg_dropout(cfg_dropout)  # before setup tokenizes anything
-        own_scenes(shapes or {}, list(tasks or TASKS))
+        if source == "shapes":
+            own_scenes(shapes or {}, list(tasks or TASKS))
         if source not in ("shapes", "files"):
             raise ValueError(f"source must be 'shapes' or 'files', got {source!r}")
         if loss_on not in ("target", "all"):
@@ -553,8 +549,9 @@ class SFTDataModule(L.LightningDataModule):
             rest = [t for t in tasks if t not in own]
             train = shapes_pools(world, "train", 0, n_train, tok, hp.cache_dir, rest, margin)
             for task, spec in own.items():
-                w = ShapesWorld(**{**cfg.get("world", {}), "max_shapes": spec["max_shapes"]})
-                n = spec["n_train"]
+                shapes_cap = {k: v for k, v in spec.items() if k == "max_shapes"}
+                w = ShapesWorld(**{**cfg.get("world", {}), **shapes_cap})
+                n = spec.get("n_train", n_train)
                 train |= shapes_pools(w, "train", 0, n, tok, hp.cache_dir, [task], margin)
             val = shapes_pools(world, "heldout", 0, n_val, tok, hp.cache_dir, tasks, margin)
         else:
