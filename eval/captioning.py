@@ -19,7 +19,10 @@ default) and writes, in ``<outputs>/eval/captioning/<ckpt>_shapes-heldout_n<n>_<
 and long caption, COCO layout) and ``metrics.json``: pycocoevalcap's metrics, the claim accuracy
 ``caption_attr_acc`` (F1 of the (colour, kind) pairs a caption claims vs the scene's; also
 ``caption_attr_precision`` / ``caption_attr_recall``) and the same keys prefixed ``baseline_``
-for the most frequent training caption (`lit_cm3leon.evaluation.shapes_i2t`). A finished run
+for the most frequent training caption (`lit_cm3leon.evaluation.shapes_i2t`), and
+``difference_CIDEr``, ``difference_ROUGE_L`` and ``difference_caption_attr_acc``: the model's
+score minus the baseline's with a paired bootstrap interval over images (the scores whose
+corpus value is the mean over images). A finished run
 folder is not redone (``--force`` redoes it).
 """
 
@@ -144,10 +147,16 @@ def ckpt_main(args: argparse.Namespace, metrics: list[str]) -> int:
     record: dict = {}
     ci95: dict = {}
     skipped: dict = {}
+    per_image = {}
     for prefix, p in (("", preds), ("baseline_", {i: baseline for i in ids})):
         res = score_captions(p, refs, metrics=metrics, n_bootstrap=args.bootstrap, seed=args.seed)
         skipped.update(res.skipped)
         attr = si.caption_attr_scores(p, scenes)
+        # the scores whose corpus value is the mean over images (not BLEU's, not METEOR's)
+        per_image[prefix] = {
+            **{k: v for k, v in res.per_image.items() if k in ("CIDEr", "ROUGE_L")},
+            "caption_attr_acc": attr["caption_attr_acc"],
+        }
         record.update({prefix + k: v for k, v in res.scores.items()})
         record.update({prefix + k: float(v.mean()) for k, v in attr.items()})
         ci95.update({prefix + k: [round(x, 6) for x in pair] for k, pair in res.ci95.items()})
@@ -155,6 +164,11 @@ def ckpt_main(args: argparse.Namespace, metrics: list[str]) -> int:
             len(ids), bootstrap.mean_statistic(attr), args.bootstrap, args.seed
         )
         ci95.update({prefix + k: [round(x, 6) for x in pair] for k, pair in ci.items()})
+    diff, diff_ci = bootstrap.differences(
+        per_image[""], per_image["baseline_"], args.bootstrap, args.seed
+    )
+    record.update(diff)
+    ci95.update({k: [round(x, 6) for x in pair] for k, pair in diff_ci.items()})
     record["baseline_caption"] = baseline
     record["baseline_definition"] = (
         f"the most frequent long caption of the first {args.baseline_train} training samples, for every image"

@@ -20,8 +20,11 @@ words`` asks for the same scenes with the long caption instead (each shape's cel
 words), ``none`` with the short caption (no positions): what the decoder places without the
 location tokens.
 
-Both: ``ceiling_`` is the parser on the image tokenizer's reconstruction of the true output
-(the best a model emitting the right codes can score through this tokenizer). Decoding defaults
+Both: ``difference_<score>`` is the SFT score minus the baseline's, with a paired bootstrap
+interval (the same items resampled for both: ``lit_cm3leon.evaluation.bootstrap.differences``);
+an interval above 0 is a clear win over the baseline. ``ceiling_`` is the parser on the image
+tokenizer's reconstruction of the true output (the best a model emitting the right codes can
+score through this tokenizer). Decoding defaults
 to the text-to-image protocol's (``cfg_topp``, CFG 3, top-p 0.9, temperature 1, one sample).
 Writes ``<outputs>/eval/<task>/<ckpt>_shapes-heldout_n<n>_<strategy>_cfg<s>_seed<s>/`` with
 ``samples/*.png``, ``items.json`` (prompt, target and parsed scene, scores per item) and
@@ -253,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             args.n, bootstrap.mean_statistic(arrays), args.bootstrap, args.seed
         )
         ci95.update({prefix + k: [round(x, 6) for x in pair] for k, pair in ci.items()})
+    diff, diff_ci = bootstrap.differences(
+        scores[""], scores["baseline_"], args.bootstrap, args.seed
+    )
+    record.update(diff)
+    ci95.update({k: [round(x, 6) for x in pair] for k, pair in diff_ci.items()})
     if args.task == "edit":
         from lit_cm3leon.evaluation.shapes_edit import by_attribute, edit_items
 

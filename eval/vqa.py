@@ -19,7 +19,8 @@ Answers the first ``--n`` held-out questions (``reasoning`` template for yes/no 
 ``results.json`` and ``baseline_results.json``, and ``metrics.json`` scored with the official
 metric: ``overall``, ``perAnswerType``, ``perQuestionType`` and the same prefixed ``baseline_``
 for the question-only prior (the most frequent training answer of each question type,
-``baseline_prior``). A finished run folder is not redone (``--force`` redoes it).
+``baseline_prior``), and ``difference_overall``: the model's accuracy minus the prior's, with a
+paired bootstrap interval over questions (above 0: the model clearly beats the prior). A finished run folder is not redone (``--force`` redoes it).
 """
 
 from __future__ import annotations
@@ -168,15 +169,22 @@ def ckpt_main(args: argparse.Namespace) -> int:
         (folder / name).write_text(json.dumps(data, indent=1))
     record: dict = {}
     ci95: dict = {}
+    accuracy = {}
     for prefix, results in (("", "results.json"), ("baseline_", "baseline_results.json")):
         preds, anns = load_vqa(
             folder / results, folder / "questions.json", folder / "annotations.json"
         )
         scores = score_vqa(preds, anns)
+        accuracy[prefix] = {"overall": scores.accuracy}
         record.update({prefix + k: v for k, v in scores.summary().items()})
         ci95.update(
             {prefix + k: v for k, v in _nested_ci(scores, args.bootstrap, args.seed).items()}
         )
+    diff, diff_ci = bootstrap.differences(
+        accuracy[""], accuracy["baseline_"], args.bootstrap, args.seed, scale=100.0
+    )
+    record.update({k: round(v, 2) for k, v in diff.items()})
+    ci95.update({k: _r(pair) for k, pair in diff_ci.items()})
     record["baseline_prior"] = prior
     record["baseline_definition"] = (
         f"question-only prior: the most frequent answer of each question type in the first "

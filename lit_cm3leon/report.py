@@ -41,6 +41,12 @@ def _ci(rec: dict | None, key: str, digits: int = 3) -> str:
     return f"[{pair[0]:.{digits}f}, {pair[1]:.{digits}f}]" if pair and len(pair) == 2 else "–"
 
 
+def _diff(rec: dict | None, key: str, digits: int = 3) -> str:
+    """``difference_<key>`` (model minus baseline) and its paired interval, or – when absent."""
+    d = f"difference_{key}"
+    return f"{_num((rec or {}).get(d), digits)} {_ci(rec, d, digits)}" if d in (rec or {}) else "–"
+
+
 def busy_seconds(timings) -> float:
     """Wall time covered by the stages' ``[start, end]`` intervals (overlaps counted once;
     the gap between a killed run and its rerun not at all). Records without ``start`` (older
@@ -219,6 +225,11 @@ class Report:
         self.add(
             f"| ours, shapes | baseline: most frequent caption / question-type prior | {_num(c.get('baseline_CIDEr'))} | "
             f"{_num(c.get('baseline_caption_attr_acc'))} | {_num(v.get('baseline_overall'), 2)} |",
+            f"| ours, shapes | sft minus the baseline [paired 95% CI] | {_diff(c, 'CIDEr')} | "
+            f"{_diff(c, 'caption_attr_acc')} | {_diff(v, 'overall', 2)} |",
+            "",
+            "Paired: the same images and questions resampled for the model and its baseline; an "
+            "interval above 0 is a clear win.",
             "",
         )
         return {"cap": caps, "vqa": vqas}
@@ -265,8 +276,8 @@ class Report:
         self.add(
             "## Image editing and spatially grounded generation (SFT, scene parser)",
             "",
-            "| task | metric | SFT | 95% CI | baseline | ceiling: the true output through the image tokenizer | n |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| task | metric | SFT | 95% CI | baseline | SFT minus baseline [paired 95% CI] | ceiling: the true output through the image tokenizer | n |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         )
         rows = (
             ("edit", "success", "copy"), ("edit", "changed", "copy"), ("edit", "kept", "copy"),
@@ -276,11 +287,12 @@ class Report:
         for task, metric, base in rows:
             rec, key = recs[task], f"{task}_{metric}"
             if rec is None:
-                self.add(f"| {task} | {metric} | not run | | | | |")
+                self.add(f"| {task} | {metric} | not run | | | | | |")
                 continue
             self.add(
                 f"| {task} | {metric} | {_num(rec.get(key))} | {_ci(rec, key)} | "
-                f"{_num(rec.get('baseline_' + key))} ({base}) | {_num(rec.get('ceiling_' + key))} | {rec.get('n')} |"
+                f"{_num(rec.get('baseline_' + key))} ({base}) | {_diff(rec, key)} | "
+                f"{_num(rec.get('ceiling_' + key))} | {rec.get('n')} |"
             )
         edit = recs["edit"] or {}
         self.add(

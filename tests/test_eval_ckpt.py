@@ -193,6 +193,11 @@ def test_captioning_and_vqa_ckpt(outputs):
     assert isinstance(m["baseline_caption"], str) and m["baseline_caption"].endswith("background")
     # an untrained decoder's captions are no better than the most frequent caption
     assert m["baseline_Bleu_4"] >= m["Bleu_4"]
+    # paired differences of the scores that average over images (BLEU does not)
+    assert "difference_Bleu_4" not in m
+    for key in ("CIDEr", "caption_attr_acc"):
+        assert m[f"difference_{key}"] == pytest.approx(m[key] - m[f"baseline_{key}"]), key
+        assert f"difference_{key}" in m["ci95"], key
 
     assert script("vqa").main([*common, "--n", "8"]) == 0
     vq = outputs / "eval" / "vqa" / "pretrain_shapes-heldout_n8_vqa_greedy_seed0"
@@ -203,6 +208,9 @@ def test_captioning_and_vqa_ckpt(outputs):
     assert m["protocol"] == "shapes-vqa" and "perQuestionType" in m
     assert set(m["baseline_prior"]) == {"color", "shape", "count", "position", "yesno"}
     assert "baseline_overall" in m and "overall" in m["ci95"] and "baseline_overall" in m["ci95"]
+    assert m["difference_overall"] == pytest.approx(m["overall"] - m["baseline_overall"], abs=0.01)
+    lo, hi = m["ci95"]["difference_overall"]
+    assert lo <= m["difference_overall"] <= hi
     # the prior baseline is scored with the official metric: its yes/no accuracy is that of
     # always answering its prior's yes/no answer
     yn = [a for a in annotations if a["answer_type"] == "yes/no"]

@@ -186,6 +186,29 @@ def outputs(tmp_path_factory):
     torch.set_num_threads(before)
 
 
+def test_paired_difference_sees_a_win_that_separate_intervals_hide():
+    """Items vary together for model and baseline (easy and hard scenes): the paired interval
+    of the difference is that of the gain alone, where the two separate intervals overlap."""
+    from lit_cm3leon.evaluation import bootstrap
+
+    rng = np.random.default_rng(0)
+    difficulty = rng.random(300)
+    base = {"placed": difficulty, "only_model": difficulty}
+    model = {"placed": difficulty + 0.05 + 0.02 * rng.standard_normal(300)}
+    points, ci = bootstrap.differences(model, base, n_resamples=500, seed=0)
+    assert set(points) == set(ci) == {"difference_placed"}  # keys both hold
+    assert points["difference_placed"] == pytest.approx(model["placed"].mean() - difficulty.mean())
+    lo, hi = ci["difference_placed"]
+    assert 0.04 < lo < points["difference_placed"] < hi < 0.06
+    apart = {k: bootstrap.bootstrap_ci(300, bootstrap.mean_statistic({"x": v}), 500, 0)["x"]
+             for k, v in (("model", model["placed"]), ("base", difficulty))}  # fmt: skip
+    assert apart["model"][0] < apart["base"][1]  # separately, the intervals overlap
+    scaled, _ = bootstrap.differences(model, base, n_resamples=0, scale=100.0)
+    assert scaled["difference_placed"] == pytest.approx(100 * points["difference_placed"])
+    with pytest.raises(ValueError, match="placed: 299 model items against 300 baseline items"):
+        bootstrap.differences({"placed": difficulty[:-1]}, base)
+
+
 @pytest.mark.parametrize("task", ["edit", "spatial"])
 def test_cli_writes_metrics_with_baselines(outputs, task, capsys):
     cli = _cli()
@@ -208,6 +231,13 @@ def test_cli_writes_metrics_with_baselines(outputs, task, capsys):
         keys = [f"{p}spatial_{k}" for p in ("", "baseline_", "ceiling_") for k in ss.OUTCOMES]
     for k in keys:
         assert 0.0 <= rec[k] <= 1.0 and k in rec["ci95"], k
+    # SFT minus baseline, paired: its point is the difference of the two scores
+    for k in se.OUTCOMES if task == "edit" else ss.OUTCOMES:
+        d, key = rec[f"difference_{task}_{k}"], f"{task}_{k}"
+        assert d == pytest.approx(rec[key] - rec[f"baseline_{key}"])
+        lo, hi = rec["ci95"][f"difference_{key}"]
+        assert lo <= d <= hi
+    assert not any(k.startswith("difference_") for k in rec if "ceiling" in k or "copy_recon" in k)
     # a finished run is not redone
     (run / "samples" / "00000.png").unlink()
     assert cli.main(argv) == 0 and "exists" in capsys.readouterr().out
@@ -256,11 +286,16 @@ def test_pipeline_stages_and_report_rows(tmp_path):
     assert by_name["eval/edit_sft"].reduced == ["--n", "100"]
     assert by_name["eval/spatial_sft"].reduced == []  # its `placed` gate needs all 300
     rec = {"n": 100, "edit_success": 0.25, "baseline_edit_success": 0.0,
-           "ceiling_edit_success": 0.5, "ci95": {"edit_success": [0.2, 0.3]}}  # fmt: skip
+           "ceiling_edit_success": 0.5, "difference_edit_success": 0.25,
+           "ci95": {"edit_success": [0.2, 0.3], "difference_edit_success": [0.2, 0.3]}}  # fmt: skip
     (out / "eval" / "edit_sft").mkdir(parents=True)
     (out / "eval" / "edit_sft" / "metrics.json").write_text(json.dumps(rec))
     text = Report(out).build()
-    assert "| edit | success | 0.250 | [0.200, 0.300] | 0.000 (copy) | 0.500 | 100 |" in text
+    assert (
+        "| edit | success | 0.250 | [0.200, 0.300] | 0.000 (copy) | 0.250 [0.200, 0.300] | 0.500 | 100 |"
+        in text
+    )
+    assert "| edit | changed | – | – | – (copy) | – | – | 100 |" in text
     assert "| spatial | placed | not run |" in text
 
 
