@@ -283,8 +283,7 @@ def test_pipeline_stages_and_report_rows(tmp_path):
         assert st.command[st.command.index("--task") + 1] == task
         assert f"{out}/eval/{task}_sft/run" in st.command
         assert st.command[st.command.index("--n") + 1] == "300"
-    assert by_name["eval/edit_sft"].reduced == ["--n", "100"]
-    assert by_name["eval/spatial_sft"].reduced == []  # its `placed` gate needs all 300
+        assert st.reduced == []  # both budgets: the gates' intervals need all 300
     rec = {"n": 100, "edit_success": 0.25, "baseline_edit_success": 0.0,
            "ceiling_edit_success": 0.5, "difference_edit_success": 0.25,
            "ci95": {"edit_success": [0.2, 0.3], "difference_edit_success": [0.2, 0.3]}}  # fmt: skip
