@@ -22,8 +22,8 @@ and long caption, COCO layout) and ``metrics.json``: pycocoevalcap's metrics, th
 for the most frequent training caption (`lit_cm3leon.evaluation.shapes_i2t`), and
 ``difference_CIDEr``, ``difference_ROUGE_L`` and ``difference_caption_attr_acc``: the model's
 score minus the baseline's with a paired bootstrap interval over images (the scores whose
-corpus value is the mean over images). A finished run
-folder is not redone (``--force`` redoes it).
+corpus value is the mean over images). A finished run folder is not redone (``--force``
+redoes it).
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ Both: ``difference_<score>`` is the SFT score minus the baseline's, with a paire
 interval (the same items resampled for both: ``lit_cm3leon.evaluation.bootstrap.differences``);
 an interval above 0 is a clear win over the baseline. ``ceiling_`` is the parser on the image
 tokenizer's reconstruction of the true output (the best a model emitting the right codes can
-score through this tokenizer). Decoding defaults
-to the text-to-image protocol's (``cfg_topp``, CFG 3, top-p 0.9, temperature 1, one sample).
+score through this tokenizer). Decoding defaults to the text-to-image protocol's (``cfg_topp``,
+CFG 3, top-p 0.9, temperature 1, one sample).
 Writes ``<outputs>/eval/<task>/<ckpt>_shapes-heldout_n<n>_<strategy>_cfg<s>_seed<s>/`` with
 ``samples/*.png``, ``items.json`` (prompt, target and parsed scene, scores per item) and
 ``metrics.json`` (copied to ``--out`` when given). A finished run folder is not redone

@@ -20,7 +20,8 @@ Answers the first ``--n`` held-out questions (``reasoning`` template for yes/no 
 metric: ``overall``, ``perAnswerType``, ``perQuestionType`` and the same prefixed ``baseline_``
 for the question-only prior (the most frequent training answer of each question type,
 ``baseline_prior``), and ``difference_overall``: the model's accuracy minus the prior's, with a
-paired bootstrap interval over questions (above 0: the model clearly beats the prior). A finished run folder is not redone (``--force`` redoes it).
+paired bootstrap interval over questions (above 0: the model clearly beats the prior). A
+finished run folder is not redone (``--force`` redoes it).
 """
 
 from __future__ import annotations

@@ -305,7 +305,7 @@ def stages(out: Path) -> list[Stage]:
             ev(
                 "vqa",
                 f"eval/vqa_{m}",
-                *("--ckpt", f"{o}/{m}", "--n", "1000"),  # both budgets (as the captions)
+                *("--ckpt", f"{o}/{m}", "--n", "1000"),  # both budgets: the SFT gate's interval
                 ckpts=(m,),
             )
             for m in ("pretrain", "sft")
