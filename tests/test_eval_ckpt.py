@@ -83,7 +83,8 @@ def test_coco_fid_ckpt_resume_and_determinism(outputs, clean, tmp_path):
     assert set(clean["ci95"]) >= {"fid", "clip_score", "attr_acc", "exact"}
     assert 0.0 <= clean["attr_acc"] <= 1.0 and np.isfinite(clean["fid"])
     assert len(list((folder / "samples").glob("*.png"))) == 4
-    assert len(list((runs / "reference" / "shapes-heldout-n4").glob("*.png"))) == 4
+    (reference,) = (runs / "reference").glob("shapes-heldout-n4-*")
+    assert len(list(reference.glob("*.png"))) == 4
     # a finished run is reported again, not regenerated
     stamp = {p.name: p.stat().st_mtime_ns for p in (folder / "samples").glob("*.png")}
     assert coco_fid.main(fid_args(outputs)) == 0
@@ -385,3 +386,22 @@ def test_scoring_an_oracle_run(outputs, tmp_path):
         folder, pset.prompts, pset.reference, tr.header_for(spec, dec), scorers, pset.scenes, 5, 0
     )
     assert rec["exact"] == pytest.approx(4 / 6) and rec["fid"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_reference_pngs_are_keyed_by_their_pixels(tmp_path):
+    """Scenes of another world (same n) get their own reference folder: the earlier PNGs,
+    which ``write_images`` would otherwise skip as already written, are never reused."""
+    from lit_cm3leon.data.shapes import ShapesWorld
+    from lit_cm3leon.evaluation import t2i_run as tr
+    from lit_cm3leon.evaluation.t2i import shapes_protocol
+
+    _, _, default = shapes_protocol(3, ShapesWorld())
+    _, _, aligned = shapes_protocol(3, ShapesWorld(cell_align=4))
+    assert not np.array_equal(default, aligned)
+    a = tr.shapes_reference(tmp_path, default)
+    b = tr.shapes_reference(tmp_path, aligned)
+    assert a != b and a.name.startswith("shapes-heldout-n3-")
+    assert tr.shapes_reference(tmp_path, default) == a  # the same scenes share one folder
+    for folder, images in ((a, default), (b, aligned)):
+        written = np.stack([np.asarray(Image.open(folder / f"{i:05d}.png")) for i in range(3)])
+        assert np.array_equal(written, images)

@@ -138,9 +138,13 @@ def write_images(folder: str | Path, images: np.ndarray, start: int = 0) -> Path
 
 
 def shapes_reference(outputs: str | Path, images: np.ndarray) -> Path:
-    """The rendered held-out scenes as PNGs, shared by every run with the same n."""
-    folder = Path(outputs) / "eval" / "t2i" / "reference" / f"shapes-heldout-n{len(images)}"
-    return write_images(folder, images)
+    """The rendered held-out scenes as PNGs, shared by every run with the same images: the
+    folder is named after n and a digest of the pixels, so scenes drawn in another world (or
+    by another version of the renderer) never reuse the PNGs of earlier ones."""
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    digest = hashlib.sha256(repr(images.shape).encode() + images.tobytes()).hexdigest()[:12]
+    name = f"shapes-heldout-n{len(images)}-{digest}"
+    return write_images(Path(outputs) / "eval" / "t2i" / "reference" / name, images)
 
 
 def coco_prompts(path: str | Path, n: int) -> tuple[list[str], list[Any]]:
