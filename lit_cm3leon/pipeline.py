@@ -48,10 +48,6 @@ class Stage:
         return (out / self.name / self.marker).is_file()
 
 
-def fit(experiment: str, *overrides: str) -> list[str]:
-    return [PY, "-m", "lit_cm3leon.fit", f"experiment={experiment}", *overrides]
-
-
 def prepare(*args: str) -> list[str]:
     return [PY, "-m", "lit_cm3leon.prepare", *args]
 
@@ -71,8 +67,15 @@ def evaluate(script: str, name: str, *args: str) -> list[str]:
     ]
 
 
-def stages(out: Path) -> list[Stage]:
+def stages(out: Path, cell_align: int | None = None) -> list[Stage]:
+    """The stages writing under ``out``; ``cell_align`` (None: the configs' default world) is
+    the shapes world of every stage, given to each ``prepare tokenize`` as ``--cell-align`` and
+    to each training run as ``world.cell_align``."""
     o = str(out)
+    world = [] if cell_align is None else [f"world.cell_align={cell_align}"]
+
+    def fit(experiment: str, *overrides: str) -> list[str]:
+        return [PY, "-m", "lit_cm3leon.fit", f"experiment={experiment}", *overrides, *world]
 
     # what the stages after the memory bank read: tokenizers, pre-tokenized pairs, the bank
     base = (
@@ -89,6 +92,7 @@ def stages(out: Path) -> list[Stage]:
 
     def tokenize(split: str, name: str, n: int, landmark_views: int = 0) -> list[str]:
         views = ["--landmark-views", str(landmark_views)] if landmark_views else []
+        views += [] if cell_align is None else ["--cell-align", str(cell_align)]
         return prepare(
             "tokenize",
             *("--source", "shapes", "--split", split, "--n", str(n), *views),
@@ -460,6 +464,13 @@ def run(argv: list[str] | None = None) -> int:
         "--out", default="outputs", help="where every stage publishes (default: outputs/)"
     )
     ap.add_argument("--only", nargs="*", help="run only these stages (by name)")
+    ap.add_argument(
+        "--cell-align",
+        type=int,
+        default=None,
+        help="the shapes world of every stage: cells span and start on multiples of this many "
+        "px (4: whole tokenizer patches; default: the configs' world.cell_align, 1)",
+    )
     cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     ap.add_argument(
         "--jobs",
@@ -471,6 +482,8 @@ def run(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error("--jobs must be >= 1")
+    if args.cell_align is not None and args.cell_align < 1:
+        ap.error("--cell-align must be >= 1 px")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LIT_CM3LEON_ROOT": str(out.parent)}
@@ -478,7 +491,7 @@ def run(argv: list[str] | None = None) -> int:
         raise SystemExit("--out must be a folder named outputs/ (the stages' configs point there)")
     timing_path = out / "pipeline.json"
     timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
-    todo = [s for s in stages(out) if not args.only or s.name in args.only]
+    todo = [s for s in stages(out, args.cell_align) if not args.only or s.name in args.only]
     if all(s.done(out) for s in todo) and (out / "report.md").is_file():
         print(f"Everything is done. The report is at {out / 'report.md'}")
         return 0

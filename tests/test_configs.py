@@ -145,3 +145,27 @@ def test_submitit_slurm_launcher_composes(compose):
     cfg = compose(["experiment=pretrain", "trainer=slurm", "hydra/launcher=slurm"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.nodes == cfg.trainer.num_nodes
+
+
+def test_one_world_knob_reaches_every_stage_that_draws_scenes(compose, tmp_path):
+    """`world.cell_align` sets the tokenizer's images, the retrievers' pairs and SFT's scenes;
+    the pipeline's --cell-align passes it to every training run and every `prepare tokenize`."""
+    from lit_cm3leon.pipeline import stages
+
+    paths = {"tokenizer": "data.world", "retriever": "data.world", "eval_clip": "data.world",
+             "sft": "data.shapes.world"}  # fmt: skip
+    for experiment, node in paths.items():
+        for align in (None, 4):
+            over = [] if align is None else [f"world.cell_align={align}"]
+            cfg = compose([f"experiment={experiment}", *over])
+            got = OmegaConf.select(cfg, node)
+            assert OmegaConf.to_container(got, resolve=True)["cell_align"] == (align or 1)
+    for align in (None, 4):
+        for stage in stages(tmp_path / "outputs", align):
+            cmd = stage.command
+            if "lit_cm3leon.fit" in cmd:
+                assert (f"world.cell_align={align}" in cmd) == (align is not None), stage.name
+            if "tokenize" in cmd:
+                flag = cmd[cmd.index("--cell-align") + 1] if "--cell-align" in cmd else None
+                assert flag == (None if align is None else str(align)), stage.name
+    assert sum("tokenize" in s.command for s in stages(tmp_path / "outputs", 4)) == 3

@@ -77,7 +77,8 @@ def outputs_world(outputs: str | Path, ckpt: str | Path | None = None) -> Shapes
         listing = "; ".join(f"{path}: {g}" for path, g in found.items())
         raise InputError(
             f"the stages under {outputs} were made in different shapes worlds ({listing}); make "
-            "them in one world (prepare tokenize --cell-align, data.world.cell_align for the "
-            "tokenizer, data.shapes.world.cell_align for SFT) before evaluating"
+            "them in one world (python -m lit_cm3leon.pipeline --cell-align N; by hand, "
+            "prepare tokenize --cell-align N and world.cell_align=N for every fit run) before "
+            "evaluating"
         )
     return ShapesWorld(**next(iter(found.values()), {}))
