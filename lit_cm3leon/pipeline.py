@@ -1,6 +1,7 @@
 """The main job: the whole suite on the shapes world, stage by stage.
 
-``python -m lit_cm3leon.pipeline [--budget full|reduced] [--jobs N] [--only STAGE ...]``
+``python -m lit_cm3leon.pipeline [--budget full|reduced] [--jobs N] [--only STAGE ...]
+[--cell-align PX] [--stage-args STAGE:ARGS ...]``
 
 Each stage is one command of the suite (``prepare``, ``fit``, ``eval/...``) run as a child
 process; a stage whose published artifact (``outputs/<stage>/manifest.json``) exists is skipped,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -326,6 +328,19 @@ def stages(out: Path, cell_align: int | None = None) -> list[Stage]:
     ]
 
 
+def add_stage_args(todo: list[Stage], specs: list[str]) -> None:
+    """Append ``STAGE:ARGS`` (ARGS split as a shell would) to that stage's command, e.g.
+    ``sft:model.copy_logit=true`` or ``'eval/edit_sft:--strategy temperature --top-k 1'``."""
+    by_name = {s.name: s for s in todo}
+    for spec in specs:
+        name, sep, args = spec.partition(":")
+        if not sep or name not in by_name or not args.strip():
+            raise ValueError(
+                f"--stage-args {spec!r}: expected STAGE:ARGS with STAGE one of {sorted(by_name)}"
+            )
+        by_name[name].command = [*by_name[name].command, *shlex.split(args)]
+
+
 def default_jobs(cores: int) -> int:
     """Two jobs from 2 cores up: decoding-bound evaluations gain more from a second process
     than from a second thread (module doc)."""
@@ -471,6 +486,15 @@ def run(argv: list[str] | None = None) -> int:
         help="the shapes world of every stage: cells span and start on multiples of this many "
         "px (4: whole tokenizer patches; default: the configs' world.cell_align, 1)",
     )
+    ap.add_argument(
+        "--stage-args",
+        action="append",
+        default=[],
+        metavar="STAGE:ARGS",
+        help="extra arguments for one stage's command (repeatable), e.g. "
+        "'sft:model.copy_logit=true' or 'image_tokenizer:module.vqgan={encoder_kernel:1}'; a "
+        "stage already done is not redone (delete its folder under outputs/ first)",
+    )
     cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     ap.add_argument(
         "--jobs",
@@ -491,7 +515,12 @@ def run(argv: list[str] | None = None) -> int:
         raise SystemExit("--out must be a folder named outputs/ (the stages' configs point there)")
     timing_path = out / "pipeline.json"
     timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
-    todo = [s for s in stages(out, args.cell_align) if not args.only or s.name in args.only]
+    every = stages(out, args.cell_align)
+    try:
+        add_stage_args(every, args.stage_args)
+    except ValueError as e:
+        ap.error(str(e))
+    todo = [s for s in every if not args.only or s.name in args.only]
     if all(s.done(out) for s in todo) and (out / "report.md").is_file():
         print(f"Everything is done. The report is at {out / 'report.md'}")
         return 0

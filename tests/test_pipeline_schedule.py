@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from lit_cm3leon.pipeline import Stage, run_stages
 from lit_cm3leon.report import busy_seconds
 
@@ -112,3 +114,23 @@ def test_busy_seconds_counts_overlaps_once_and_gaps_not_at_all():
         {"seconds": 4},  # a record without times (older pipeline.json)
     ]
     assert busy_seconds(t) == 12 + 3 + 4
+
+
+def test_stage_args_reach_one_stage_and_unknown_stages_are_named(tmp_path, capsys):
+    from lit_cm3leon.pipeline import add_stage_args, run, stages
+
+    every = stages(tmp_path / "outputs")
+    before = {s.name: list(s.command) for s in every}
+    add_stage_args(every, ["sft:model.copy_logit=true", "eval/edit_sft:--top-k 1 --cfg-scale 1"])
+    after = {s.name: s.command for s in every}
+    assert after["sft"] == [*before["sft"], "model.copy_logit=true"]
+    assert after["eval/edit_sft"] == [*before["eval/edit_sft"], "--top-k", "1", "--cfg-scale", "1"]
+    assert {k: v for k, v in after.items() if k not in ("sft", "eval/edit_sft")} == {
+        k: v for k, v in before.items() if k not in ("sft", "eval/edit_sft")
+    }
+    for bad in ("sfft:x=1", "sft", "sft: "):
+        with pytest.raises(ValueError, match="STAGE:ARGS with STAGE one of .*'sft'"):
+            add_stage_args(stages(tmp_path / "outputs"), [bad])
+    with pytest.raises(SystemExit) as err:
+        run(["--out", str(tmp_path / "outputs"), "--stage-args", "nope:x=1"])
+    assert err.value.code == 2 and "'nope:x=1'" in capsys.readouterr().err
