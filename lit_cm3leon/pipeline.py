@@ -43,6 +43,10 @@ class Stage:
     marker: str = "manifest.json"  # the file whose presence marks the stage finished
     needs: tuple[str, ...] | None = None  # stages whose outputs it reads (None: all earlier ones)
     exclusive: bool = False  # runs alone with every core (its step scales with threads)
+    extra: list[str] = field(default_factory=list)  # --stage-args: after the budget's, so they win
+
+    def argv(self, budget: str) -> list[str]:
+        return [*self.command, *(self.reduced if budget == "reduced" else []), *self.extra]
 
     def done(self, out: Path) -> bool:
         if self.marker == "manifest.json":
@@ -338,7 +342,7 @@ def add_stage_args(todo: list[Stage], specs: list[str]) -> None:
             raise ValueError(
                 f"--stage-args {spec!r}: expected STAGE:ARGS with STAGE one of {sorted(by_name)}"
             )
-        by_name[name].command = [*by_name[name].command, *shlex.split(args)]
+        by_name[name].extra += shlex.split(args)
 
 
 def default_jobs(cores: int) -> int:
@@ -403,7 +407,7 @@ def run_stages(
     timing_path = out / "pipeline.json"
 
     def start(stage: Stage, threads: int) -> None:
-        cmd = stage.command + (stage.reduced if budget == "reduced" else [])
+        cmd = stage.argv(budget)
         child_env = {**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         log = None
         if jobs > 1:

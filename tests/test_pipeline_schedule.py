@@ -120,13 +120,18 @@ def test_stage_args_reach_one_stage_and_unknown_stages_are_named(tmp_path, capsy
     from lit_cm3leon.pipeline import add_stage_args, run, stages
 
     every = stages(tmp_path / "outputs")
-    before = {s.name: list(s.command) for s in every}
+    before = {s.name: s.argv("reduced") for s in every}
     add_stage_args(every, ["sft:model.copy_logit=true", "eval/edit_sft:--top-k 1 --cfg-scale 1"])
-    after = {s.name: s.command for s in every}
+    add_stage_args(every, ["image_tokenizer:trainer.max_steps=4200"])
+    after = {s.name: s.argv("reduced") for s in every}
     assert after["sft"] == [*before["sft"], "model.copy_logit=true"]
     assert after["eval/edit_sft"] == [*before["eval/edit_sft"], "--top-k", "1", "--cfg-scale", "1"]
-    assert {k: v for k, v in after.items() if k not in ("sft", "eval/edit_sft")} == {
-        k: v for k, v in before.items() if k not in ("sft", "eval/edit_sft")
+    # after the reduced budget's own arguments, so that the later override wins
+    tok = after["image_tokenizer"]
+    assert tok[-1] == "trainer.max_steps=4200" and "trainer.max_steps=2820" in tok[:-1]
+    changed = ("sft", "eval/edit_sft", "image_tokenizer")
+    assert {k: v for k, v in after.items() if k not in changed} == {
+        k: v for k, v in before.items() if k not in changed
     }
     for bad in ("sfft:x=1", "sft", "sft: "):
         with pytest.raises(ValueError, match="STAGE:ARGS with STAGE one of .*'sft'"):
