@@ -128,6 +128,7 @@ def test_sft_task_overrides_merge_unless_the_mixture_is_replaced(compose):
     `+data.tasks={...}` replaces it (the README's one-task SFT)."""
     merged = compose(["experiment=sft", "data.tasks={edit: 2.0}"]).data.tasks
     assert len(merged) == 10 and merged.edit == 2.0 and merged.caption_short is None
+    assert compose(["experiment=sft", "data.tasks.edit=1.5x"]).data.tasks.edit == "1.5x"
     only = compose(["experiment=sft", "~data.tasks", "+data.tasks={edit: null}"]).data.tasks
     assert list(only) == ["edit"]
 

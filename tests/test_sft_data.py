@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from lit_cm3leon.data.sft import SFTSequences, local_edit_codes, mixture_rates, shapes_pools
+from lit_cm3leon.data.sft import (
+    SFTSequences,
+    local_edit_codes,
+    mixture_rates,
+    shapes_pools,
+    task_weights,
+)
 from lit_cm3leon.data.templates import TASKS, split_target
 from lit_cm3leon.fit import train
 from lit_cm3leon.tokenizer.codec import DocumentCodec
@@ -33,6 +39,26 @@ def test_rates_are_clipped_to_the_thresholds_and_sum_to_one():
     assert np.allclose(r, np.array([2, 1, 10]) / 13)
     with pytest.raises(ValueError, match="non-empty pool"):
         mixture_rates([10, 0], None)
+
+
+def test_multiples_of_the_natural_share_hold_when_the_pools_grow():
+    """A weight in pool-size units is a smaller share of a mixture whose pools grow; "<k>x" is k
+    times the task's natural share at any pool sizes, as null is 1x."""
+    order = ["caption", "vqa", "edit"]
+    spec = {"caption": None, "vqa": 2500, "edit": "0.5x"}
+    assert task_weights(spec, order, [1000, 4000, 1000]) == [None, 2500, 500.0]
+    for scale in (1, 8):
+        sizes = [1000 * scale, 4000 * scale, 1000 * scale]
+        r = mixture_rates(sizes, task_weights({"edit": "0.5x", "vqa": " 2x "}, order, sizes), 0, 9)
+        assert np.allclose(r, np.array([1, 8, 0.5]) / 9.5)  # the same shares at both scales
+    units = [mixture_rates(s, task_weights(spec, order, s), 0, 9)[1] for s in ([1000, 4000, 1000],
+             [8000, 32000, 8000])]  # fmt: skip
+    # 2500 units beside 1000 + 500 (caption, edit at 0.5x), then beside 8000 + 4000
+    assert units == pytest.approx([2500 / 4000, 2500 / 14500])
+    assert task_weights({"edit": "3x"}, ["edit"], [10]) == [30.0]
+    for bad in ("x", "2", "-1x", "twice"):
+        with pytest.raises(ValueError, match=f"data.tasks.edit={bad!r}: expected null"):
+            task_weights({"edit": bad}, ["edit"], [10])
 
 
 @pytest.fixture(scope="module")

@@ -95,6 +95,29 @@ def mixture_rates(
     return r / r.sum()
 
 
+def task_weights(tasks: Mapping[str, Any] | None, order: Sequence[str], sizes: Sequence[int]):
+    """Each task's mixture weight in pool-size units from ``data.tasks``: null = its pool size
+    (its natural share); a number = that many units; ``"<k>x"`` = ``k`` times its pool size, a
+    multiple of its natural share that holds whatever the pool sizes are."""
+    out = []
+    for task, size in zip(order, sizes, strict=True):
+        value = (tasks or {}).get(task)
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                k = float(text[:-1]) if text.endswith("x") else None
+            except ValueError:
+                k = None
+            if k is None or k < 0:
+                raise ValueError(
+                    f"data.tasks.{task}={value!r}: expected null (its natural share), a weight "
+                    f"in pool-size units (e.g. 2500) or a multiple of its natural share (e.g. 2x)"
+                )
+            value = k * size
+        out.append(value)
+    return out
+
+
 def own_scenes(shapes: dict, tasks: Sequence[str]) -> dict[str, dict[str, int]]:
     """``data.shapes.own_scenes`` checked: for each task of ``tasks`` that draws its own training
     scenes, the fields given of ``{n_train, max_shapes}`` (the others are the mixture's). Tasks
@@ -583,8 +606,9 @@ class SFTDataModule(L.LightningDataModule):
         codec, tok = self._tokenizers()
         train, val = self._pools(tok)
         order = list(train)
-        weights = [(hp.tasks or {}).get(t) for t in order]
-        rates = mixture_rates([len(train[t]) for t in order], weights, hp.min_ratio, hp.max_ratio)
+        sizes = [len(train[t]) for t in order]
+        weights = task_weights(hp.tasks, order, sizes)
+        rates = mixture_rates(sizes, weights, hp.min_ratio, hp.max_ratio)
         self.rates = dict(zip(order, rates.tolist(), strict=True))
         log.info(
             "SFT mixture: %s",
