@@ -56,7 +56,7 @@ def test_multiples_of_the_natural_share_hold_when_the_pools_grow():
     # 2500 units beside 1000 + 500 (caption, edit at 0.5x), then beside 8000 + 4000
     assert units == pytest.approx([2500 / 4000, 2500 / 14500])
     assert task_weights({"edit": "3x"}, ["edit"], [10]) == [30.0]
-    for bad in ("x", "2", "-1x", "twice"):
+    for bad in ("x", "2", "-1x", "nanx", "infx", "twice"):
         with pytest.raises(ValueError, match=f"data.tasks.edit={bad!r}: expected null"):
             task_weights({"edit": bad}, ["edit"], [10])
 

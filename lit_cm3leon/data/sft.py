@@ -7,7 +7,8 @@ in batches, and cached as ``.npz`` under ``cache_dir`` keyed by the image tokeni
 the sample range (or the list of files), so training never touches pixels.
 
 Mixture. Each task has a natural share ``p_i = n_i / sum n`` (its pool size) and a configured
-weight ``w_i`` (null = natural). As in the paper, sampling rates are clipped to between
+weight ``w_i`` (null = natural; a number in pool-size units; ``"<k>x"`` = ``k * n_i``, see
+:func:`task_weights`). As in the paper, sampling rates are clipped to between
 ``min_ratio`` and ``max_ratio`` times the natural share and renormalized:
 ``r_i = clip(s * w_i, min_ratio * p_i, max_ratio * p_i)`` with the scalar ``s`` chosen so that
 ``sum r_i = 1`` (:func:`mixture_rates`).
@@ -108,7 +109,7 @@ def task_weights(tasks: Mapping[str, Any] | None, order: Sequence[str], sizes: S
                 k = float(text[:-1]) if text.endswith("x") else None
             except ValueError:
                 k = None
-            if k is None or k < 0:
+            if k is None or not 0 <= k < float("inf"):
                 raise ValueError(
                     f"data.tasks.{task}={value!r}: expected null (its natural share), a weight "
                     f"in pool-size units (e.g. 2500) or a multiple of its natural share (e.g. 2x)"
