@@ -6,7 +6,10 @@
 Each stage is one command of the suite (``prepare``, ``fit``, ``eval/...``) run as a child
 process; a stage whose published artifact (``outputs/<stage>/manifest.json``) exists is skipped,
 so a rerun resumes where a killed run stopped (training stages resume from their
-``last.ckpt``). Wall time per stage goes to ``outputs/pipeline.json`` and into the report.
+``last.ckpt``). Wall time per stage goes to ``outputs/pipeline.json`` and into the report, with
+the arguments the stage ran with: a rerun whose arguments for a finished stage differ (another
+``--budget``, ``--cell-align`` or ``--stage-args``) stops before running anything and names the
+folders to delete, instead of skipping the stage and reporting it as this run's.
 
 Stages run as soon as the stages they read (``Stage.needs``) are done, up to ``--jobs`` at a
 time, each child with ``cores // jobs`` threads (``OMP_NUM_THREADS``); an ``exclusive`` stage
@@ -351,9 +354,10 @@ def default_jobs(cores: int) -> int:
     return 2 if cores >= 2 else 1
 
 
-def timing(budget: str, budget_min: float, threads: int, t0: float, end: float) -> dict:
-    """A stage's record in ``outputs/pipeline.json`` (the report reads it)."""
-    return {
+def timing(budget: str, budget_min: float, threads: int, t0: float, end: float, args=None) -> dict:
+    """A stage's record in ``outputs/pipeline.json`` (the report reads it); ``args``: its
+    ``recipe``."""
+    record = {
         "seconds": round(end - t0, 1),
         "budget": budget,
         "budget_min": budget_min,
@@ -361,6 +365,54 @@ def timing(budget: str, budget_min: float, threads: int, t0: float, end: float) 
         "start": round(t0, 1),
         "end": round(end, 1),
     }
+    return record if args is None else {**record, "args": args}
+
+
+def recipe(cmd: list[str], out: Path) -> list[str]:
+    """A stage's command as ``pipeline.json`` records it: without the interpreter, the outputs
+    folder written ``{outputs}`` and the repository ``{repo}``, so that a moved root or another
+    virtual environment reads as the same recipe."""
+    return [a.replace(str(out), "{outputs}").replace(str(ROOT), "{repo}") for a in cmd[1:]]
+
+
+def changed_stages(todo: list[Stage], out: Path, budget: str, timings: dict) -> str | None:
+    """None, or why this run must not go on: the finished stages of ``todo`` whose recorded
+    arguments differ from this run's, each with the stages that read it (transitively).
+    Stages finished before arguments were recorded are not compared."""
+    names = [s.name for s in todo]
+    readers = {n: set() for n in names}
+    for i, s in enumerate(todo):
+        for need in s.needs if s.needs is not None else names[:i]:
+            if need in readers:
+                readers[need].add(s.name)
+    lines = []
+    for s in todo:
+        made = timings.get(s.name, {}).get("args")
+        now = recipe(s.argv(budget), out)
+        if made is None or made == now or not s.done(out):
+            continue
+        after, frontier = set(), [s.name]
+        while frontier:
+            new = readers[frontier.pop()] - after
+            after |= new
+            frontier += new
+        lines += [
+            f"outputs/{s.name} was made with other arguments than this run's:",
+            f"  made with: {shlex.join(made)}",
+            f"  this run:  {shlex.join(now)}",
+        ]
+        if after:
+            lines.append(f"  read by: {', '.join(n for n in names if n in after)}")
+    if not lines:
+        return None
+    return "\n".join(
+        [
+            *lines,
+            "Nothing was run. To redo a stage with this run's arguments, delete its folder under "
+            f"{out} and the folders of the stages that read it; to resume, rerun with the "
+            "arguments it was made with.",
+        ]
+    )
 
 
 @dataclass
@@ -461,7 +513,8 @@ def run_stages(
                 )
                 continue
             finished.add(name)
-            timings[name] = timing(budget, r.stage.budget_min, r.threads, r.t0, time.time())
+            args = recipe(r.stage.argv(budget), out)
+            timings[name] = timing(budget, r.stage.budget_min, r.threads, r.t0, time.time(), args)
             timing_path.write_text(json.dumps(timings, indent=2))
             print(f"{head(name)}: finished in {timings[name]['seconds']:.0f} s", flush=True)
     return failed
@@ -497,7 +550,8 @@ def run(argv: list[str] | None = None) -> int:
         metavar="STAGE:ARGS",
         help="extra arguments for one stage's command (repeatable), e.g. "
         "'sft:model.copy_logit=true' or 'image_tokenizer:module.vqgan={encoder_kernel:1}'; a "
-        "stage already done is not redone (delete its folder under outputs/ first)",
+        "stage already done with other arguments stops the run (delete its folder under "
+        "outputs/ to redo it)",
     )
     cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     ap.add_argument(
@@ -525,6 +579,10 @@ def run(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     todo = [s for s in every if not args.only or s.name in args.only]
+    changed = changed_stages(todo, out, args.budget, timings)
+    if changed:
+        print(changed, file=sys.stderr)
+        return 2
     if all(s.done(out) for s in todo) and (out / "report.md").is_file():
         print(f"Everything is done. The report is at {out / 'report.md'}")
         return 0

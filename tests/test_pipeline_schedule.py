@@ -139,3 +139,57 @@ def test_stage_args_reach_one_stage_and_unknown_stages_are_named(tmp_path, capsy
     with pytest.raises(SystemExit) as err:
         run(["--out", str(tmp_path / "outputs"), "--stage-args", "nope:x=1"])
     assert err.value.code == 2 and "'nope:x=1'" in capsys.readouterr().err
+
+
+def test_a_finished_stage_with_other_arguments_stops_the_rerun(tmp_path, capsys):
+    from lit_cm3leon.pipeline import changed_stages, run
+
+    out = tmp_path / "outputs"
+    out.mkdir()
+    todo = [fake(out, "a", seconds=0.1), fake(out, "b", needs=["a"], seconds=0.1)]
+    todo.append(fake(out, "c", needs=["b"], seconds=0.1))
+    todo.append(fake(out, "d", needs=(), seconds=0.1))
+    timings: dict = {}
+    assert schedule(out, todo, timings) == 0
+    # recorded without the interpreter, the outputs folder as {outputs}
+    assert timings["a"]["args"][:2] == ["-c", todo[0].command[2]]
+    assert timings["a"]["args"][2] == "{outputs}"
+    assert changed_stages(todo, out, "full", timings) is None
+    # the same recipe from a moved root is the same
+    moved = tmp_path / "elsewhere" / "outputs"
+    (tmp_path / "elsewhere").mkdir()
+    out.rename(moved)
+    again = [fake(moved, s.name, needs=s.needs, seconds=0.1) for s in todo]
+    assert changed_stages(again, moved, "full", timings) is None
+    # another argument for a finished stage: named with both recipes and its readers
+    again[0].extra = ["model.copy_logit=true"]
+    msg = changed_stages(again, moved, "full", timings)
+    assert msg.startswith("outputs/a was made with other arguments than this run's")
+    assert "this run:" in msg and msg.count("model.copy_logit=true") == 1
+    assert "read by: b, c\n" in msg and "Nothing was run" in msg
+    # the reduced budget's arguments count too; a stage not finished is not compared
+    again[0].extra, again[2].reduced = [], ["--n", "8"]
+    assert changed_stages(again, moved, "reduced", timings).startswith("outputs/c was made")
+    assert changed_stages(again, moved, "full", timings) is None
+    (moved / "c" / "ran.json").unlink()
+    assert changed_stages(again, moved, "reduced", timings) is None
+    # a stage recorded before arguments were: not compared
+    del timings["b"]["args"]
+    again[1].extra = ["x=1"]
+    assert changed_stages(again, moved, "full", timings) is None
+    # the CLI: exits 2 before running anything, with the recipes on stderr
+    root = tmp_path / "cli"
+    cli_out = root / "outputs"
+    cli_out.mkdir(parents=True)
+    (cli_out / "text_tokenizer").mkdir()
+    (cli_out / "text_tokenizer" / "manifest.json").write_text("{}")
+    from lit_cm3leon.pipeline import stages
+
+    tok = next(s for s in stages(cli_out) if s.name == "text_tokenizer")
+    made = timings["a"] | {"args": ["-m", "lit_cm3leon.prepare", "text-tokenizer", "--old"]}
+    (cli_out / "pipeline.json").write_text(json.dumps({"text_tokenizer": made}))
+    capsys.readouterr()
+    code = run(["--out", str(cli_out), "--only", "text_tokenizer"])
+    err = capsys.readouterr().err
+    assert code == 2 and "outputs/text_tokenizer was made with other arguments" in err
+    assert "--old" in err and "{outputs}/text_tokenizer" in err and tok.done(cli_out)
