@@ -365,3 +365,64 @@ def test_one_task_override_builds_a_one_task_mixture(compose, artifacts):
     merged = built(["data.tasks={edit: 2.0}"])
     assert set(merged.rates) == set(TASKS)
     assert len({merged.train_ds[i]["task"].item() for i in range(32)}) > 1
+
+
+def test_sft_samples_show_every_task_in_tensorboard(compose, artifacts, image_tokenizer):
+    """The SFT run's TensorBoard holds, for each of the ten tasks, its held-out examples with the
+    model's sample: images as rows [prompt images, sample, reference], text as a table."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit_cm3leon.data.templates import get_template
+    from lit_cm3leon.tokenizer.image import load_image_tokenizer
+    from lit_cm3leon.training.sft_samples import SFTSamples
+
+    cfg = compose(
+        [
+            *overrides(3),
+            "logger=tensorboard",
+            "callbacks.sft_samples.every_n_steps=3",
+            "callbacks.sft_samples.per_task=2",
+            "callbacks.sft_samples.scale=1",
+        ]
+    )
+    train(cfg)
+    events = EventAccumulator(f"{cfg.paths.run_dir}/tensorboard", size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    image_tasks = [t for t in TASKS if get_template(t).target == "image"]
+    assert sorted(tags["images"]) == sorted(f"sft_samples/{t}" for t in image_tasks)
+    (edit,) = events.Images("sft_samples/edit")
+    assert edit.step == 3 and (edit.width, edit.height) == (3 * 32, 2 * 32)  # source, sample, ref
+    (spatial,) = events.Images("sft_samples/spatial")
+    assert (spatial.width, spatial.height) == (2 * 32, 2 * 32)  # no prompt image
+    text_tags = {t.split("/")[1] for t in tags["tensors"] if t.startswith("sft_samples/")}
+    assert text_tags == {t for t in TASKS if get_template(t).target == "text"}
+
+    # the table and the grid: the references are the pools' targets, each sample the model's
+    from lit_cm3leon.training.checkpoint import load_decoder
+
+    vocab = Vocab.load(artifacts / "text_tokenizer" / "vocab.json")
+    net, _, _ = load_decoder(artifacts / "sft", vocab=vocab)
+    pools = {
+        "vqa": [{"image": np.zeros((8, 8), np.int64), "question": "what color?", "answer": "red"}],
+        "edit": [
+            {
+                "image": np.full((8, 8), 3, np.int64),
+                "instruction": "make it blue",
+                "target": np.full((8, 8), 5, np.int64),
+            }
+        ],
+    }
+    codec = DocumentCodec.load(artifacts / "text_tokenizer")
+    ds = SFTSequences(pools, codec, seq_len=192, sample=False)
+    shown = SFTSamples(
+        str(artifacts / "image_tokenizer"), image_strategy="temperature", temperature=0.0, scale=2
+    ).samples(net, ds)
+    assert shown["vqa"].splitlines()[2].endswith("| red |") and "what color?" in shown["vqa"]
+    tok = load_image_tokenizer(artifacts / "image_tokenizer")
+    grid = shown["edit"]
+    assert grid.shape == (64, 3 * 64, 3)
+    grid = grid[::2, ::2]
+    ref = tok.decode(torch.as_tensor(pools["edit"][0]["target"][None])).numpy()[0]
+    src = tok.decode(torch.as_tensor(pools["edit"][0]["image"][None])).numpy()[0]
+    assert np.array_equal(grid[:, 64:], ref) and np.array_equal(grid[:, :32], src)

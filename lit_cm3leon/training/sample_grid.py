@@ -1,4 +1,5 @@
-"""A callback that draws text-to-image samples into TensorBoard every N training steps."""
+"""A callback that draws text-to-image samples into TensorBoard every N training steps, and the
+logging helpers the sample callbacks share."""
 
 from __future__ import annotations
 
@@ -73,7 +74,20 @@ class SampleGrid(L.Callback):
             image = self.grid(pl_module.net)
         finally:
             pl_module.net.train(was_training)
-        for lg in trainer.loggers:
-            exp = getattr(lg, "experiment", None)
-            if hasattr(exp, "add_image"):
-                exp.add_image("samples/text_to_image", image, step, dataformats="HWC")
+        log_image(trainer, "samples/text_to_image", image, step)
+
+
+def log_image(trainer: L.Trainer, tag: str, image: np.ndarray, step: int) -> None:
+    """uint8 [H, W, 3] to every logger that takes images (TensorBoard)."""
+    for lg in trainer.loggers:
+        exp = getattr(lg, "experiment", None)
+        if hasattr(exp, "add_image"):
+            exp.add_image(tag, image, step, dataformats="HWC")
+
+
+def log_text(trainer: L.Trainer, tag: str, text: str, step: int) -> None:
+    """Markdown to every logger that takes text (TensorBoard)."""
+    for lg in trainer.loggers:
+        exp = getattr(lg, "experiment", None)
+        if hasattr(exp, "add_text"):
+            exp.add_text(tag, text, step)
