@@ -357,6 +357,7 @@ class Report:
                 f"![ablation]({plot.relative_to(self.out)})",
                 "",
             )
+        self._sft_image_tasks()
         for m in ("pretrain", "sft"):
             preds = _load(self.out / "eval" / f"captioning_{m}" / "run" / "predictions.json")
             if preds:
@@ -366,6 +367,67 @@ class Report:
                     *[f"- {p['caption']}" for p in preds[:6]],
                     "",
                 )
+
+    def _sft_image_tasks(self, n: int = 8, per_row: int = 4, scale: int = 3) -> None:
+        """Figures of the SFT model's first ``n`` held-out edits ([source, output, target] each)
+        and spatial prompts ([output, true scene] each), ``per_row`` items to a row, enlarged
+        ``scale`` times (nearest neighbour), with their instructions and outcomes. The inputs and
+        references are the world's own renders of the evaluation's items."""
+        from PIL import Image
+
+        from lit_cm3leon.evaluation.metrics_io import InputError
+        from lit_cm3leon.evaluation.shapes_edit import edit_items
+        from lit_cm3leon.evaluation.shapes_spatial import spatial_items
+        from lit_cm3leon.evaluation.world import outputs_world
+        from lit_cm3leon.generate import save_grid
+
+        try:
+            world = outputs_world(self.out)
+        except InputError:
+            return  # the evaluations refused this folder already; nothing of theirs to show
+        for name, title, columns, score in (
+            ("edit_sft", "Edits (sft): source, output, target", "instruction", "success"),
+            (
+                "spatial_sft",
+                "Spatially grounded generation (sft): output, true scene",
+                "prompt",
+                "placed",
+            ),
+        ):
+            run = self.out / "eval" / name / "run"
+            records = (_load(run / "items.json") or [])[:n]
+            files = sorted((run / "samples").glob("*.png"))[: len(records)]
+            if len(files) < per_row or len(records) < per_row:
+                continue
+            k = len(files) // per_row * per_row
+            outputs = [np.asarray(Image.open(f).convert("RGB")) for f in files[:k]]
+            if name == "edit_sft":
+                refs = edit_items(k, world)
+                cells = [
+                    [e.before_image, o, e.after_image] for e, o in zip(refs, outputs, strict=True)
+                ]
+            else:
+                refs = spatial_items(k, world)
+                cells = [[o, world.render(it.scene)] for it, o in zip(refs, outputs, strict=True)]
+            if any(c[-1].shape != outputs[0].shape for c in cells):
+                continue  # samples from another image size than this world's
+            grid = np.asarray(cells).reshape(
+                k // per_row, per_row * len(cells[0]), *outputs[0].shape
+            )
+            path = self.out / "figures" / f"{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_grid(grid.repeat(scale, 2).repeat(scale, 3), path)
+            self.add(
+                f"### {title}",
+                "",
+                f"![{title}]({path.relative_to(self.out)})",
+                "",
+                *[
+                    f"{i + 1}. `{r[columns]}`: {score} {r[score]:.2f}"
+                    for i, r in enumerate(records[:k])
+                ],
+                "",
+            )
 
     def _ablation_rows(self) -> list[dict]:
         import csv

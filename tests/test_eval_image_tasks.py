@@ -373,3 +373,41 @@ def test_cli_scores_in_the_outputs_world(outputs, tmp_path, capsys):
             mod.main(["--ckpt", str(outputs / "pretrain"), "--outputs", str(out), "--n", "2"]) == 2
         )
         assert "different shapes worlds" in capsys.readouterr().err, name
+
+
+def test_report_shows_the_sft_edits_and_spatial_samples(outputs, world):
+    """The report's figures put each edit's output between its source and target (the world's
+    renders of the evaluation's items) and each spatial output beside its true scene."""
+    from PIL import Image
+
+    from lit_cm3leon.report import Report
+
+    cli = _cli()
+    for task in ("edit", "spatial"):
+        folder = outputs / "eval" / f"{task}_sft"
+        argv = ["--task", task, "--ckpt", str(outputs / "pretrain"), "--outputs", str(outputs),
+                "--n", "9", "--batch-size", "4", "--bootstrap", "0", "--run-dir",
+                str(folder / "run"), "--out", str(folder / "metrics.json")]  # fmt: skip
+        assert cli.main(argv) == 0
+    text = Report(outputs).build()
+    edits, items = se.edit_items(8, world), ss.spatial_items(8, world)
+    assert "![Edits (sft): source, output, target](figures/edit_sft.png)" in text
+    assert f"1. `{edits[0].instruction}`: success " in text and "8. `" in text
+    assert "9. `" not in text  # eight items: two rows of four
+    size = edits[0].before_image.shape[0]
+    cell, pad = 3 * size, 2
+    for name, per_item in (("edit_sft", 3), ("spatial_sft", 2)):
+        grid = np.asarray(Image.open(outputs / "figures" / f"{name}.png").convert("RGB"))
+        assert grid.shape == (pad + 2 * (cell + pad), pad + 4 * per_item * (cell + pad), 3)
+
+    def at(grid, row, col):
+        y, x = pad + row * (cell + pad), pad + col * (cell + pad)
+        return grid[y : y + cell : 3, x : x + cell : 3]
+
+    grid = np.asarray(Image.open(outputs / "figures" / "edit_sft.png").convert("RGB"))
+    sample = np.asarray(Image.open(outputs / "eval" / "edit_sft" / "run" / "samples" / "00005.png"))
+    assert np.array_equal(at(grid, 1, 3), edits[5].before_image)  # row 2, item 2: source
+    assert np.array_equal(at(grid, 1, 4), sample[..., :3])
+    assert np.array_equal(at(grid, 1, 5), edits[5].after_image)
+    grid = np.asarray(Image.open(outputs / "figures" / "spatial_sft.png").convert("RGB"))
+    assert np.array_equal(at(grid, 0, 7), world.render(items[3].scene))
