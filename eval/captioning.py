@@ -122,6 +122,7 @@ def ckpt_main(args: argparse.Namespace, metrics: list[str]) -> int:
 
     from lit_cm3leon.data.templates import inference_prompt
     from lit_cm3leon.evaluation import shapes_i2t as si
+    from lit_cm3leon.evaluation.metrics_io import write_item_scores
     from lit_cm3leon.evaluation.world import outputs_world
 
     folder = i2t_run_dir(args, "captioning", "caption_long")
@@ -164,6 +165,7 @@ def ckpt_main(args: argparse.Namespace, metrics: list[str]) -> int:
             len(ids), bootstrap.mean_statistic(attr), args.bootstrap, args.seed
         )
         ci95.update({prefix + k: [round(x, 6) for x in pair] for k, pair in ci.items()})
+    write_item_scores(folder, ids, per_image[""])
     diff, diff_ci = bootstrap.differences(
         per_image[""], per_image["baseline_"], args.bootstrap, args.seed
     )

@@ -132,7 +132,7 @@ def ckpt_main(args: argparse.Namespace) -> int:
 
     from lit_cm3leon.data.templates import inference_prompt
     from lit_cm3leon.evaluation import shapes_i2t as si
-    from lit_cm3leon.evaluation.metrics_io import run_header
+    from lit_cm3leon.evaluation.metrics_io import run_header, write_item_scores
     from lit_cm3leon.evaluation.world import outputs_world
 
     folder = i2t_run_dir(args, "vqa", "vqa")
@@ -177,6 +177,8 @@ def ckpt_main(args: argparse.Namespace) -> int:
         )
         scores = score_vqa(preds, anns)
         accuracy[prefix] = {"overall": scores.accuracy}
+        if not prefix:
+            write_item_scores(folder, scores.question_ids, accuracy[""])
         record.update({prefix + k: v for k, v in scores.summary().items()})
         ci95.update(
             {prefix + k: v for k, v in _nested_ci(scores, args.bootstrap, args.seed).items()}

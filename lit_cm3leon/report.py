@@ -227,12 +227,35 @@ class Report:
             f"{_num(c.get('baseline_caption_attr_acc'))} | {_num(v.get('baseline_overall'), 2)} |",
             f"| ours, shapes | sft minus the baseline [paired 95% CI] | {_diff(c, 'CIDEr')} | "
             f"{_diff(c, 'caption_attr_acc')} | {_diff(v, 'overall', 2)} |",
+        )
+        c, v = self.sft_versus_pretrain("captioning"), self.sft_versus_pretrain("vqa", 100.0)
+        self.add(
+            f"| ours, shapes | sft minus pretrain [paired 95% CI] | {_diff(c, 'CIDEr')} | "
+            f"{_diff(c, 'caption_attr_acc')} | {_diff(v, 'overall', 2)} |",
             "",
-            "Paired: the same images and questions resampled for the model and its baseline; an "
-            "interval above 0 is a clear win.",
+            "Paired: the same images and questions resampled for the model and its baseline (or "
+            "the pretrained model, from both runs' item_scores.json); an interval above 0 is a "
+            "clear win.",
             "",
         )
-        return {"cap": caps, "vqa": vqas}
+        return {"cap": caps, "vqa": vqas, "versus": {"cap": c, "vqa": v}}
+
+    def sft_versus_pretrain(self, name: str, scale: float = 1.0) -> dict | None:
+        """``{difference_<key>: ..., ci95: {...}}``: the SFT model minus the pretrained one on the
+        same items of ``eval/<name>_{sft,pretrain}`` (None when a run or its scores are absent)."""
+        from lit_cm3leon.evaluation.bootstrap import versus
+        from lit_cm3leon.evaluation.metrics_io import ITEM_SCORES, InputError
+
+        runs = [self.out / "eval" / f"{name}_{m}" / "run" for m in ("sft", "pretrain")]
+        if not all((r / ITEM_SCORES).is_file() for r in runs):
+            return None
+        boot = (self.ev(f"{name}_sft") or {}).get("bootstrap") or {}
+        try:
+            points, ci = versus(*runs, boot.get("resamples", 1000), boot.get("seed", 0), scale)
+        except InputError as e:
+            self.add(f"({name}: sft and pretrain not compared: {e})")
+            return None
+        return {**points, "ci95": ci}
 
     def caption_reading(self) -> None:
         """Which caption words the decoders' image likelihood depends on (eval/caption_probe.py)."""
@@ -520,9 +543,18 @@ class Report:
             (t2["vqa"]["sft"] or {}).get("overall"),
         )
         ok4 = None if None in (cp, cs, vp, vs) else (cs > cp and vs > vp)
+        vc, vv = t2["versus"]["cap"], t2["versus"]["vqa"]
+        paired = ""
+        if vc and vv and ok4 is not None:  # with both runs' items: a clear win, paired
+            lows = (vc["ci95"]["difference_CIDEr"][0], vv["ci95"]["difference_overall"][0])
+            ok4 = ok4 and min(lows) > 0
+            paired = (
+                f" (paired differences {_diff(vc, 'CIDEr')} and {_diff(vv, 'overall', 2)}, "
+                "reproduced when both intervals are above 0)"
+            )
         self.add(
             f"4. SFT lifts VQA and captioning over the pretrained model: {verdict(ok4)}: CIDEr {_num(cp)} -> {_num(cs)}, "
-            f"VQA {_num(vp, 2)} -> {_num(vs, 2)}.",
+            f"VQA {_num(vp, 2)} -> {_num(vs, 2)}{paired}.",
             "",
         )
 

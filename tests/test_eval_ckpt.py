@@ -162,7 +162,7 @@ def test_caption_claim_accuracy():
 
 
 def test_captioning_and_vqa_ckpt(outputs):
-    from lit_cm3leon.evaluation.metrics_io import read_metrics
+    from lit_cm3leon.evaluation.metrics_io import read_item_scores, read_metrics
     from lit_cm3leon.evaluation.vqa_accuracy import load_vqa
 
     common = ["--ckpt", str(outputs / "pretrain"), "--outputs", str(outputs), "--bootstrap", "10",
@@ -199,6 +199,11 @@ def test_captioning_and_vqa_ckpt(outputs):
     for key in ("CIDEr", "caption_attr_acc"):
         assert m[f"difference_{key}"] == pytest.approx(m[key] - m[f"baseline_{key}"]), key
         assert f"difference_{key}" in m["ci95"], key
+    # the per-image scores behind the means, for comparing two models on the same images
+    ids, per = read_item_scores(cap)
+    assert ids == [0, 1, 2] and set(per) == {"CIDEr", "caption_attr_acc"}  # --metrics asked
+    for key in ("CIDEr", "caption_attr_acc"):
+        assert np.mean(per[key]) == pytest.approx(m[key]), key
 
     assert script("vqa").main([*common, "--n", "8"]) == 0
     vq = outputs / "eval" / "vqa" / "pretrain_shapes-heldout_n8_vqa_greedy_seed0"
@@ -210,6 +215,9 @@ def test_captioning_and_vqa_ckpt(outputs):
     assert set(m["baseline_prior"]) == {"color", "shape", "count", "position", "yesno"}
     assert "baseline_overall" in m and "overall" in m["ci95"] and "baseline_overall" in m["ci95"]
     assert m["difference_overall"] == pytest.approx(m["overall"] - m["baseline_overall"], abs=0.01)
+    ids, per = read_item_scores(vq)
+    assert ids == [a["question_id"] for a in annotations]
+    assert 100 * np.mean(per["overall"]) == pytest.approx(m["overall"], abs=0.01)
     lo, hi = m["ci95"]["difference_overall"]
     assert lo <= m["difference_overall"] <= hi
     # the prior baseline is scored with the official metric: its yes/no accuracy is that of

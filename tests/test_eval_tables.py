@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
@@ -113,3 +114,70 @@ def test_report_caption_reading_rows_and_the_unread_caption_note(tmp_path):
     assert "hardly reads the caption (background 0.050 nats" in text
     assert "| pretrain | – | – | – | 0.050 – | – | 300 |" in text
     assert "| pretrain | not run |" in Report(tmp_path / "none").build()
+
+
+def ci_vqa(out):
+    from lit_cm3leon.evaluation.bootstrap import versus
+
+    run = out / "eval"
+    return versus(run / "vqa_sft" / "run", run / "vqa_pretrain" / "run", 300, 0, 100.0)[1][
+        "difference_overall"
+    ]
+
+
+def test_report_compares_sft_with_pretrain_on_the_same_items(tmp_path):
+    """Table 2's "sft minus pretrain" row and finding 4 pair the two runs' per-item scores:
+    a clear win needs both intervals above 0; runs over other items are not compared."""
+    from lit_cm3leon.evaluation.bootstrap import versus
+    from lit_cm3leon.evaluation.metrics_io import write_item_scores
+    from lit_cm3leon.report import Report
+
+    out = tmp_path / "outputs"
+    rng = np.random.default_rng(0)
+    hard = rng.random(200)  # items vary together for both models
+    scores = {
+        "captioning": {"pretrain": {"CIDEr": hard, "caption_attr_acc": hard / 2},
+                       "sft": {"CIDEr": hard + 0.3 + 0.05 * rng.standard_normal(200),
+                               "caption_attr_acc": hard / 2 + 0.01 * rng.standard_normal(200)}},
+        "vqa": {"pretrain": {"overall": (hard > 0.7).astype(float)},
+                "sft": {"overall": (hard > 0.4).astype(float)}},
+    }  # fmt: skip
+    for name, by_model in scores.items():
+        for m, per in by_model.items():
+            run = out / "eval" / f"{name}_{m}" / "run"
+            run.mkdir(parents=True)
+            write_item_scores(run, np.arange(200), per)
+            means = {k: float(np.mean(v)) * (100 if name == "vqa" else 1) for k, v in per.items()}
+            write_metrics(out / "eval" / f"{name}_{m}" / "metrics.json",
+                          run_header("x", 0, 200, ckpt=m), means, {}, {"resamples": 300, "seed": 0})  # fmt: skip
+    points, ci = versus(
+        out / "eval" / "captioning_sft" / "run", out / "eval" / "captioning_pretrain" / "run", 300
+    )
+    assert points["difference_CIDEr"] == pytest.approx(
+        np.mean(scores["captioning"]["sft"]["CIDEr"] - hard)
+    )
+    assert (
+        0.28
+        < ci["difference_CIDEr"][0]
+        < points["difference_CIDEr"]
+        < ci["difference_CIDEr"][1]
+        < 0.32
+    )
+    lo, hi = ci["difference_caption_attr_acc"]
+    assert lo < 0 < hi  # no gain: the interval straddles 0
+    text = Report(out).build()
+    row = next(line for line in text.splitlines() if "sft minus pretrain" in line)
+    assert f"{points['difference_CIDEr']:.3f} [{ci['difference_CIDEr'][0]:.3f}" in row
+    gain = 100 * np.mean((hard > 0.4) & (hard <= 0.7))  # VQA, in points
+    assert row.endswith(f" | {gain:.2f} [{ci_vqa(out)[0]:.2f}, {ci_vqa(out)[1]:.2f}] |")
+    assert "4. SFT lifts VQA and captioning over the pretrained model: **reproduced**" in text
+    assert "(paired differences" in text
+    # a pretrained run over other items: refused by versus, not compared in the report
+    write_item_scores(
+        out / "eval" / "vqa_pretrain" / "run", np.arange(1, 201), scores["vqa"]["pretrain"]
+    )
+    with pytest.raises(InputError, match="scored different items"):
+        versus(out / "eval" / "vqa_sft" / "run", out / "eval" / "vqa_pretrain" / "run")
+    text = Report(out).build()
+    assert "(vqa: sft and pretrain not compared:" in text
+    assert "(paired differences" not in text

@@ -111,6 +111,17 @@ def test_sft_captions_beat_most_frequent_caption(outputs):
     assert m["ci95"]["difference_CIDEr"][0] > 0
 
 
+def test_sft_beats_the_pretrained_model_on_captions_and_vqa(outputs):
+    """The same 500 images and 1,000 questions, paired: SFT minus the pretrained model."""
+    from lit_cm3leon.evaluation.bootstrap import versus
+
+    runs = {m: outputs / "eval" / m / "run" for m in ("captioning_sft", "captioning_pretrain")}
+    _, ci = versus(runs["captioning_sft"], runs["captioning_pretrain"])
+    assert ci["difference_CIDEr"][0] > 0 and ci["difference_caption_attr_acc"][0] > 0
+    _, ci = versus(outputs / "eval" / "vqa_sft" / "run", outputs / "eval" / "vqa_pretrain" / "run")
+    assert ci["difference_overall"][0] > 0
+
+
 def test_sft_places_shapes_in_their_boxes_above_chance(outputs):
     """The fraction of the output's shapes lying in a box cell, against shapes placed at random."""
     m = metrics(outputs, "spatial_sft")

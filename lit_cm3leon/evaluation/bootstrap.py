@@ -8,6 +8,7 @@ one evaluation shares the same resamples.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -80,3 +81,31 @@ def info(n_resamples: int, seed: int, level: float = 0.95, unit: str = "item") -
         "method": "percentile",
         "unit": unit,
     }
+
+
+def versus(
+    model_run: str | Path,
+    other_run: str | Path,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    scale: float = 1.0,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Paired differences (:func:`differences`) of two runs' per-item scores (their
+    ``item_scores.json``), e.g. the SFT model against the pretrained one on the same held-out
+    images. Runs over other items, or in another order, are an ``InputError``."""
+    from lit_cm3leon.evaluation.metrics_io import InputError, read_item_scores
+
+    ids_a, a = read_item_scores(model_run)
+    ids_b, b = read_item_scores(other_run)
+    if ids_a != ids_b:
+        raise InputError(
+            f"{model_run} and {other_run} scored different items ({len(ids_a)} and {len(ids_b)}; "
+            "the same evaluation with the same --n and --seed scores the same ones)"
+        )
+    return differences(
+        {k: np.asarray(v) for k, v in a.items()},
+        {k: np.asarray(v) for k, v in b.items()},
+        n_resamples,
+        seed,
+        scale=scale,
+    )

@@ -260,3 +260,32 @@ def read_results(path: str | Path, id_key: str, value_key: str) -> dict[Any, Any
             raise InputError(f"predictions: {path} entry {i} repeats {id_key} {entry[id_key]!r}")
         out[entry[id_key]] = entry[value_key]
     return out
+
+
+ITEM_SCORES = "item_scores.json"  # a run folder's per-item scores, for comparing two models
+
+
+def write_item_scores(folder: str | Path, ids: Sequence[Any], scores: Mapping[str, Any]) -> Path:
+    """``<folder>/item_scores.json``: ``{"ids": [...], "scores": {key: [one per id]}}``, the
+    per-item scores of one model's run, so that two runs over the same items can be compared
+    pairwise (:func:`lit_cm3leon.evaluation.bootstrap.versus`)."""
+    ids = [i.item() if hasattr(i, "item") else i for i in ids]  # numpy scalars as JSON numbers
+    out = {"ids": ids, "scores": {}}
+    for key, values in scores.items():
+        values = [float(v) for v in values]
+        if len(values) != len(ids):
+            raise ValueError(f"{key}: {len(values)} scores for {len(ids)} items")
+        out["scores"][key] = values
+    path = Path(folder) / ITEM_SCORES
+    path.write_text(json.dumps(out))
+    return path
+
+
+def read_item_scores(folder: str | Path) -> tuple[list, dict[str, list[float]]]:
+    """``(ids, {key: scores})`` of a run folder (:func:`write_item_scores`)."""
+    data = load_json(Path(folder) / ITEM_SCORES, "per-item scores")
+    if not isinstance(data, dict) or not isinstance(data.get("scores"), dict) or "ids" not in data:
+        raise InputError(
+            f"{Path(folder) / ITEM_SCORES}: expected {{'ids': [...], 'scores': {{...}}}}"
+        )
+    return data["ids"], data["scores"]
