@@ -9,9 +9,9 @@ task (the data module's validation pools) and logs them to TensorBoard under
 - a task with a text output as a markdown table of the prompt's text, the sample and the
   reference.
 
-Images are enlarged ``scale`` times (nearest neighbour) and decode with ``image_strategy`` at ``cfg_scale`` (guidance's unconditional stream is the
-prompt with its text replaced by ``<mask:0>``, as the evaluations decode it), text with
-``text_temperature`` (0: greedy).
+Images decode with ``image_strategy`` at ``cfg_scale`` (guidance's unconditional stream is the
+prompt with its text replaced by ``<mask:0>``, as the evaluations decode it) and are enlarged
+``scale`` times (nearest neighbour); text decodes with ``text_temperature`` (0: greedy).
 """
 
 from __future__ import annotations
@@ -56,20 +56,12 @@ class SFTSamples(L.Callback):
                 f"every_n_steps, per_task and scale must be >= 1, got {every_n_steps}, "
                 f"{per_task}, {scale}"
             )
-        self.scale = scale
-        self.image_tokenizer_dir, self.every, self.per_task = (
-            image_tokenizer_dir,
-            every_n_steps,
-            per_task,
-        )
+        self.image_tokenizer_dir = image_tokenizer_dir
+        self.every, self.per_task, self.scale, self.seed = every_n_steps, per_task, scale, seed
         self.image_knobs = dict(
             strategy=image_strategy, cfg_scale=cfg_scale, top_p=top_p, temperature=temperature
         )
-        self.text_temperature, self.max_text_tokens, self.seed = (
-            text_temperature,
-            max_text_tokens,
-            seed,
-        )
+        self.text_temperature, self.max_text_tokens = text_temperature, max_text_tokens
         self._image_tok = None
         self._warned = False
 
