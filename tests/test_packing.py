@@ -97,3 +97,36 @@ def test_without_the_mask_packed_sequences_would_see_each_other(tmp_path):
     assert (masked - plain).abs().amax(-1)[later].min() > 1e-3
     first = packed["doc_ids"][:, :-1] == 0
     torch.testing.assert_close(masked[first], plain[first], atol=1e-5, rtol=1e-5)
+
+
+def test_per_task_validation_loss_is_the_same_packed_or_padded(tmp_path):
+    """Each SFT item's task follows its tokens into the packed rows; the per-task validation
+    loss (sums over the batches, then the mean per task) equals the mean of that task's target
+    losses computed sequence by sequence, packed or not."""
+    from lit_cm3leon.data.templates import TASKS
+
+    m = module(tmp_path)
+    items = make_items(8, seed=2)
+    for i, it in enumerate(items):
+        it["task"] = torch.tensor([1, 3, 8][i % 3])  # caption_long, vqa, spatial
+    packed = PackedCollate(VOCAB.pad)(items)
+    tt, docs = packed["token_task"], packed["doc_ids"]
+    assert tt.shape == packed["ids"].shape and bool(((tt == -1) == (docs == -1)).all())
+    expected = {}
+    with torch.no_grad():
+        for it in items:  # one sequence at a time, in its own padded row
+            one = torch.utils.data.default_collate([it])
+            ce, _ = m.batch_loss(one, one["weights"].sum())
+            w = one["weights"] > 0
+            expected.setdefault(TASKS[int(it["task"])], []).append(ce[w])
+    expected = {k: float(torch.cat(v).mean()) for k, v in expected.items()}
+    for batch in (packed, torch.utils.data.default_collate(items)):
+        m.on_validation_epoch_start()
+        with torch.no_grad():
+            ce, _ = m.batch_loss(batch, batch["weights"].sum())
+            m._log_task_losses(batch, ce, batch["weights"])
+        sums = m._task_sums
+        got = {TASKS[k]: float(sums[0, k] / sums[1, k]) for k in range(len(TASKS)) if sums[1, k]}
+        assert got.keys() == expected.keys() == {"caption_long", "vqa", "spatial"}
+        for k in got:
+            assert abs(got[k] - expected[k]) < 1e-4, (k, got[k], expected[k])

@@ -330,6 +330,10 @@ def test_sft_fit_starts_from_pretrain_and_publishes(compose, artifacts):
     before, _, _ = load_decoder(artifacts / "pretrain")
     metrics = train(compose(overrides(6)))
     assert np.isfinite(metrics["train/loss"]) and "val/loss" in metrics
+    # each validated task's own loss: 2 batches of 4 of the held-out examples, 2 per task in
+    # task order, reach the first four tasks
+    seen = {k.removeprefix("val/loss_") for k in metrics} & set(TASKS)
+    assert seen == set(TASKS[:4]) and all(np.isfinite(metrics[f"val/loss_{t}"]) for t in seen)
     model, vocab, record = load_decoder(
         artifacts / "sft", vocab=Vocab.load(artifacts / "text_tokenizer" / "vocab.json")
     )
@@ -361,7 +365,7 @@ def test_one_task_override_builds_a_one_task_mixture(compose, artifacts):
 
     only = built(["~data.tasks", "+data.tasks={edit: null}"])
     assert only.rates == {"edit": 1.0}
-    assert {only.train_ds[i]["task"].item() for i in range(8)} == {0}
+    assert {only.train_ds[i]["task"].item() for i in range(8)} == {TASKS.index("edit")}
     merged = built(["data.tasks={edit: 2.0}"])
     assert set(merged.rates) == set(TASKS)
     assert len({merged.train_ds[i]["task"].item() for i in range(32)}) > 1

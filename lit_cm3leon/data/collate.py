@@ -44,7 +44,8 @@ class PackedCollate:
 
     Returns ``ids`` [N, L], ``weights`` [N, L - 1], ``doc_ids`` [N, L] (``-1`` on padding) and
     ``positions`` [N, L], with ``L = seq_len + 1`` and ``N <= B`` rows; other per-item fields
-    (e.g. the SFT task) are collated as usual, one entry per sequence.
+    (e.g. the SFT task) are collated as usual, one entry per sequence, and a ``task`` is also
+    given per token as ``token_task`` [N, L] (``-1`` on padding).
     """
 
     def __init__(self, pad_id: int) -> None:
@@ -74,6 +75,9 @@ class PackedCollate:
             doc_ids=torch.from_numpy(doc_ids),
             positions=torch.from_numpy(positions),
         )
+        if "task" in items[0]:  # each token's sequence's task, laid out as the ids (-1: padding)
+            tasks = [np.full(lengths[i], int(items[i]["task"]), dtype=np.int64) for i in order]
+            out["token_task"] = torch.from_numpy(pack(tasks, width, -1)[0])
         return out
 
 

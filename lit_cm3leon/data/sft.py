@@ -226,7 +226,7 @@ class SFTSequences(Dataset):
             self.codec, task, ex, self.loss_on, max_len=self.seq_len + 1, unconditional=uncond
         )
         item = pad_item(ids, weights, self.seq_len, self.codec.vocab.pad)
-        item["task"] = torch.tensor(self.tasks.index(task))
+        item["task"] = torch.tensor(TASKS.index(task))  # names: templates.TASKS
         return item
 
 

@@ -63,6 +63,7 @@ class CM3LeonModule(L.LightningModule):
         parallelize(self.net, model)  # activation checkpointing / compile, as configured
         self._t_last: float | None = None
         self._bad_steps = 0
+        self._task_sums: torch.Tensor | None = None  # SFT validation: per-task CE sum, count
 
     # --- forward and loss ----------------------------------------------------------------
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -113,7 +114,48 @@ class CM3LeonModule(L.LightningModule):
                         batch_size=bsz,
                         sync_dist=stage != "train",
                     )
+            if stage == "val":
+                self._log_task_losses(batch, ce, weights)
         return loss
+
+    def _log_task_losses(
+        self, batch: dict[str, torch.Tensor], ce: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """Add a validation batch's SFT items (those with a ``task``: its index in
+        ``lit_cm3leon.data.templates.TASKS``) to each task's cross-entropy sum and loss-token
+        count; ``on_validation_epoch_end`` logs ``val/loss_<task>``."""
+        if "token_task" in batch:  # packed: per token, as the ids; [:, 1:] are the targets'
+            tasks = batch["token_task"][:, 1:]
+        elif "task" in batch:
+            tasks = batch["task"][:, None].expand_as(weights)
+        else:
+            return
+        from lit_cm3leon.data.templates import TASKS
+
+        m = (tasks >= 0) & (weights > 0)
+        k = tasks[m]
+        sums = torch.zeros(2, len(TASKS), dtype=torch.float64, device=ce.device)
+        sums[0].index_add_(0, k, ce[m].double())
+        sums[1].index_add_(0, k, torch.ones_like(k, dtype=torch.float64))
+        self._task_sums = sums if self._task_sums is None else self._task_sums + sums
+
+    def on_validation_epoch_start(self) -> None:
+        self._task_sums = None
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/loss_<task>``: the mean cross-entropy of each SFT task's loss tokens over the
+        validation set (summed over ranks: every rank reduces the same tensor)."""
+        from lit_cm3leon.data.templates import TASKS
+
+        sums = self._task_sums
+        if self.trainer.world_size > 1:
+            local = sums if sums is not None else torch.zeros(2, len(TASKS), dtype=torch.float64)
+            sums = self.trainer.strategy.reduce(local.to(self.device), reduce_op="sum")
+        if sums is None:
+            return
+        for k, task in enumerate(TASKS):
+            if sums[1, k] > 0:
+                self.log(f"val/loss_{task}", float(sums[0, k] / sums[1, k]), rank_zero_only=True)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self._shared_step(batch, "train")
