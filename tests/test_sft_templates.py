@@ -12,6 +12,7 @@ from lit_cm3leon.data.templates import (
     encode_example,
     get_template,
     inference_prompt,
+    inference_uncond_prompt,
     quantize_box,
     render_ids,
     split_target,
@@ -83,6 +84,13 @@ def test_render_round_trips_and_masks_the_prompt(codec, task):
         assert out == target.segments[0].text
     _, w_all = render_ids(codec, task, example(task), loss_on="all")
     assert w_all[0] == 0 and (w_all[1:] == 1).all()
+    # guidance's unconditional stream at inference is the prompt cfg_dropout trains
+    u_ids, _ = render_ids(codec, task, example(task), unconditional=True)
+    uncond = inference_uncond_prompt(task, codec, **example(task))
+    assert split_target(u_ids, codec)[0] == uncond and v.mask(0) in uncond
+    images = [s for s in prompt.segments if isinstance(s, Image)]
+    assert uncond == [v.bos, *codec.encode(Document(images)), *([v.brk] if images else []),
+                      v.mask(0), v.brk]  # fmt: skip
 
 
 def test_formats_are_as_documented(codec):

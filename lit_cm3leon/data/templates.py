@@ -223,9 +223,7 @@ def encode_example(
         raise ValueError(f"loss_on must be 'target' or 'all', got {loss_on!r}")
     v = codec.vocab
     if unconditional:
-        images = [seg for seg in prompt.segments if isinstance(seg, Image)]
-        head = [*codec.encode(Document(images)), v.brk] if images else []
-        p = np.asarray([*head, v.mask(0)], dtype=np.int64)
+        p = np.asarray(unconditional_ids(codec, prompt), dtype=np.int64)
     else:
         p = np.asarray(codec.encode(prompt), dtype=np.int64)
     t = np.asarray(codec.encode(target), dtype=np.int64)
@@ -255,6 +253,24 @@ def render_ids(
     """Render one example of ``task`` and encode it (:func:`encode_example`)."""
     prompt, target = get_template(task).render(example, codec.vocab.n_loc)
     return encode_example(codec, prompt, target, loss_on, max_len, unconditional)
+
+
+def unconditional_ids(codec: DocumentCodec, prompt: Document) -> list[int]:
+    """The prompt of the unconditional stream, without ``<bos>`` and the closing ``<break>``:
+    the prompt's images kept (then ``<break>``), its text one ``<mask:0>`` (module doc)."""
+    v = codec.vocab
+    images = [seg for seg in prompt.segments if isinstance(seg, Image)]
+    head = [*codec.encode(Document(images)), v.brk] if images else []
+    return [*head, v.mask(0)]
+
+
+def inference_uncond_prompt(task: str, codec: DocumentCodec, **inputs: Any) -> list[int]:
+    """The unconditional stream that guidance decodes beside :func:`inference_prompt` with the
+    same inputs, e.g. ``<bos> IMG_src <break> <mask:0> <break>`` for an edit: what
+    ``data.cfg_dropout`` trains and the evaluations decode."""
+    v = codec.vocab
+    prompt = get_template(task).prompt(inputs, v.n_loc)
+    return [v.bos, *unconditional_ids(codec, prompt), v.brk]
 
 
 def inference_prompt(task: str, codec: DocumentCodec, **inputs: Any) -> list[int]:

@@ -100,17 +100,11 @@ def by_attribute(values: np.ndarray, edits: Sequence[Edit]) -> dict[str, float |
 
 def edit_prompts(engine, source_codes: np.ndarray, edits: Sequence[Edit]):
     """(cond, uncond) prompt ids: the ``edit`` template, and the same with the text masked."""
-    from lit_cm3leon.data.templates import inference_prompt
-    from lit_cm3leon.decode.generate import make_uncond_prompt
-    from lit_cm3leon.tokenizer.document import Document, Image
+    from lit_cm3leon.data.templates import inference_prompt, inference_uncond_prompt
 
-    v = engine.vocab
-    cond = [
-        inference_prompt("edit", engine.codec, image=c, instruction=e.instruction)
-        for c, e in zip(source_codes, edits, strict=True)
+    pairs = [
+        {"image": c, "instruction": e.instruction} for c, e in zip(source_codes, edits, strict=True)
     ]
-    uncond = [
-        make_uncond_prompt(v, [v.bos, *engine.codec.encode(Document([Image(c)])), v.brk], [v.brk])
-        for c in source_codes
-    ]
+    cond = [inference_prompt("edit", engine.codec, **x) for x in pairs]
+    uncond = [inference_uncond_prompt("edit", engine.codec, **x) for x in pairs]
     return cond, uncond

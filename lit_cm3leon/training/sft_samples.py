@@ -77,10 +77,9 @@ class SFTSamples(L.Callback):
         ``val_ds`` (the first ``per_task`` examples of each pool)."""
         from lit_cm3leon.data.templates import (
             decode_target,
-            encode_example,
             get_template,
+            inference_uncond_prompt,
             prompt_ids,
-            split_target,
         )
         from lit_cm3leon.decode.generate import GUIDED, generate
         from lit_cm3leon.tokenizer.document import Image
@@ -95,10 +94,7 @@ class SFTSamples(L.Callback):
             prompts = [prompt_ids(codec, p) for p, _ in docs]
             if template.target == "image":
                 guided = self.image_knobs["strategy"] in GUIDED
-                uncond = [
-                    split_target(encode_example(codec, p, t, unconditional=True)[0], codec)[0]
-                    for p, t in docs
-                ]
+                uncond = [inference_uncond_prompt(task, codec, **ex) for ex in examples]
                 new = generate(
                     net,
                     prompts,
