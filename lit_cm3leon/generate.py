@@ -1,4 +1,5 @@
-"""``python -m lit_cm3leon.generate``: prompts to PNGs (and a grid), images to captions/answers.
+"""``python -m lit_cm3leon.generate``: prompts to PNGs (and a grid), images to captions/answers,
+and the SFT image tasks (edit, seg2image, edge2image, spatial).
 
 Writes into a folder named after the checkpoint and the decoding settings (never over a
 finished one): one PNG per sample, ``grid.png`` (a row per prompt, re-ranked best first) and
@@ -98,6 +99,59 @@ def infill(cfg: DictConfig, engine, out: Path) -> dict:
     return {"image": str(cfg.image), "prompt": cfg.prompt, "region_rows": [r0, r1]}
 
 
+IMAGE_TASKS = {  # task -> (what image= is, what prompt= is), the SFT templates' inputs
+    "edit": ("image", "instruction"),
+    "seg2image": ("condition", "caption"),
+    "edge2image": ("condition", "caption"),
+    "spatial": (None, None),  # objects=[{label, box}] and size=[W, H] instead
+}
+
+
+def sft_image_task(cfg: DictConfig, engine, out: Path) -> dict:
+    """task=edit (image= the source, prompt= the instruction), seg2image / edge2image (image=
+    the segmentation or edge map, prompt= the caption) or spatial (objects=[{label, box}] with
+    boxes in pixels of an image of size=[W, H]): the SFT model's image for its task's prompt,
+    ``num_samples`` of them, guided by the prompt against its text masked (as in training)."""
+    from PIL import Image
+
+    from lit_cm3leon.data.templates import inference_prompt, inference_uncond_prompt
+    from lit_cm3leon.engine import Decoding
+    from lit_cm3leon.tokenizer.image import open_image
+
+    image_key, text_key = IMAGE_TASKS[cfg.task]
+    inputs: dict = {}
+    shown = []  # the input image, first in the grid's row
+    if image_key is None:
+        objects = OmegaConf.to_container(cfg.objects, resolve=True) if cfg.objects else None
+        if not objects or not cfg.size:
+            raise ValueError(
+                "task=spatial needs objects=[{label: ..., box: [x0, y0, x1, y1]}, ...] and "
+                "size=[W, H] (the image the boxes are in, in pixels)"
+            )
+        bad = [o for o in objects if not isinstance(o, dict) or {"label", "box"} - set(o)]
+        if bad or any(len(o["box"]) != 4 for o in objects):
+            raise ValueError(
+                f"task=spatial: each object is {{label: str, box: [x0, y0, x1, y1]}}, got {objects}"
+            )
+        inputs = {"objects": objects, "size": list(cfg.size)}
+    else:
+        if not cfg.image or not cfg.prompt:
+            raise ValueError(
+                f"task={cfg.task} needs image=PATH (the {image_key}) and prompt=... (the {text_key})"
+            )
+        codes = engine.image_tokenizer.encode(open_image(cfg.image)).numpy()[0]
+        inputs = {image_key: codes, text_key: str(cfg.prompt)}
+        shown = [engine.decode_images(codes[None])[0]]
+    dec = Decoding.from_mapping(cfg)
+    cond = [inference_prompt(cfg.task, engine.codec, **inputs)]
+    uncond = [inference_uncond_prompt(cfg.task, engine.codec, **inputs)]
+    samples = engine.decode_images(engine.prompt_to_image_codes(cond, uncond, dec, cfg.seed)[0])
+    for j, image in enumerate(samples):
+        Image.fromarray(image).save(out / f"sample{j:02d}.png")
+    save_grid(np.stack([*shown, *samples])[None], out / "grid.png")
+    return {"inputs": {k: v for k, v in inputs.items() if k != image_key}, "samples": len(samples)}
+
+
 def image_to_text(cfg: DictConfig, engine) -> dict:
     from lit_cm3leon.data.templates import inference_prompt
     from lit_cm3leon.engine import Decoding
@@ -122,7 +176,7 @@ def main(cfg: DictConfig) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lit_cm3leon.engine import Engine
 
-    tasks = ("text_to_image", "caption", "vqa", "infill_text", "infill_image")
+    tasks = ("text_to_image", "caption", "vqa", "infill_text", "infill_image", *IMAGE_TASKS)
     if cfg.task not in tasks:
         raise ValueError(f"task={cfg.task!r}: choose one of {', '.join(tasks)}")
     output_dir = Path(cfg.paths.output_dir)
@@ -138,6 +192,8 @@ def main(cfg: DictConfig) -> None:
         result = text_to_image(cfg, engine, out)
     elif cfg.task.startswith("infill"):
         result = infill(cfg, engine, out)
+    elif cfg.task in IMAGE_TASKS:
+        result = sft_image_task(cfg, engine, out)
     else:
         result = image_to_text(cfg, engine)
     settings = {"ckpt": str(ckpt), **OmegaConf.to_container(cfg, resolve=False), **result}
