@@ -185,6 +185,24 @@ class Engine:
                     out[i, j] = self.image_codes_from(toks)
         return out
 
+    def task_image_codes(
+        self,
+        task: str,
+        inputs: Sequence[dict],
+        dec: Decoding,
+        seed: int = 0,
+        batch_size: int = IMAGE_BATCH,
+    ) -> np.ndarray:
+        """Image codes int64 [len(inputs), num_samples, h, w] of an SFT image task (``edit``,
+        ``seg2image``, ``edge2image``, ``spatial``, ``text2image``) for each ``inputs`` dict (its
+        template's keys, images as code grids), guided against the prompt with its text masked
+        (``lit_cm3leon.data.templates.inference_uncond_prompt``)."""
+        from lit_cm3leon.data.templates import inference_prompt, inference_uncond_prompt
+
+        cond = [inference_prompt(task, self.codec, **x) for x in inputs]
+        uncond = [inference_uncond_prompt(task, self.codec, **x) for x in inputs]
+        return self.prompt_to_image_codes(cond, uncond, dec, seed, batch_size)
+
     @staticmethod
     def sample_strategy(strategy: str, j: int, n: int) -> str:
         """The strategy of sample ``j`` of ``n`` of one prompt (``mixed``: cfg_topp, then cdk)."""

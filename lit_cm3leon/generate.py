@@ -114,7 +114,6 @@ def sft_image_task(cfg: DictConfig, engine, out: Path) -> dict:
     ``num_samples`` of them, guided by the prompt against its text masked (as in training)."""
     from PIL import Image
 
-    from lit_cm3leon.data.templates import inference_prompt, inference_uncond_prompt
     from lit_cm3leon.engine import Decoding
     from lit_cm3leon.tokenizer.image import open_image
 
@@ -143,9 +142,7 @@ def sft_image_task(cfg: DictConfig, engine, out: Path) -> dict:
         inputs = {image_key: codes, text_key: str(cfg.prompt)}
         shown = [engine.decode_images(codes[None])[0]]
     dec = Decoding.from_mapping(cfg)
-    cond = [inference_prompt(cfg.task, engine.codec, **inputs)]
-    uncond = [inference_uncond_prompt(cfg.task, engine.codec, **inputs)]
-    samples = engine.decode_images(engine.prompt_to_image_codes(cond, uncond, dec, cfg.seed)[0])
+    samples = engine.decode_images(engine.task_image_codes(cfg.task, [inputs], dec, cfg.seed)[0])
     for j, image in enumerate(samples):
         Image.fromarray(image).save(out / f"sample{j:02d}.png")
     save_grid(np.stack([*shown, *samples])[None], out / "grid.png")

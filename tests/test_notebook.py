@@ -67,4 +67,4 @@ def test_quickstart_notebook_executes(tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs)
-    assert "memory bank: True" in text and "caption:" in text and "->" in text
+    assert "memory bank: True" in text and "caption:" in text and "->" in text and "edit:" in text
