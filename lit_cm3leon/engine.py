@@ -245,12 +245,13 @@ class Engine:
     # --- image -> text -------------------------------------------------------------------
     def image_to_text(
         self,
-        codes: np.ndarray,
+        codes: np.ndarray | None,
         dec: Decoding,
         seed: int = 0,
         prompts: list[list[int]] | None = None,
     ) -> list[str]:
-        """Greedy/sampled text after ``<bos> image <break>`` (or the given prompt ids)."""
+        """Greedy/sampled text after ``<bos> image <break>`` for each code grid of ``codes``, or
+        after the given prompt ids (then ``codes`` is not read)."""
         if prompts is None:
             prompts = [
                 [self.vocab.bos] + self.codec.encode(Document([Image(c)])) + [self.vocab.brk]

@@ -228,7 +228,9 @@ class Report:
             f"| ours, shapes | sft minus the baseline [paired 95% CI] | {_diff(c, 'CIDEr')} | "
             f"{_diff(c, 'caption_attr_acc')} | {_diff(v, 'overall', 2)} |",
         )
-        c, v = self.sft_versus_pretrain("captioning"), self.sft_versus_pretrain("vqa", 100.0)
+        notes: list[str] = []
+        c = self.sft_versus_pretrain("captioning", notes)
+        v = self.sft_versus_pretrain("vqa", notes, 100.0)
         self.add(
             f"| ours, shapes | sft minus pretrain [paired 95% CI] | {_diff(c, 'CIDEr')} | "
             f"{_diff(c, 'caption_attr_acc')} | {_diff(v, 'overall', 2)} |",
@@ -236,13 +238,15 @@ class Report:
             "Paired: the same images and questions resampled for the model and its baseline (or "
             "the pretrained model, from both runs' item_scores.json); an interval above 0 is a "
             "clear win.",
+            *notes,
             "",
         )
         return {"cap": caps, "vqa": vqas, "versus": {"cap": c, "vqa": v}}
 
-    def sft_versus_pretrain(self, name: str, scale: float = 1.0) -> dict | None:
+    def sft_versus_pretrain(self, name: str, notes: list[str], scale: float = 1.0) -> dict | None:
         """``{difference_<key>: ..., ci95: {...}}``: the SFT model minus the pretrained one on the
-        same items of ``eval/<name>_{sft,pretrain}`` (None when a run or its scores are absent)."""
+        same items of ``eval/<name>_{sft,pretrain}`` (None when a run or its scores are absent;
+        why they were not compared goes to ``notes``)."""
         from lit_cm3leon.evaluation.bootstrap import versus
         from lit_cm3leon.evaluation.metrics_io import ITEM_SCORES, InputError
 
@@ -253,7 +257,7 @@ class Report:
         try:
             points, ci = versus(*runs, boot.get("resamples", 1000), boot.get("seed", 0), scale)
         except InputError as e:
-            self.add(f"({name}: sft and pretrain not compared: {e})")
+            notes.append(f"{name}: sft and pretrain not compared: {e}.")
             return None
         return {**points, "ci95": ci}
 
@@ -408,7 +412,7 @@ class Report:
             world = outputs_world(self.out)
         except InputError:
             return  # the evaluations refused this folder already; nothing of theirs to show
-        for name, title, columns, score in (
+        for name, title, text_key, score in (
             ("edit_sft", "Edits (sft): source, output, target", "instruction", "success"),
             (
                 "spatial_sft",
@@ -446,7 +450,7 @@ class Report:
                 f"![{title}]({path.relative_to(self.out)})",
                 "",
                 *[
-                    f"{i + 1}. `{r[columns]}`: {score} {r[score]:.2f}"
+                    f"{i + 1}. `{r[text_key]}`: {score} {r[score]:.2f}"
                     for i, r in enumerate(records[:k])
                 ],
                 "",

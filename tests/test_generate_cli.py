@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage
+from PIL import Image
 
 from tests.conftest import ROOT
 from tests.fixtures import make_tiny_outputs
@@ -22,7 +22,7 @@ def root(tmp_path_factory):
     make_tiny_outputs(root / "outputs")
     from lit_cm3leon.data.shapes import ShapesWorld
 
-    PILImage.fromarray(ShapesWorld().sample("heldout", 0).image).save(root / "scene.png")
+    Image.fromarray(ShapesWorld().sample("heldout", 0).image).save(root / "scene.png")
     return root
 
 
@@ -40,9 +40,9 @@ def test_edit_writes_samples_and_a_grid_led_by_the_source(root):
     proc = generate(root, "task=edit", f"image={root / 'scene.png'}",
                     "prompt=make the circle blue", "num_samples=2", f"out_dir={out}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    samples = [np.asarray(PILImage.open(out / f"sample{j:02d}.png")) for j in range(2)]
+    samples = [np.asarray(Image.open(out / f"sample{j:02d}.png")) for j in range(2)]
     assert all(s.shape == (32, 32, 3) for s in samples)
-    grid = np.asarray(PILImage.open(out / "grid.png").convert("RGB"))
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))
     assert grid.shape == (2 + 32 + 2, 2 + 3 * (32 + 2), 3)  # source, then the two samples
     assert np.array_equal(grid[2:34, 36:68], samples[0])
     settings = json.loads((out / "settings.json").read_text())
@@ -61,7 +61,7 @@ def test_spatial_takes_objects_with_boxes(root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     settings = json.loads((out / "settings.json").read_text())
     assert settings["inputs"]["objects"] == [{"label": "a red circle", "box": [1, 1, 11, 11]}]
-    grid = np.asarray(PILImage.open(out / "grid.png").convert("RGB"))
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))
     assert grid.shape == (36, 36, 3)  # no input image: the one sample
 
 
@@ -80,18 +80,24 @@ def test_what_a_task_needs_is_named(root, args, message):
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
 
 
-def test_the_decoded_prompt_is_the_task_template(root):
-    """The edit the CLI decodes is the evaluation's: the ``edit`` template and its masked text."""
-    from lit_cm3leon.data.templates import inference_prompt, inference_uncond_prompt
-    from lit_cm3leon.tokenizer.codec import DocumentCodec
-    from lit_cm3leon.tokenizer.document import Document, Image
+def test_the_cli_decodes_an_edit_as_the_evaluation_does(root):
+    """``Engine.task_image_codes`` (generate's image tasks, the SFT samples, the notebook) and
+    the edit evaluation's prompts give the same samples for the same edits and seed."""
+    from lit_cm3leon.data.shapes import ShapesWorld
+    from lit_cm3leon.engine import Decoding, Engine
+    from lit_cm3leon.evaluation.shapes_edit import edit_prompts
 
-    codec = DocumentCodec.load(root / "outputs" / "text_tokenizer")
-    codes = np.arange(64).reshape(8, 8) % 16
-    cond = inference_prompt("edit", codec, image=codes, instruction="make the circle blue")
-    uncond = inference_uncond_prompt("edit", codec, image=codes, instruction="anything")
-    v = codec.vocab
-    n = len(codec.encode(Document([Image(codes)])))
-    assert cond[: 1 + n] == uncond[: 1 + n] and n >= 64  # <bos>, then the source image
-    assert uncond[-2:] == [v.mask(0), v.brk] and cond[-1] == v.brk
-    assert "make the circle blue" in codec.decode_text([t for t in cond if v.is_text(t)])
+    engine = Engine.load(root / "outputs" / "pretrain", root / "outputs", retrieval=False)
+    world = ShapesWorld()
+    edits = [world.sample("heldout", i).edit for i in range(3)]
+    codes = engine.image_tokenizer.encode(np.stack([e.before_image for e in edits])).numpy()
+    dec = Decoding(strategy="cfg_topp", cfg_scale=3.0, num_samples=2)
+    ours = engine.task_image_codes(
+        "edit",
+        [{"image": c, "instruction": e.instruction} for c, e in zip(codes, edits, strict=True)],
+        dec,
+        5,
+    )
+    theirs = engine.prompt_to_image_codes(*edit_prompts(engine, codes, edits), dec, 5)
+    assert ours.shape == (3, 2, 8, 8) and np.array_equal(ours, theirs)
+    assert len({c.tobytes() for c in ours.reshape(6, -1)}) > 1  # the samples are not all alike

@@ -376,7 +376,8 @@ def test_sft_samples_show_every_task_in_tensorboard(compose, artifacts, image_to
     model's sample: images as rows [prompt images, sample, reference], text as a table."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lit_cm3leon.data.templates import get_template
+    from lit_cm3leon.data.templates import get_template, inference_prompt
+    from lit_cm3leon.engine import Decoding, Engine
     from lit_cm3leon.tokenizer.image import load_image_tokenizer
     from lit_cm3leon.training.sft_samples import SFTSamples
 
@@ -419,14 +420,24 @@ def test_sft_samples_show_every_task_in_tensorboard(compose, artifacts, image_to
     }
     codec = DocumentCodec.load(artifacts / "text_tokenizer")
     ds = SFTSequences(pools, codec, seq_len=192, sample=False)
-    shown = SFTSamples(
-        str(artifacts / "image_tokenizer"), image_strategy="temperature", temperature=0.0, scale=2
-    ).samples(net, ds)
-    assert shown["vqa"].splitlines()[2].endswith("| red |") and "what color?" in shown["vqa"]
     tok = load_image_tokenizer(artifacts / "image_tokenizer")
+    engine = Engine(net, codec, tok, autocast=False)
+    callback = SFTSamples(image_strategy="temperature", temperature=0.0, scale=2)
+    shown = callback.samples(engine, ds)
+    greedy = Decoding(temperature=0.0)
+    vqa_prompt = [inference_prompt("vqa", codec, **pools["vqa"][0])]
+    (answer,) = engine.image_to_text(None, greedy, prompts=vqa_prompt)
+    assert (
+        shown["vqa"].splitlines()[2]
+        == f"| [image] Question: what color? Answer: | {answer} | red |"
+    )
     grid = shown["edit"]
     assert grid.shape == (64, 3 * 64, 3)
     grid = grid[::2, ::2]
     ref = tok.decode(torch.as_tensor(pools["edit"][0]["target"][None])).numpy()[0]
     src = tok.decode(torch.as_tensor(pools["edit"][0]["image"][None])).numpy()[0]
     assert np.array_equal(grid[:, 64:], ref) and np.array_equal(grid[:, :32], src)
+    sample = engine.decode_images(
+        engine.task_image_codes("edit", pools["edit"], callback.image_dec)[0, 0]
+    )
+    assert np.array_equal(grid[:, 32:64], sample)  # the model's greedy edit

@@ -543,6 +543,7 @@ class SFTDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_ds: SFTSequences | None = None
         self.val_ds: SFTSequences | None = None
+        self.image_tokenizer = None  # set up with the pools; also decodes SFTSamples' grids
         self.skipped: dict[str, int] = {}
 
     def _tokenizers(self):
@@ -605,6 +606,7 @@ class SFTDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         codec, tok = self._tokenizers()
+        self.image_tokenizer = tok
         train, val = self._pools(tok)
         order = list(train)
         sizes = [len(train[t]) for t in order]

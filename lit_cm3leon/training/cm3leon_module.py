@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from lit_cm3leon.data.templates import TASKS
 from lit_cm3leon.model import ModelConfig, build_model
 from lit_cm3leon.model.parallelize import parallelize
 from lit_cm3leon.objective.sequence import attention_mask_from_doc_ids
@@ -130,8 +131,6 @@ class CM3LeonModule(L.LightningModule):
             tasks = batch["task"][:, None].expand_as(weights)
         else:
             return
-        from lit_cm3leon.data.templates import TASKS
-
         m = (tasks >= 0) & (weights > 0)
         k = tasks[m]
         sums = torch.zeros(2, len(TASKS), dtype=torch.float64, device=ce.device)
@@ -145,8 +144,6 @@ class CM3LeonModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """``val/loss_<task>``: the mean cross-entropy of each SFT task's loss tokens over the
         validation set (summed over ranks: every rank reduces the same tensor)."""
-        from lit_cm3leon.data.templates import TASKS
-
         sums = self._task_sums
         if self.trainer.world_size > 1:
             local = sums if sums is not None else torch.zeros(2, len(TASKS), dtype=torch.float64)
