@@ -107,7 +107,8 @@ def test_decoder_of_another_architecture_is_named(tmp_path):
 
 def test_sft_may_add_the_copy_logit_to_a_decoder_pretrained_without_it(tmp_path):
     """``model.copy_logit=true`` over a checkpoint without the gate: the gate is added at zero
-    (the loaded decoder computes what the checkpoint's did); the other way round is refused."""
+    (the loaded decoder computes what the checkpoint's did); the other way round is refused.
+    Without copy heads the setting does nothing and is taken from the run."""
     vocab = Vocab(n_text=30, n_image=16, image_h=2, image_w=2)
     cfg = ModelConfig.preset("debug", copy_heads=2).for_vocab(vocab)
     torch.manual_seed(0)
@@ -124,10 +125,18 @@ def test_sft_may_add_the_copy_logit_to_a_decoder_pretrained_without_it(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(gated(ids), pretrained(ids))
 
-    plain = replace(cfg, copy_heads=0)  # no copy heads: no aligned token for a gate to point at
-    save_decoder(tmp_path / "plain" / "model.pt", build_model(plain), vocab)
-    with pytest.raises(CheckpointError, match=r"copy_logit: checkpoint False vs config True"):
-        load_decoder(tmp_path / "plain" / "model.pt", vocab, replace(plain, copy_logit=True))
+    # no copy heads: no aligned token for a gate to point at, so the setting is inert and the
+    # SFT default (copy_logit on) loads a decoder pretrained without copy heads unchanged
+    plain = replace(cfg, copy_heads=0)
+    torch.manual_seed(0)
+    plain_model = build_model(plain).eval()
+    save_decoder(tmp_path / "plain" / "model.pt", plain_model, vocab)
+    same, _, _ = load_decoder(
+        tmp_path / "plain" / "model.pt", vocab, replace(plain, copy_logit=True)
+    )
+    assert same.copy_gate is None
+    with torch.no_grad():
+        torch.testing.assert_close(same(ids), plain_model(ids))
     save_decoder(tmp_path / "gated" / "model.pt", gated, vocab)
     with pytest.raises(CheckpointError, match=r"copy_logit: checkpoint True vs config False"):
         load_decoder(tmp_path / "gated" / "model.pt", vocab, expect_config=cfg)

@@ -107,6 +107,8 @@ def load_decoder(
         new_gate = expect_config.copy_logit and not config.copy_logit and config.copy_heads > 0
         if new_gate:
             config = replace(config, copy_logit=True)
+        if config.copy_heads == 0:  # without copy heads the copy logit does nothing: the run's word
+            config = replace(config, copy_logit=expect_config.copy_logit)
         diff = {
             k: (getattr(config, k), getattr(expect_config, k))
             for k in SIZE_FIELDS + ARCH_FIELDS
