@@ -305,10 +305,11 @@ def stages(out: Path, cell_align: int | None = None) -> list[Stage]:
                 "image_tasks",
                 f"eval/{task}_sft",
                 *("--task", task, "--ckpt", f"{o}/sft", "--n", n),
+                budget_min=minutes,
                 ckpts=("sft",),
             )
             # both budgets: the gates need narrow intervals (edit success is rare: 1-2%)
-            for task, n in (("edit", "1000"), ("spatial", "300"))
+            for task, n, minutes in (("edit", "1000", 1.5), ("spatial", "300", 0.5))
         ],
         *[
             ev(

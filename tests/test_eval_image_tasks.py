@@ -282,12 +282,12 @@ def test_pipeline_stages_and_report_rows(tmp_path):
 
     out = tmp_path / "outputs"
     by_name = {s.name: s for s in stages(out)}
-    for task in ("edit", "spatial"):
+    for task, n in (("edit", "1000"), ("spatial", "300")):
         st = by_name[f"eval/{task}_sft"]
         assert st.command[st.command.index("--task") + 1] == task
         assert f"{out}/eval/{task}_sft/run" in st.command
-        assert st.command[st.command.index("--n") + 1] == "300"
-        assert st.reduced == []  # both budgets: the gates' intervals need all 300
+        assert st.command[st.command.index("--n") + 1] == n
+        assert st.reduced == []  # both budgets: the gates' intervals need all n items
     rec = {"n": 100, "edit_success": 0.25, "baseline_edit_success": 0.0,
            "ceiling_edit_success": 0.5, "difference_edit_success": 0.25,
            "ci95": {"edit_success": [0.2, 0.3], "difference_edit_success": [0.2, 0.3]}}  # fmt: skip
