@@ -174,6 +174,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     log.info("datamodule <%s>", cfg.data._target_)
     datamodule = _build(cfg.data)
+    if cfg.get("data_only"):
+        return build_data(cfg, datamodule)
     log.info("module <%s>", cfg.module._target_)
     module = _build(cfg.module)
     callbacks = _instantiate_group(cfg.get("callbacks"))
@@ -210,6 +212,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_manifest(out_dir, stage=cfg.stage, cfg=cfg, metrics=metrics, step=trainer.global_step)
         log.info("published %s", out_dir)
     _close_loggers(loggers, "success")
+    return metrics
+
+
+def build_data(cfg: DictConfig, datamodule: Any) -> dict[str, float]:
+    """``data_only=true``: the data module's ``setup("fit")`` alone (for SFT on the shapes
+    world: its images tokenized into ``data.cache_dir``, which the training run then reads),
+    and a manifest under ``outputs/<stage>/`` with the mixture's rates when it has one."""
+    datamodule.setup("fit")
+    metrics = {f"rate_{k}": float(v) for k, v in (getattr(datamodule, "rates", None) or {}).items()}
+    if cfg.publish and cfg.stage:
+        out_dir = Path(cfg.paths.output_dir) / cfg.stage
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(out_dir, stage=cfg.stage, cfg=cfg, metrics=metrics, step=0)
+        log.info("published %s (data only)", out_dir)
     return metrics
 
 

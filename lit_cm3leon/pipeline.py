@@ -146,6 +146,14 @@ def stages(out: Path, cell_align: int | None = None) -> list[Stage]:
             budget_min=0.1,
             needs=base[:2],
         ),
+        Stage(
+            "tokens/sft",
+            # SFT's images (every task's pool and the held-out ones) tokenized once into
+            # outputs/cache/, which the sft stage reads: its budget is the 900 steps
+            fit("sft", "task=sft_data", "stage=tokens/sft", "data_only=true"),
+            budget_min=0.5,
+            needs=base[:2],
+        ),
         Stage("eval_clip", fit("eval_clip"), ["trainer.max_steps=80"], budget_min=1.0, needs=()),
         Stage(
             "index",
@@ -183,7 +191,7 @@ def stages(out: Path, cell_align: int | None = None) -> list[Stage]:
             "sft",
             fit("sft"),  # the reduced run keeps the full 900 steps: fewer lose to the VQA prior
             budget_min=4.0,
-            needs=(*base, "pretrain"),
+            needs=(*base, "tokens/sft", "pretrain"),
             exclusive=True,
         ),
         Stage(

@@ -193,3 +193,17 @@ def test_a_finished_stage_with_other_arguments_stops_the_rerun(tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and "outputs/text_tokenizer was made with other arguments" in err
     assert "--old" in err and "{outputs}/text_tokenizer" in err and tok.done(cli_out)
+
+
+def test_sft_reads_its_images_from_a_stage_of_their_own(tmp_path):
+    """The sft stage's budget is its steps: its images are tokenized before, by ``tokens/sft``
+    (the SFT config with ``data_only=true``, in the same world), which needs only the two
+    tokenizers and so runs beside the other tokenizing stages."""
+    from lit_cm3leon.pipeline import stages
+
+    by_name = {s.name: s for s in stages(tmp_path / "outputs", cell_align=4)}
+    data, sft = by_name["tokens/sft"], by_name["sft"]
+    assert {"experiment=sft", "data_only=true", "stage=tokens/sft"} <= set(data.command)
+    assert data.needs == ("text_tokenizer", "image_tokenizer") and not data.exclusive
+    assert "tokens/sft" in sft.needs
+    assert "world.cell_align=4" in data.command and "world.cell_align=4" in sft.command

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -343,6 +345,37 @@ def test_sft_fit_starts_from_pretrain_and_publishes(compose, artifacts):
     assert (pos - 0.25).abs().max() < 0.1
     name = "blocks.0.attn.qkv.weight"
     assert not torch.equal(before.state_dict()[name], record["state_dict"][name])
+
+
+def test_data_only_tokenizes_the_images_the_sft_run_then_reads(compose, artifacts, monkeypatch):
+    """``data_only=true`` (the pipeline's ``tokens/sft`` stage) needs no pretrained decoder: it
+    writes every pool's image codes to the cache and a manifest with the mixture's rates; the
+    SFT run's data module after it finds every one of them cached."""
+    from hydra.utils import instantiate
+
+    import lit_cm3leon.data.sft as sft
+
+    (artifacts / "pretrain" / "model.pt").unlink()  # the data does not read it
+    metrics = train(compose([*overrides(2), "stage=tokens/sft", "data_only=true"]))
+    assert set(metrics) == {f"rate_{t}" for t in TASKS}
+    assert sum(metrics.values()) == pytest.approx(1.0)
+    record = json.loads((artifacts / "tokens" / "sft" / "manifest.json").read_text())
+    assert record["complete"] and record["metrics"] == metrics
+    # train and held-out scenes: image, edited, seg, edges; and the spatial task's own images
+    assert len(list((artifacts / "cache").glob("sft-shapes-*.npz"))) == 9
+    assert not (artifacts / "sft").exists()  # no model was built or published
+
+    found, real = [], sft.encode_cached
+    monkeypatch.setattr(
+        sft,
+        "encode_cached",
+        lambda tok, fn, n, cache: found.append(cache.is_file()) or real(tok, fn, n, cache),
+    )
+    dm = instantiate(compose(overrides(2)).data)
+    dm.setup("fit")
+    assert found == [True] * 9 and dm.rates == {
+        k.removeprefix("rate_"): v for k, v in metrics.items()
+    }
 
 
 def test_missing_pretrain_checkpoint_names_the_command(compose, artifacts):

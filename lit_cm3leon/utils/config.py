@@ -16,14 +16,18 @@ def validate_fit_config(cfg: DictConfig) -> None:
     """Fail fast, naming the fix, when a fit config cannot work.
 
     Experiments declare the artifacts they need under ``requires`` as a list of
-    ``{path: ..., made_by: <command>}``; each must exist before training starts.
+    ``{path: ..., made_by: <command>, data: bool}``; each must exist before training starts
+    (with ``data_only``, those marked ``data: true``: what the data module reads).
     """
     if cfg.get("module") is None or cfg.get("data") is None:
         raise ConfigError(
             "no experiment chosen: run `python -m lit_cm3leon.fit experiment=<name>` "
             "(`python -m lit_cm3leon.fit --help` lists the experiments)"
         )
+    data_only = bool(cfg.get("data_only"))
     for req in cfg.get("requires") or []:
+        if data_only and not req.get("data", False):
+            continue  # the model's inputs: not read when only the data is built
         if not Path(req.path).exists():
             raise ConfigError(
                 f"{cfg.get('task')} needs {req.path}, which does not exist. Make it with: {req.made_by}"
@@ -106,7 +110,7 @@ def _check_checkpoints(cfg: DictConfig) -> None:
             "last.ckpt), ckpt_path=auto to resume when one exists, or ckpt_path=null to start fresh"
         )
     init_from = (cfg.get("module") or {}).get("init_from")
-    if init_from:
+    if init_from and not cfg.get("data_only"):  # data_only builds no model
         path = Path(init_from)
         if not (path.is_file() or (path / "model.pt").is_file()):
             raise ConfigError(
