@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from tests.fixtures import make_tiny_outputs
 
@@ -74,3 +75,22 @@ def test_sft_samples_without_held_out_examples_warn_once_and_log_nothing(outputs
     assert caplog.text.count("no held-out SFT examples") == 1
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         SFTSamples(every_n_steps=0)
+
+
+def test_periodic_samples_draw_in_eval_mode_without_gradients():
+    """The base puts the decoder in eval mode for ``draw`` itself, not through what a subclass
+    builds, and restores training mode after."""
+    from lit_cm3leon.training.sample_grid import PeriodicSamples
+
+    seen = []
+
+    class Probe(PeriodicSamples):
+        def draw(self, trainer, net):
+            seen.append((net.training, torch.is_grad_enabled()))
+            return {}
+
+    net = torch.nn.Linear(2, 2).train()
+    Probe(every_n_steps=1).on_train_batch_end(
+        fake_trainer(1, Recorder(), True), SimpleNamespace(net=net), None, None, 0
+    )
+    assert seen == [(False, False)] and net.training

@@ -41,6 +41,7 @@ class PeriodicSamples(L.Callback):
             return
         net = pl_module.net
         was_training = net.training
+        net.eval()
         t0 = time.perf_counter()
         try:
             with torch.no_grad(), trainer.precision_plugin.forward_context():
